@@ -1,0 +1,225 @@
+"""Reference architectures used in the paper's experiments.
+
+Source: Adnan et al., "Sparse Training from Random Initialization: Aligning
+Lottery Ticket Masks using Weight Symmetry" (ICML 2025), Appendix A.1
+"Architectures": a width-scalable CIFAR ResNet20 (He et al., 2016) and the
+modified VGG11 of Jordan et al. (REPAIR, ICLR 2023). A small MLP is added for
+quick demos on the 8x8 digits data set.
+
+Module attribute names are chosen to be readable (``conv1``, ``bn1``,
+``layer1.0.conv1``, ``shortcut``, ``fc``, ``classifier``) because parameter
+names appear in user-facing output.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MLP", "BasicBlock", "ResNet20", "VGG11", "VGG11_CFG", "MODEL_NAMES", "build_model"]
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet20", "vgg11")
+
+#: VGG11 layer configuration: channel counts (before the width multiplier) and
+#: ``"M"`` for a 2x2 max-pool. Source: Simonyan & Zisserman (2015), config "A".
+VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def _check_positive(**values: int) -> None:
+    """Raise ``ValueError`` naming the first argument that is not a positive int."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network.
+
+    Input: ``(N, in_features)`` or any ``(N, *dims)`` whose trailing dims
+    multiply to ``in_features`` (e.g. images ``(N, C, H, W)``); it is flattened
+    first. Output: logits ``(N, num_classes)``.
+
+    Parameters are named ``layers.<i>.weight``/``.bias`` for the hidden layers
+    and ``fc.weight``/``fc.bias`` for the output layer.
+
+    Raises:
+        ValueError: if a size is not positive or ``hidden`` is empty.
+    """
+
+    def __init__(
+        self, in_features: int = 64, hidden: tuple[int, ...] = (128, 128), num_classes: int = 10
+    ) -> None:
+        super().__init__()
+        if not hidden:
+            raise ValueError("hidden must list at least one hidden layer size")
+        _check_positive(in_features=in_features, num_classes=num_classes)
+        _check_positive(**{f"hidden[{i}]": h for i, h in enumerate(hidden)})
+        self.flatten = nn.Flatten()
+        sizes = (in_features, *hidden)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.fc = nn.Linear(hidden[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(N, ...)`` inputs to ``(N, num_classes)`` logits."""
+        x = self.flatten(x)
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.fc(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN layers and a residual shortcut.
+
+    Input ``(N, in_planes, H, W)``; output ``(N, planes, H', W')`` with
+    ``H' = ceil(H / stride)``. The shortcut is a 1x1 conv (no bias) + BN when
+    the shape changes (``stride != 1`` or ``in_planes != planes``), else the
+    identity. Source: He et al. (2016), "Deep Residual Learning", option B.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                    bn=nn.BatchNorm2d(planes),
+                )
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to ``(N, in_planes, H, W)``."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet20 with a width multiplier (He et al., 2016; paper App. A.1).
+
+    ``conv1`` (3x3, ``in_channels -> 16w``) + ``bn1`` + ReLU, then ``layer1``,
+    ``layer2``, ``layer3`` of three :class:`BasicBlock` each with ``16w``,
+    ``32w``, ``64w`` channels (stride 2 in the first block of ``layer2`` and
+    ``layer3``), global average pooling and ``fc`` (``64w -> num_classes``).
+
+    Input ``(N, in_channels, H, W)``; output logits ``(N, num_classes)``.
+
+    Raises:
+        ValueError: if ``width``, ``num_classes`` or ``in_channels`` is not positive.
+    """
+
+    def __init__(self, width: int = 1, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        _check_positive(width=width, num_classes=num_classes, in_channels=in_channels)
+        planes = (16 * width, 32 * width, 64 * width)
+        self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        self.layer1 = self._make_stage(planes[0], planes[0], stride=1)
+        self.layer2 = self._make_stage(planes[0], planes[1], stride=2)
+        self.layer3 = self._make_stage(planes[1], planes[2], stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(planes[2], num_classes)
+
+    @staticmethod
+    def _make_stage(in_planes: int, planes: int, stride: int, blocks: int = 3) -> nn.Sequential:
+        """Stack ``blocks`` basic blocks; only the first one may downsample."""
+        layers = [BasicBlock(in_planes, planes, stride)]
+        layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(N, in_channels, H, W)`` images to ``(N, num_classes)`` logits."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(self.flatten(self.pool(out)))
+
+
+class VGG11(nn.Module):
+    """Modified VGG11 of Jordan et al. (REPAIR, ICLR 2023; paper App. A.1).
+
+    ``features`` holds, for each entry of :data:`VGG11_CFG`, either
+    ``conv<i>`` (3x3, padding 1, ``channels * width`` outputs) + ``bn<i>`` +
+    ``relu<i>``, or ``pool<j>`` (2x2 max-pool). A pool is skipped when the
+    feature map is already 1x1, so the model also runs on 8x8 inputs.
+    ``classifier`` is a single Linear layer from the flattened final feature
+    map (``C * H * W``, computed from ``image_size``) to ``num_classes``.
+
+    Convolutions have no bias: the BatchNorm that follows each one makes a bias
+    redundant (REPAIR's reference code keeps it; the function is the same).
+
+    Input ``(N, in_channels, image_size, image_size)``; output ``(N, num_classes)``.
+
+    Raises:
+        ValueError: if a size argument is not positive.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, width: int = 1, image_size: int = 32
+    ) -> None:
+        super().__init__()
+        _check_positive(
+            num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
+        )
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        channels, size, n_conv, n_pool = in_channels, image_size, 0, 0
+        for item in VGG11_CFG:
+            if item == "M":
+                if size > 1:
+                    n_pool += 1
+                    layers[f"pool{n_pool}"] = nn.MaxPool2d(2, 2)
+                    size //= 2
+                continue
+            n_conv += 1
+            out_channels = int(item) * width
+            layers[f"conv{n_conv}"] = nn.Conv2d(channels, out_channels, 3, padding=1, bias=False)
+            layers[f"bn{n_conv}"] = nn.BatchNorm2d(out_channels)
+            layers[f"relu{n_conv}"] = nn.ReLU()
+            channels = out_channels
+        self.features = nn.Sequential(layers)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(channels * size * size, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(N, in_channels, image_size, image_size)`` to ``(N, num_classes)``."""
+        return self.classifier(self.flatten(self.features(x)))
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    width: int = 1,
+    hidden: tuple[int, ...] = (128, 128),
+) -> nn.Module:
+    """Build one of :data:`MODEL_NAMES` (case-insensitive) for a data set.
+
+    For ``"mlp"`` the input size is ``in_channels * image_size**2`` and
+    ``width`` multiplies every entry of ``hidden``; ``hidden`` is ignored by the
+    convolutional models.
+
+    Raises:
+        ValueError: for an unknown ``name`` (the message lists the valid
+            names) or a non-positive size.
+    """
+    key = name.lower()
+    if key == "mlp":
+        return MLP(in_channels * image_size**2, tuple(h * width for h in hidden), num_classes)
+    if key == "resnet20":
+        return ResNet20(width=width, num_classes=num_classes, in_channels=in_channels)
+    if key == "vgg11":
+        return VGG11(
+            num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
+        )
+    raise ValueError(f"unknown model {name!r}; valid names are {', '.join(MODEL_NAMES)}")
