@@ -1,0 +1,163 @@
+"""Union-find over axis atoms: the algebra behind a permutation spec.
+
+Every tensor dimension in the graph is an ordered product of *atoms*: a dim of
+size 32 that a view splits into 4 heads x 8 features becomes the product
+``[h(4), d(8)]`` of two atoms, exactly (row-major index order), never by a guess
+on sizes. Two dims that index the same flat space (an op's input and output
+channel, a parameter axis and the activation axis it contracts with, a tensor
+before and after a view) are *unified*: their atom lists are brought to a common
+refinement and matching atoms are merged into one class.
+
+At the end every class of leaf atoms is either *frozen* (it met an op, input,
+output or constant that a permutation would change) or free: a free class that
+carries a parameter or buffer axis is a permutation group, and permuting every
+member axis by one permutation keeps the model's function.
+"""
+
+from __future__ import annotations
+
+from math import gcd
+
+__all__ = ["AtomTable"]
+
+
+class AtomTable:
+    """Atoms with sizes, a union-find over them, and refinements of classes.
+
+    A class (identified by its root) either is a leaf or has an *expansion*: an
+    ordered list of child atoms whose sizes multiply to its size, meaning that
+    its index is the row-major mixed-radix combination of its children's.
+    """
+
+    def __init__(self) -> None:
+        self._size: list[int] = []
+        self._parent: list[int] = []
+        self._expansion: dict[int, list[int]] = {}
+        self._frozen: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ atoms
+    def new(self, size: int) -> int:
+        """A fresh atom of ``size`` (> 1)."""
+        self._size.append(int(size))
+        self._parent.append(len(self._parent))
+        return len(self._parent) - 1
+
+    def size(self, atom: int) -> int:
+        return self._size[atom]
+
+    def find(self, atom: int) -> int:
+        root = atom
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[atom] != root:  # path compression
+            self._parent[atom], atom = root, self._parent[atom]
+        return root
+
+    def leaves(self, atoms: list[int]) -> list[int]:
+        """Roots of the leaf classes that ``atoms`` expand to, in order."""
+        out: list[int] = []
+        stack = [self.find(a) for a in reversed(atoms)]
+        while stack:
+            root = stack.pop()
+            children = self._expansion.get(root)
+            if children is None:
+                out.append(root)
+            else:
+                stack.extend(self.find(c) for c in reversed(children))
+        return out
+
+    # --------------------------------------------------------------- freezing
+    def freeze(self, atoms: list[int], reason: str) -> None:
+        """Mark every leaf class below ``atoms`` as not permutable."""
+        for leaf in self.leaves(atoms):
+            self._frozen.setdefault(leaf, reason)
+
+    def frozen_reason(self, atom: int) -> str | None:
+        """Why the leaf class of ``atom`` is frozen, or None if it is free."""
+        return self._frozen.get(self.find(atom))
+
+    def finalize(self) -> None:
+        """Push freezes of refined classes down to their leaves."""
+        changed = True
+        while changed:
+            changed = False
+            for root, reason in list(self._frozen.items()):
+                if self.find(root) != root:
+                    self._frozen.pop(root)
+                    self._frozen.setdefault(self.find(root), reason)
+                    changed = True
+                elif root in self._expansion:
+                    for leaf in self.leaves(self._expansion[root]):
+                        if leaf not in self._frozen:
+                            self._frozen[leaf] = reason
+                            changed = True
+
+    # ---------------------------------------------------------------- merging
+    def _split(self, root: int, first: int) -> tuple[int, int]:
+        """Refine leaf class ``root`` into ``[first, size // first]``."""
+        children = [self.new(first), self.new(self._size[root] // first)]
+        self._expansion[root] = children
+        reason = self._frozen.get(root)
+        if reason is not None:
+            for child in children:
+                self._frozen[child] = reason
+        return children[0], children[1]
+
+    def _union_roots(self, a: int, b: int) -> bool:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return True
+        if self._size[a] != self._size[b]:
+            raise AssertionError("union of atoms of different sizes")
+        self._parent[b] = a
+        reason = self._frozen.pop(b, None)
+        if reason is not None:
+            self._frozen.setdefault(a, reason)
+        exp_a, exp_b = self._expansion.get(a), self._expansion.pop(b, None)
+        if exp_b is not None:
+            if exp_a is None:
+                self._expansion[a] = exp_b
+            else:
+                return self.unify(exp_a, exp_b)
+        return True
+
+    def unify(self, left: list[int], right: list[int]) -> bool:
+        """Declare that two ordered atom products index the same flat space.
+
+        Both lists are refined to their common mixed-radix refinement and
+        matching atoms are merged. Returns False (and merges nothing further)
+        when no common refinement exists (e.g. ``[3, 4]`` vs ``[4, 3]``) or
+        when the total sizes differ; the caller then freezes both sides.
+        """
+        lhs, rhs = self.leaves(left), self.leaves(right)
+        total_l = total_r = 1
+        for a in lhs:
+            total_l *= self._size[a]
+        for b in rhs:
+            total_r *= self._size[b]
+        if total_l != total_r:
+            return False
+        i = j = 0
+        while i < len(lhs) and j < len(rhs):
+            a, b = self.find(lhs[i]), self.find(rhs[j])
+            if a in self._expansion:  # refined by an earlier merge in this loop
+                lhs[i : i + 1] = self.leaves([a])
+                continue
+            if b in self._expansion:
+                rhs[j : j + 1] = self.leaves([b])
+                continue
+            sa, sb = self._size[a], self._size[b]
+            if sa == sb:
+                if not self._union_roots(a, b):
+                    return False
+                i += 1
+                j += 1
+                continue
+            common = gcd(sa, sb)
+            if common == 1:
+                return False
+            if sa != common:
+                lhs[i : i + 1] = list(self._split(a, common))
+            if sb != common:
+                rhs[j : j + 1] = list(self._split(b, common))
+        return i == len(lhs) and j == len(rhs)

@@ -1,0 +1,243 @@
+"""Capture a model as one canonical ``torch.fx`` graph.
+
+We use the pre-dispatch ATen graph of ``torch.export.export(..., strict=False)``
+without decompositions: ``aten.linear``, ``aten.conv2d``, ``aten.batch_norm``
+and friends stay whole, so the role of every weight axis is explicit in the op
+signature, and every parameter or buffer is a placeholder whose name maps back
+to its ``state_dict`` key through the graph signature.
+
+The captured graph is always re-run against the eager model on the example
+inputs before anyone analyses it: a capture that does not reproduce the model
+raises :class:`~maskalign.errors.TraceError` instead of producing a spec for a
+different function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.export import graph_signature as gs
+from torch.utils import _pytree as pytree
+
+from .errors import TraceError
+
+__all__ = ["CapturedGraph", "TensorRole", "capture", "normalize_inputs"]
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What a placeholder of the captured graph stands for.
+
+    kind: ``"parameter"``, ``"buffer"`` (persistent, in the ``state_dict``),
+    ``"constant"`` (lifted tensor constant or non-persistent buffer: not in the
+    ``state_dict``, never permuted), or ``"input"`` (a user input).
+    target: the ``state_dict`` key (parameters, buffers), the constant's name,
+    or the position of the input among the flattened user inputs.
+    """
+
+    kind: str
+    target: str
+
+
+@dataclass
+class CapturedGraph:
+    """A model captured as a pure function of its parameters, buffers and inputs.
+
+    ``graph`` is the lifted ATen graph: its placeholders are, in order, every
+    parameter, buffer, constant and flattened user input (see ``roles``).
+    ``user_outputs`` names the output values that are the model's own outputs
+    (as opposed to buffer mutations).
+    """
+
+    graph: torch.fx.Graph
+    roles: dict[str, TensorRole]
+    constants: dict[str, Tensor]
+    user_outputs: list[str]
+    mutated_buffers: dict[str, str]
+    input_spec: pytree.TreeSpec
+
+    def placeholder_values(self, state: Mapping[str, Tensor], flat_inputs: Sequence[Any]) -> list[Any]:
+        """Values for the graph's placeholders, in order, from a ``state_dict``-like
+        mapping (parameters and persistent buffers) and flattened user inputs."""
+        values: list[Any] = []
+        for node in self.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            role = self.roles[node.name]
+            if role.kind in ("parameter", "buffer"):
+                values.append(state[role.target])
+            elif role.kind == "constant":
+                values.append(self.constants[role.target])
+            else:
+                values.append(flat_inputs[int(role.target)])
+        return values
+
+    def probe(self, node_names: Sequence[str]) -> torch.fx.GraphModule:
+        """A graph module that returns the values of ``node_names`` (in order)
+        instead of the model's outputs. Called with ``placeholder_values``."""
+        graph = torch.fx.Graph()
+        value_map: dict[torch.fx.Node, torch.fx.Node] = {}
+        graph.graph_copy(self.graph, value_map)
+        by_name = {node.name: node for node in self.graph.nodes}
+        graph.output(tuple(value_map[by_name[name]] for name in node_names))
+        graph.eliminate_dead_code()
+        return torch.fx.GraphModule(nn.Module(), graph)
+
+    def run(self, state: Mapping[str, Tensor], flat_inputs: Sequence[Any]) -> list[Any]:
+        """Run the captured graph; returns the flattened user outputs."""
+        module = torch.fx.GraphModule(nn.Module(), self.graph)
+        outputs = module(*self.placeholder_values(state, flat_inputs))
+        outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        names = _output_names(self.graph)
+        return [value for name, value in zip(names, outputs) if name in self.user_outputs]
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """Positional arguments for ``forward``: a tensor becomes a 1-tuple, a list
+    becomes a tuple, a tuple is kept."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put every submodule of ``models`` in eval mode; restore each flag on exit."""
+    flags = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    check: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> CapturedGraph:
+    """Capture ``model`` (in eval mode) with ``torch.export.export(strict=False)``.
+
+    Args:
+        model: the module; left unchanged (its train/eval flags are restored).
+        example_inputs: positional inputs of ``forward`` (a tensor or a tuple).
+        kwargs: keyword inputs of ``forward``.
+        check: re-run the captured graph and compare with eager outputs.
+
+    Raises:
+        TraceError: export failed (the message names the failing construct and
+            what to do), or the captured graph does not reproduce the model.
+    """
+    args = normalize_inputs(example_inputs)
+    kwargs = dict(kwargs or {})
+    with eval_mode(model), torch.no_grad():
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as exc:  # torch raises many unrelated types here
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
+                f"{_first_line(exc)}\nWhat to do: pass `example_inputs` that match "
+                "forward's signature (a tensor or a tuple of positional arguments), move "
+                "data-dependent Python control flow out of forward, or capture the model "
+                "yourself and pass the graph."
+            ) from exc
+        captured = _from_exported(program, model, args, kwargs)
+        if check:
+            _check_reproduces(captured, model, args, kwargs, rtol=rtol, atol=atol)
+    return captured
+
+
+def _from_exported(
+    program: torch.export.ExportedProgram,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> CapturedGraph:
+    persistent = set(model.state_dict(keep_vars=True).keys())
+    roles: dict[str, TensorRole] = {}
+    constants: dict[str, Tensor] = {}
+    user_index = 0
+    for spec in program.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == gs.InputKind.PARAMETER:
+            roles[name] = TensorRole("parameter", str(spec.target))
+        elif spec.kind == gs.InputKind.BUFFER:
+            target = str(spec.target)
+            if spec.persistent and target in persistent:
+                roles[name] = TensorRole("buffer", target)
+            else:
+                roles[name] = TensorRole("constant", target)
+                constants[target] = model.get_buffer(target)
+        elif spec.kind == gs.InputKind.CONSTANT_TENSOR:
+            roles[name] = TensorRole("constant", str(spec.target))
+            constants[str(spec.target)] = program.constants[str(spec.target)]
+        elif spec.kind == gs.InputKind.USER_INPUT:
+            roles[name] = TensorRole("input", str(user_index))
+            user_index += 1
+        else:
+            raise TraceError(f"unsupported graph input {name!r} of kind {spec.kind.name}")
+    user_outputs: list[str] = []
+    mutated: dict[str, str] = {}
+    for spec in program.graph_signature.output_specs:
+        if spec.kind == gs.OutputKind.USER_OUTPUT:
+            user_outputs.append(spec.arg.name)
+        elif spec.kind == gs.OutputKind.BUFFER_MUTATION:
+            mutated[spec.arg.name] = str(spec.target)
+        else:
+            raise TraceError(f"unsupported graph output {spec.arg.name!r} of kind {spec.kind.name}")
+    _, input_spec = pytree.tree_flatten((args, dict(kwargs)))
+    return CapturedGraph(program.graph, roles, constants, user_outputs, mutated, input_spec)
+
+
+def _check_reproduces(
+    captured: CapturedGraph,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    rtol: float,
+    atol: float,
+) -> None:
+    flat_inputs, _ = pytree.tree_flatten((args, dict(kwargs)))
+    state = model.state_dict()
+    got = captured.run(state, flat_inputs)
+    expected = [leaf for leaf in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(leaf, Tensor)]
+    got = [leaf for leaf in got if isinstance(leaf, Tensor)]
+    if len(got) != len(expected):
+        raise TraceError(
+            f"the captured graph returns {len(got)} tensors but the eager model returns {len(expected)}"
+        )
+    for index, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape or not torch.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True):
+            diff = (g - e).abs().max().item() if g.shape == e.shape else float("nan")
+            raise TraceError(
+                f"the captured graph does not reproduce output {index} of the eager model "
+                f"(shapes {tuple(g.shape)} vs {tuple(e.shape)}, max abs diff {diff:.3g}); "
+                "the model probably has data-dependent Python control flow"
+            )
+
+
+def _output_names(graph: torch.fx.Graph) -> list[str]:
+    output = next(node for node in graph.nodes if node.op == "output")
+    values = output.args[0]
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return [value.name if isinstance(value, torch.fx.Node) else "" for value in values]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

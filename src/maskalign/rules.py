@@ -1,0 +1,496 @@
+"""Axis-propagation rules, one small rule per ATen op.
+
+:func:`analyze` walks a captured graph once (like ``torch.fx.passes.shape_prop``,
+but over axis atoms instead of shapes). Each node's value gets one atom list per
+dimension; each op's rule unifies the atoms that must carry one permutation so
+that the op commutes with it, and freezes the atoms that no permutation may touch
+(spatial axes of a convolution, graph inputs and outputs, constants). An op
+without a rule freezes every atom it touches, so an unknown op can only make the
+spec smaller, never wrong.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.fx
+
+from .atoms import AtomTable
+from .capture import CapturedGraph
+
+__all__ = ["Analysis", "analyze"]
+
+Dims = list[list[int]]  # one atom list (ordered product) per tensor dimension
+Value = Union[Dims, tuple["Value", ...], None]
+
+
+@dataclass
+class Analysis:
+    """Result of :func:`analyze`: the atom table, atoms of every graph value,
+    and atoms of every parameter/buffer (by ``state_dict`` key)."""
+
+    atoms: AtomTable
+    node_dims: dict[str, Dims] = field(default_factory=dict)
+    tensor_dims: dict[str, Dims] = field(default_factory=dict)
+    node_ops: dict[str, str] = field(default_factory=dict)
+
+
+class _Context:
+    def __init__(self, atoms: AtomTable, values: dict[torch.fx.Node, Value]) -> None:
+        self.atoms = atoms
+        self.values = values
+
+    def fresh(self, shape: Sequence[int]) -> Dims:
+        return [[self.atoms.new(int(s))] if int(s) > 1 else [] for s in shape]
+
+    def value(self, arg: Any) -> Value:
+        return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    def tensor(self, arg: Any) -> Dims | None:
+        value = self.value(arg)
+        return value if _is_dims(value) else None
+
+    def unify(self, left: list[int], right: list[int], reason: str) -> None:
+        if not self.atoms.unify(left, right):
+            self.atoms.freeze(left + right, reason)
+
+    def freeze(self, value: Value, reason: str) -> None:
+        for dims in _flatten_value(value):
+            for dim in dims:
+                self.atoms.freeze(dim, reason)
+
+
+def _is_dims(value: Value) -> bool:
+    return isinstance(value, list)
+
+
+def _flatten_value(value: Value) -> list[Dims]:
+    if value is None:
+        return []
+    if _is_dims(value):
+        return [value]  # type: ignore[list-item]
+    out: list[Dims] = []
+    for item in value:  # type: ignore[union-attr]
+        out.extend(_flatten_value(item))
+    return out
+
+
+def _fresh_from_meta(ctx: _Context, meta: Any) -> Value:
+    if isinstance(meta, torch.Tensor):
+        return ctx.fresh(meta.shape)
+    if isinstance(meta, (tuple, list)):
+        return tuple(_fresh_from_meta(ctx, m) for m in meta)
+    return None
+
+
+def _flat(dims: Dims) -> list[int]:
+    return [a for dim in dims for a in dim]
+
+
+def _describe(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    where = ""
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+        where = f" in module '{path}' ({cls_name})"
+    return f"{_op_name(node)} at node '{node.name}'{where}"
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    return getattr(target, "__name__", str(target))
+
+
+def _arg(node: torch.fx.Node, name: str, default: Any = None) -> Any:
+    """The argument called ``name`` in the op's schema, positional or keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if isinstance(node.target, torch._ops.OpOverload):
+        for index, argument in enumerate(node.target._schema.arguments):
+            if argument.name == name:
+                return node.args[index] if index < len(node.args) else default
+    return default
+
+
+# --------------------------------------------------------------------- rules
+Rule = Callable[[_Context, torch.fx.Node, Value], None]
+
+
+def _pointwise(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """Elementwise ops with broadcasting: dims of equal size unify, right-aligned."""
+    if not _is_dims(out):
+        ctx.freeze(out, f"non-tensor output of {_describe(node)}")
+        return
+    out_dims: Dims = out  # type: ignore[assignment]
+    for arg in list(node.args) + list(node.kwargs.values()):
+        dims = ctx.tensor(arg)
+        if dims is None:
+            continue
+        meta = arg.meta["val"]
+        out_meta = node.meta["val"]
+        if len(dims) > len(out_dims):
+            ctx.freeze(dims, f"operand of {_describe(node)} has more dims than its output")
+            continue
+        offset = len(out_dims) - len(dims)
+        for k, dim in enumerate(dims):
+            if int(meta.shape[k]) == int(out_meta.shape[offset + k]):
+                ctx.unify(dim, out_dims[offset + k], f"broadcast in {_describe(node)}")
+
+
+def _reshape(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """view/reshape/flatten/(un)squeeze: the row-major flat index is preserved."""
+    src = ctx.tensor(node.args[0])
+    if src is None or not _is_dims(out):
+        return
+    ctx.unify(_flat(src), _flat(out), f"reshape without a common factorisation in {_describe(node)}")  # type: ignore[arg-type]
+
+
+def _permute_dims(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    src = ctx.tensor(node.args[0])
+    if src is None or not _is_dims(out):
+        return
+    ndim = len(src)
+    name = _op_name(node)
+    if name == "aten::permute":
+        order = [d % ndim for d in node.args[1]]
+    else:
+        order = list(range(ndim))
+        if name != "aten::t" or ndim == 2:
+            d0, d1 = (0, 1) if name == "aten::t" else (node.args[1] % ndim, node.args[2] % ndim)
+            order[d0], order[d1] = order[d1], order[d0]
+    for k, d in enumerate(order):
+        ctx.unify(src[d], out[k], f"transpose in {_describe(node)}")  # type: ignore[index]
+
+
+def _expand(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    _pointwise(ctx, node, out)
+
+
+def _reduction(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """sum/mean/amax/var...: reducing over a permuted axis is invariant."""
+    src = ctx.tensor(node.args[0])
+    if src is None:
+        return
+    if any(isinstance(arg, torch.fx.Node) for arg in node.args[1:]):  # max.other, min.other
+        _pointwise(ctx, node, out)
+        return
+    dims_arg = _arg(node, "dim")
+    keepdim = bool(_arg(node, "keepdim", False))
+    ndim = len(src)
+    if dims_arg is None or dims_arg == []:
+        reduced = set(range(ndim))
+    elif isinstance(dims_arg, int):
+        reduced = {dims_arg % ndim}
+    else:
+        reduced = {d % ndim for d in dims_arg}
+    kept = [d for d in range(ndim) if d not in reduced]
+    outs = out if isinstance(out, tuple) else (out,)
+    for value in outs:
+        if not _is_dims(value):
+            continue
+        if keepdim:
+            pairs = [(d, d) for d in kept]
+        else:
+            pairs = list(zip(kept, range(len(kept))))
+        for s, o in pairs:
+            ctx.unify(src[s], value[o], f"reduction in {_describe(node)}")  # type: ignore[index]
+    if len(outs) > 1:  # (values, indices): indices along a permuted axis change
+        for d in reduced:
+            ctx.atoms.freeze(src[d], f"arg-reduction (indices) in {_describe(node)}")
+
+
+def _linear(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """aten.linear(x[..., in], W[out, in], b[out]) -> y[..., out]."""
+    x, w, b = ctx.tensor(node.args[0]), ctx.tensor(node.args[1]), ctx.tensor(_arg(node, "bias"))
+    y: Dims = out  # type: ignore[assignment]
+    where = _describe(node)
+    assert x is not None and w is not None
+    if len(w) == 1:  # vector weight: y = x @ w
+        ctx.unify(x[-1], w[0], f"contraction in {where}")
+        for k in range(len(x) - 1):
+            ctx.unify(x[k], y[k], f"batch axis in {where}")
+        return
+    ctx.unify(x[-1], w[1], f"contraction in {where}")
+    ctx.unify(w[0], y[-1], f"output axis in {where}")
+    if b is not None and len(b) == 1:
+        ctx.unify(b[0], y[-1], f"bias in {where}")
+    elif b is not None:
+        ctx.freeze(b, f"scalar bias in {where}")
+    for k in range(len(x) - 1):
+        ctx.unify(x[k], y[k], f"batch axis in {where}")
+
+
+def _conv(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """Convolutions: channel axes unify, spatial axes freeze.
+
+    Regular conv: W[out, in / groups, *k]. Transposed conv: W[in, out / groups, *k].
+    A depthwise conv (groups == in == out channels) passes the channel
+    permutation through; other grouped convolutions freeze their channels.
+    """
+    x, w = ctx.tensor(node.args[0]), ctx.tensor(node.args[1])
+    b = ctx.tensor(_arg(node, "bias"))
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None and w is not None
+    where = _describe(node)
+    transposed = bool(_arg(node, "transposed", _op_name(node).startswith("aten::conv_transpose")))
+    groups = int(_arg(node, "groups", 1))
+    nspatial = len(w) - 2
+    c_axis = len(x) - nspatial - 1
+    for dim in w[2:] + x[c_axis + 1 :] + y[c_axis + 1 :]:
+        ctx.atoms.freeze(dim, f"spatial axis of {where}")
+    for k in range(c_axis):
+        ctx.unify(x[k], y[k], f"batch axis in {where}")
+    in_channels = int(node.args[0].meta["val"].shape[c_axis])
+    out_channels = int(node.meta["val"].shape[c_axis])
+    if groups == 1:
+        w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
+        ctx.unify(x[c_axis], w_in, f"input channels of {where}")
+        ctx.unify(y[c_axis], w_out, f"output channels of {where}")
+    elif not transposed and groups == in_channels == out_channels:  # depthwise
+        ctx.unify(x[c_axis], y[c_axis], f"depthwise channels of {where}")
+        ctx.unify(w[0], y[c_axis], f"depthwise channels of {where}")
+    else:
+        reason = f"grouped convolution (groups={groups}) in {where}"
+        ctx.freeze([x[c_axis], y[c_axis]] + w[:2], reason)
+        if b is not None:
+            ctx.freeze(b, reason)
+        return
+    if b is not None:
+        ctx.unify(b[0], y[c_axis], f"bias of {where}")
+
+
+def _batch_norm(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """batch_norm / instance_norm: per-channel (axis 1) affine and statistics."""
+    x = ctx.tensor(node.args[0])
+    assert x is not None
+    where = _describe(node)
+    channel = x[1] if len(x) > 1 else x[0]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        stat = ctx.tensor(_arg(node, name))
+        if stat is not None:
+            ctx.unify(stat[0], channel, f"channel of {where}")
+    outs = out if isinstance(out, tuple) else (out,)
+    first = outs[0]
+    for k, dim in enumerate(x):
+        ctx.unify(dim, first[k], f"{where}")  # type: ignore[index]
+    for extra in outs[1:]:  # saved mean / invstd (training variants)
+        for dim in _flatten_value(extra):
+            if len(dim) == 1:
+                ctx.unify(dim[0], channel, f"{where}")
+            else:
+                ctx.freeze(dim, f"saved statistics of {where}")
+
+
+def _layer_norm(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """layer_norm(x, shape, w, b) / rms_norm(x, shape, w): statistics over the
+    last len(shape) dims are invariant to permuting them; w, b follow."""
+    x = ctx.tensor(node.args[0])
+    assert x is not None
+    outs = out if isinstance(out, tuple) else (out,)
+    y = outs[0]
+    where = _describe(node)
+    for k, dim in enumerate(x):
+        ctx.unify(dim, y[k], f"{where}")  # type: ignore[index]
+    normalized = len(node.args[1])
+    for name in ("weight", "bias"):
+        param = ctx.tensor(_arg(node, name))
+        if param is None:
+            continue
+        for k in range(normalized):
+            ctx.unify(param[k], x[len(x) - normalized + k], f"affine of {where}")
+    for extra in outs[1:]:
+        ctx.freeze(extra, f"saved statistics of {where}")
+
+
+def _pool(nspatial: int) -> Rule:
+    def rule(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+        """Pooling: batch and channel axes pass through, spatial axes freeze."""
+        x = ctx.tensor(node.args[0])
+        assert x is not None
+        where = _describe(node)
+        outs = out if isinstance(out, tuple) else (out,)
+        for value in outs:
+            if not _is_dims(value):
+                continue
+            for k in range(len(x) - nspatial):
+                ctx.unify(x[k], value[k], f"{where}")  # type: ignore[index]
+            for k in range(len(x) - nspatial, len(x)):
+                ctx.atoms.freeze(x[k], f"spatial axis of {where}")
+                ctx.atoms.freeze(value[k], f"spatial axis of {where}")  # type: ignore[index]
+
+    return rule
+
+
+def _embedding(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """embedding(W[vocab, d], idx) -> y[..., d]: the vocabulary axis is fixed."""
+    w, idx = ctx.tensor(node.args[0]), ctx.tensor(node.args[1])
+    y: Dims = out  # type: ignore[assignment]
+    assert w is not None and idx is not None
+    where = _describe(node)
+    ctx.atoms.freeze(w[0], f"vocabulary axis of {where}")
+    ctx.unify(w[1], y[-1], f"{where}")
+    for k, dim in enumerate(idx):
+        ctx.unify(dim, y[k], f"{where}")
+
+
+def _getitem(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    source = ctx.value(node.args[0])
+    if isinstance(source, tuple):
+        item = source[node.args[1]]
+        for a, b in zip(_flatten_value(item), _flatten_value(out)):
+            for da, db in zip(a, b):
+                ctx.unify(da, db, f"{_describe(node)}")
+    else:
+        ctx.freeze(out, f"indexing of a non-tuple in {_describe(node)}")
+
+
+_POINTWISE = """
+abs add addcdiv addcmul alias bitwise_not ceil clamp clamp_max clamp_min clip clone contiguous
+copy cos cosh detach div dropout elu eq erf erfc exp exp2 expm1 feature_dropout fill floor
+floor_divide fmod ge gelu glu_backward gt hardsigmoid hardswish hardtanh isfinite isinf isnan
+le leaky_relu lerp lift_fresh_copy log log10 log1p log2 log_sigmoid logical_and logical_not
+logical_or lt masked_fill maximum minimum mish mul ne neg pow prelu reciprocal relu relu6
+remainder round rrelu rsqrt rsub selu sigmoid sign silu sin sinh softplus sqrt square sub tan
+tanh threshold to true_divide trunc type_as where xlogy _to_copy _log_softmax _softmax
+log_softmax softmax alpha_dropout zeros_like ones_like empty_like full_like rand_like randn_like
+native_dropout
+"""
+
+_IGNORED = {
+    "aten::_assert_tensor_metadata",
+    "aten::_assert_scalar",
+    "aten::_assert_async",
+    "aten::sym_constrain_range_for_size",
+    "aten::sym_size",
+    "aten::sym_numel",
+    "aten::sym_stride",
+}
+
+RULES: dict[str, Rule] = {f"aten::{name}": _pointwise for name in _POINTWISE.split()}
+RULES.update(
+    {
+        "aten::view": _reshape,
+        "aten::reshape": _reshape,
+        "aten::_unsafe_view": _reshape,
+        "aten::flatten": _reshape,
+        "aten::unflatten": _reshape,
+        "aten::squeeze": _reshape,
+        "aten::unsqueeze": _reshape,
+        "aten::view_as": _reshape,
+        "aten::reshape_as": _reshape,
+        "aten::permute": _permute_dims,
+        "aten::transpose": _permute_dims,
+        "aten::swapaxes": _permute_dims,
+        "aten::t": _permute_dims,
+        "aten::expand": _expand,
+        "aten::expand_as": _expand,
+        "aten::sum": _reduction,
+        "aten::mean": _reduction,
+        "aten::amax": _reduction,
+        "aten::amin": _reduction,
+        "aten::var": _reduction,
+        "aten::std": _reduction,
+        "aten::logsumexp": _reduction,
+        "aten::max": _reduction,
+        "aten::min": _reduction,
+        "aten::linear": _linear,
+        "aten::conv1d": _conv,
+        "aten::conv2d": _conv,
+        "aten::conv3d": _conv,
+        "aten::conv_transpose1d": _conv,
+        "aten::conv_transpose2d": _conv,
+        "aten::conv_transpose3d": _conv,
+        "aten::convolution": _conv,
+        "aten::batch_norm": _batch_norm,
+        "aten::native_batch_norm": _batch_norm,
+        "aten::_native_batch_norm_legit": _batch_norm,
+        "aten::_native_batch_norm_legit_no_training": _batch_norm,
+        "aten::_native_batch_norm_legit_functional": _batch_norm,
+        "aten::instance_norm": _batch_norm,
+        "aten::layer_norm": _layer_norm,
+        "aten::native_layer_norm": _layer_norm,
+        "aten::rms_norm": _layer_norm,
+        "aten::embedding": _embedding,
+    }
+)
+for _n in (1, 2, 3):
+    for _op in (f"max_pool{_n}d", f"avg_pool{_n}d", f"adaptive_avg_pool{_n}d", f"adaptive_max_pool{_n}d",
+                f"max_pool{_n}d_with_indices", f"lp_pool{_n}d"):
+        RULES[f"aten::{_op}"] = _pool(_n)
+
+
+def rule_for(node: torch.fx.Node) -> Rule | None:
+    """The rule of a call_function node (in-place variants share the rule)."""
+    if node.target is operator.getitem:
+        return _getitem
+    name = _op_name(node)
+    rule = RULES.get(name)
+    if rule is None and name.endswith("_") and not name.endswith("__"):
+        rule = RULES.get(name[:-1])
+    return rule
+
+
+def analyze(captured: CapturedGraph) -> Analysis:
+    """Propagate axis atoms through ``captured.graph`` (one pass, linear in its size)."""
+    atoms = AtomTable()
+    values: dict[torch.fx.Node, Value] = {}
+    ctx = _Context(atoms, values)
+    result = Analysis(atoms)
+    for node in captured.graph.nodes:
+        if node.op == "placeholder":
+            meta = node.meta.get("val")
+            value = ctx.fresh(meta.shape) if isinstance(meta, torch.Tensor) else None
+            values[node] = value
+            role = captured.roles[node.name]
+            if value is None:
+                continue
+            result.node_dims[node.name] = value
+            if role.kind in ("parameter", "buffer"):
+                result.tensor_dims[role.target] = value
+            elif role.kind == "constant":
+                ctx.freeze(value, f"constant tensor '{role.target}' (not in the state_dict)")
+            else:
+                ctx.freeze(value, f"model input '{node.name}'")
+        elif node.op == "call_function":
+            out = _fresh_from_meta(ctx, node.meta.get("val"))
+            values[node] = out
+            if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name in _IGNORED:
+                continue
+            rule = rule_for(node)
+            if rule is None:
+                reason = f"unsupported op {_describe(node)}"
+                for arg in node.all_input_nodes:
+                    ctx.freeze(values.get(arg), reason)
+                ctx.freeze(out, reason)
+                continue
+            rule(ctx, node, out)
+            if _is_dims(out):
+                result.node_dims[node.name] = out  # type: ignore[assignment]
+                result.node_ops[node.name] = _op_name(node)
+        elif node.op == "output":
+            outputs = node.args[0]
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            for arg in outputs:
+                if not isinstance(arg, torch.fx.Node):
+                    continue
+                if arg.name in captured.mutated_buffers:
+                    target = captured.mutated_buffers[arg.name]
+                    for a, b in zip(_flatten_value(values.get(arg)), [result.tensor_dims.get(target, [])]):
+                        for da, db in zip(a, b):
+                            ctx.unify(da, db, f"buffer mutation of '{target}'")
+                else:
+                    ctx.freeze(values.get(arg), f"model output '{arg.name}'")
+        else:  # get_attr / call_module / call_method do not occur in exported graphs
+            reason = f"unexpected {node.op} node '{node.name}'"
+            for arg in node.all_input_nodes:
+                ctx.freeze(values.get(arg), reason)
+            values[node] = None
+    atoms.finalize()
+    return result
