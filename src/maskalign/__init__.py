@@ -1,0 +1,58 @@
+"""maskalign: permutation-aligned lottery-ticket masks.
+
+Align a winning-ticket mask found on model A to a new initialisation B through
+the permutation symmetry of hidden units (Adnan, Jain, Sharma, Krishnan,
+Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
+
+    import maskalign as ma
+    spec = ma.build_spec(model_a, example_inputs)
+    perm = ma.match_activations(model_a, model_b, loader, spec=spec)
+    mask_b = ma.permute_mask(mask_a, perm)
+"""
+
+from .activation_matching import match_activations
+from .errors import DataError, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
+from .lmc import LMCResult, interpolate, lmc_barrier, reset_bn_stats
+from .masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
+from .permutation import (
+    Permutation,
+    apply_permutation,
+    permute_mask,
+    permute_state_dict,
+    random_permutation,
+)
+from .sparse import MaskHandle, assert_masked, enforce_masks
+from .spec import PermutationSpec, build_spec
+from .weight_matching import match_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "LMCResult",
+    "MaskAlignError",
+    "MaskError",
+    "MaskHandle",
+    "Permutation",
+    "PermutationSpec",
+    "SpecError",
+    "SpecMismatchError",
+    "TraceError",
+    "apply_masks",
+    "apply_permutation",
+    "assert_masked",
+    "build_spec",
+    "enforce_masks",
+    "global_magnitude_prune",
+    "interpolate",
+    "lmc_barrier",
+    "match_activations",
+    "match_weights",
+    "permute_mask",
+    "permute_state_dict",
+    "random_masks_like",
+    "random_permutation",
+    "reset_bn_stats",
+    "sparsity",
+    "validate_masks",
+]
