@@ -1,0 +1,109 @@
+"""A small, deterministic training loop for dense and sparse runs.
+
+SGD with momentum and weight decay under a cosine learning-rate schedule
+(the paper's setting, workshop App. A.1), on in-memory ``TensorDataset``s.
+Sparse runs enforce fixed masks with :func:`maskalign.enforce_masks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from .data import augment_crop_flip
+from .sparse import enforce_masks
+
+__all__ = ["TrainConfig", "batches", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run.
+
+    ``lr`` is the peak learning rate of a cosine schedule that decays to 0 over
+    ``epochs`` (stepped per iteration).
+    """
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    augment: bool = False
+
+
+def batches(
+    dataset: TensorDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(inputs, targets)`` batches of an in-memory dataset, optionally shuffled
+    with ``generator`` (deterministic for a seeded generator)."""
+    inputs, targets = dataset.tensors[0], dataset.tensors[1]
+    n = inputs.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield inputs[idx].to(device), targets[idx].to(device)
+
+
+def train(
+    model: nn.Module,
+    dataset: TensorDataset,
+    config: TrainConfig,
+    *,
+    generator: torch.Generator,
+    masks: Mapping[str, Tensor] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+) -> list[float]:
+    """Train ``model`` in place; returns the mean training loss of each epoch.
+
+    Args:
+        model: the model (its device is used for the data).
+        dataset: ``TensorDataset(inputs, targets)``.
+        config: hyperparameters.
+        generator: seeds shuffling and augmentation.
+        masks: fixed pruning masks (``param name -> bool``), enforced throughout
+            (masked weights, gradients and optimizer state stay exactly zero).
+        on_epoch_end: called as ``on_epoch_end(epoch, model)`` after each epoch
+            (1-based), e.g. to keep a rewind checkpoint.
+    """
+    device = next(model.parameters()).device
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = -(-len(dataset) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch))
+    handle = enforce_masks(model, masks, optimizer) if masks is not None else None
+    history: list[float] = []
+    model.train()
+    try:
+        for epoch in range(1, config.epochs + 1):
+            total, count = 0.0, 0
+            for inputs, targets in batches(
+                dataset, config.batch_size, shuffle=True, generator=generator, device=device
+            ):
+                if config.augment:
+                    inputs = augment_crop_flip(inputs, generator=generator)
+                loss = F.cross_entropy(model(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += float(loss.detach()) * targets.shape[0]
+                count += targets.shape[0]
+            history.append(total / max(count, 1))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return history
