@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .axes import unit_positions
 from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
 from .errors import DataError, SpecError, SpecMismatchError, TraceError
 from .lap import solve_lap
@@ -142,12 +143,12 @@ class _Prober:
         return dict(zip(self.nodes, values))
 
 
-def _units(value: Tensor, point: ActivationPoint) -> Tensor:
-    """``value`` as ``(samples, n)``: the group's factor last, all else samples."""
-    shape = list(value.shape)
-    factored = shape[: point.dim] + list(point.factor_sizes) + shape[point.dim + 1 :]
-    x = value.reshape(factored).movedim(point.dim + point.position, -1)
-    return x.reshape(-1, point.factor_sizes[point.position])
+def _units(value: Tensor, point: ActivationPoint, positions: Tensor) -> Tensor:
+    """``value`` as ``(samples, n)``: the group's units last, everything else
+    (batch, spatial/sequence positions, other factors of the dim) samples.
+    ``positions`` is ``unit_positions(point.tree, group)``, shape ``(n, R)``."""
+    x = value.movedim(point.dim, -1)[..., positions.to(value.device)]  # (..., n, R)
+    return x.movedim(-2, -1).reshape(-1, positions.shape[0])
 
 
 def _batches(data: Iterable[Any], num_batches: int | None, progress: bool) -> Iterator[Any]:
@@ -217,6 +218,7 @@ def match_activations(
     input_fn = input_fn or _default_input_fn
     stats: dict[str, ActivationStats] = {}
     prober: _Prober | None = None
+    positions: dict[tuple[str, ActivationPoint], Tensor] = {}
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     with eval_mode(model_a, model_b), torch.no_grad():
         for index, batch in enumerate(_batches(data, num_batches, progress)):
@@ -239,7 +241,11 @@ def match_activations(
             assert spec is not None
             for group, points in spec.activations.items():
                 for point in points:
-                    stats[group].update(_units(acts_a[point.node], point), _units(acts_b[point.node], point))
+                    key = (group, point)
+                    if key not in positions:
+                        positions[key] = unit_positions(point.tree, group)  # type: ignore[assignment]
+                    where = positions[key]
+                    stats[group].update(_units(acts_a[point.node], point, where), _units(acts_b[point.node], point, where))
     if spec is None or prober is None:
         raise DataError("data yielded no batches; activation matching needs at least one batch")
     indices: dict[str, Tensor] = {}

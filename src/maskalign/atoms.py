@@ -24,15 +24,21 @@ __all__ = ["AtomTable"]
 class AtomTable:
     """Atoms with sizes, a union-find over them, and refinements of classes.
 
-    A class (identified by its root) either is a leaf or has an *expansion*: an
-    ordered list of child atoms whose sizes multiply to its size, meaning that
-    its index is the row-major mixed-radix combination of its children's.
+    A class (identified by its root) is a leaf, or has a *product expansion*
+    (ordered child atoms whose sizes multiply to its size: its index is the
+    row-major mixed-radix combination of theirs), or a *concat expansion*
+    (ordered child atoms whose sizes add up to its size: its index space is
+    their concatenation, as made by ``torch.cat`` or taken apart by
+    ``torch.split``). A concatenated class is opaque to products: it cannot be
+    split into factors, and unifying it with a product fails (the caller
+    freezes), so block structure is kept exactly or not at all.
     """
 
     def __init__(self) -> None:
         self._size: list[int] = []
         self._parent: list[int] = []
         self._expansion: dict[int, list[int]] = {}
+        self._concat: dict[int, list[int]] = {}
         self._frozen: dict[int, str] = {}
 
     # ------------------------------------------------------------------ atoms
@@ -42,8 +48,24 @@ class AtomTable:
         self._parent.append(len(self._parent))
         return len(self._parent) - 1
 
+    def concat(self, parts: list[int]) -> int:
+        """A fresh atom whose index space is the concatenation of ``parts``'."""
+        atom = self.new(sum(self._size[p] for p in parts))
+        self._concat[atom] = list(parts)
+        return atom
+
     def size(self, atom: int) -> int:
         return self._size[atom]
+
+    def structure(self, atom: int) -> tuple[str, list[int]]:
+        """``("product", children)``, ``("concat", children)`` or ``("leaf", [])``
+        for the class of ``atom``."""
+        root = self.find(atom)
+        if root in self._expansion:
+            return "product", self._expansion[root]
+        if root in self._concat:
+            return "concat", self._concat[root]
+        return "leaf", []
 
     def find(self, atom: int) -> int:
         root = atom
@@ -54,7 +76,8 @@ class AtomTable:
         return root
 
     def leaves(self, atoms: list[int]) -> list[int]:
-        """Roots of the leaf classes that ``atoms`` expand to, in order."""
+        """Roots of the classes that ``atoms`` expand to through products, in
+        order (concatenated classes count as leaves here)."""
         out: list[int] = []
         stack = [self.find(a) for a in reversed(atoms)]
         while stack:
@@ -86,8 +109,9 @@ class AtomTable:
                     self._frozen.pop(root)
                     self._frozen.setdefault(self.find(root), reason)
                     changed = True
-                elif root in self._expansion:
-                    for leaf in self.leaves(self._expansion[root]):
+                elif root in self._expansion or root in self._concat:
+                    children = self._expansion.get(root) or self._concat[root]
+                    for leaf in self.leaves(children):
                         if leaf not in self._frozen:
                             self._frozen[leaf] = reason
                             changed = True
@@ -109,10 +133,20 @@ class AtomTable:
             return True
         if self._size[a] != self._size[b]:
             raise AssertionError("union of atoms of different sizes")
+        if (a in self._concat and b in self._expansion) or (b in self._concat and a in self._expansion):
+            return False
         self._parent[b] = a
         reason = self._frozen.pop(b, None)
         if reason is not None:
             self._frozen.setdefault(a, reason)
+        cat_a, cat_b = self._concat.get(a), self._concat.pop(b, None)
+        if cat_b is not None:
+            if cat_a is None:
+                self._concat[a] = cat_b
+            elif [self._size[c] for c in cat_a] != [self._size[c] for c in cat_b]:
+                return False
+            else:
+                return all(self.unify([x], [y]) for x, y in zip(cat_a, cat_b))
         exp_a, exp_b = self._expansion.get(a), self._expansion.pop(b, None)
         if exp_b is not None:
             if exp_a is None:
@@ -129,7 +163,8 @@ class AtomTable:
         when no common refinement exists (e.g. ``[3, 4]`` vs ``[4, 3]``) or
         when the total sizes differ; the caller then freezes both sides.
         """
-        lhs, rhs = self.leaves(left), self.leaves(right)
+        lhs = [a for a in self.leaves(left) if self._size[a] > 1]
+        rhs = [b for b in self.leaves(right) if self._size[b] > 1]
         total_l = total_r = 1
         for a in lhs:
             total_l *= self._size[a]
@@ -154,7 +189,7 @@ class AtomTable:
                 j += 1
                 continue
             common = gcd(sa, sb)
-            if common == 1:
+            if common == 1 or a in self._concat or b in self._concat:
                 return False
             if sa != common:
                 lhs[i : i + 1] = list(self._split(a, common))

@@ -61,6 +61,7 @@ class CapturedGraph:
     user_outputs: list[str]
     mutated_buffers: dict[str, str]
     input_spec: pytree.TreeSpec
+    aliases: list[list[str]]
 
     def placeholder_values(self, state: Mapping[str, Tensor], flat_inputs: Sequence[Any]) -> list[Any]:
         """Values for the graph's placeholders, in order, from a ``state_dict``-like
@@ -200,7 +201,19 @@ def _from_exported(
         else:
             raise TraceError(f"unsupported graph output {spec.arg.name!r} of kind {spec.kind.name}")
     _, input_spec = pytree.tree_flatten((args, dict(kwargs)))
-    return CapturedGraph(program.graph, roles, constants, user_outputs, mutated, input_spec)
+    return CapturedGraph(program.graph, roles, constants, user_outputs, mutated, input_spec, _aliases(model))
+
+
+def _aliases(model: nn.Module) -> list[list[str]]:
+    """``state_dict`` keys that share one storage view (tied weights, e.g.
+    GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``)."""
+    views: dict[tuple[Any, ...], list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        views.setdefault(key, []).append(name)
+    return [names for names in views.values() if len(names) > 1]
 
 
 def _check_reproduces(

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MaskError, SpecError, SpecMismatchError
+from .axes import groups_of, index_vector
 from .spec import PermutationSpec
 
 __all__ = [
@@ -124,15 +125,11 @@ class Permutation(Mapping[str, Tensor]):
             raise SpecMismatchError(
                 f"'{name}' has shape {tuple(tensor.shape)} but the spec expects {expected}"
             )
-        if not any(g is not None for dim in axes for g, _ in dim):
-            return tensor.clone()
-        sizes = [s for dim in axes for _, s in dim]
-        groups = [g for dim in axes for g, _ in dim]
-        out = tensor.reshape(sizes) if sizes else tensor
-        for k, group in enumerate(groups):
-            if group is not None:
-                out = out.index_select(k, self._indices[group].to(tensor.device))
-        return out.reshape(tensor.shape)
+        out = tensor
+        for d, tree in enumerate(axes):
+            if next(groups_of(tree), None) is not None:
+                out = out.index_select(d, index_vector(tree, self._indices).to(tensor.device))
+        return out.clone() if out is tensor else out
 
 
 def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:

@@ -231,8 +231,9 @@ def _conv(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
     """Convolutions: channel axes unify, spatial axes freeze.
 
     Regular conv: W[out, in / groups, *k]. Transposed conv: W[in, out / groups, *k].
-    A depthwise conv (groups == in == out channels) passes the channel
-    permutation through; other grouped convolutions freeze their channels.
+    A grouped conv factors its channels as [groups, channels per group]: whole
+    groups permute together with their weights, and one permutation acts
+    inside every group (depthwise: the channel permutation passes through).
     """
     x, w = ctx.tensor(node.args[0]), ctx.tensor(node.args[1])
     b = ctx.tensor(_arg(node, "bias"))
@@ -253,15 +254,15 @@ def _conv(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
         w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
         ctx.unify(x[c_axis], w_in, f"input channels of {where}")
         ctx.unify(y[c_axis], w_out, f"output channels of {where}")
-    elif not transposed and groups == in_channels == out_channels:  # depthwise
-        ctx.unify(x[c_axis], y[c_axis], f"depthwise channels of {where}")
-        ctx.unify(w[0], y[c_axis], f"depthwise channels of {where}")
-    else:
-        reason = f"grouped convolution (groups={groups}) in {where}"
-        ctx.freeze([x[c_axis], y[c_axis]] + w[:2], reason)
-        if b is not None:
-            ctx.freeze(b, reason)
-        return
+    else:  # channels factor as [groups, per group]; depthwise is per group == 1
+        group = [ctx.atoms.new(groups)]
+        x_inner = [ctx.atoms.new(in_channels // groups)] if in_channels > groups else []
+        y_inner = [ctx.atoms.new(out_channels // groups)] if out_channels > groups else []
+        ctx.unify(x[c_axis], group + x_inner, f"input channel groups of {where}")
+        ctx.unify(y[c_axis], group + y_inner, f"output channel groups of {where}")
+        w_rows, w_cols = (group + x_inner, y_inner) if transposed else (group + y_inner, x_inner)
+        ctx.unify(w[0], w_rows, f"weight of {where}")
+        ctx.unify(w[1], w_cols, f"weight of {where}")
     if b is not None:
         ctx.unify(b[0], y[c_axis], f"bias of {where}")
 
@@ -351,6 +352,203 @@ def _getitem(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
         ctx.freeze(out, f"indexing of a non-tuple in {_describe(node)}")
 
 
+def _contract(ctx: _Context, node: torch.fx.Node, a: Dims, b: Dims, y: Dims) -> None:
+    """Batched matrix product ``y = a @ b`` with numpy broadcasting of batch dims:
+    the contracted axis unifies between a and b (summing over a permuted axis
+    is invariant), rows of a and columns of b pass to y."""
+    where = _describe(node)
+    a_vec, b_vec = len(a) == 1, len(b) == 1
+    ctx.unify(a[-1], b[0] if b_vec else b[-2], f"contraction in {where}")
+    if not a_vec:
+        ctx.unify(a[-2], y[-1] if b_vec else y[-2], f"rows of {where}")
+    if not b_vec:
+        ctx.unify(b[-1], y[-1], f"columns of {where}")
+    a_batch, b_batch = a[:-2], b[:-2]
+    y_batch = y[: len(y) - (0 if a_vec else 1) - (0 if b_vec else 1)]
+    a_meta, b_meta = node.args[0], node.args[1]
+    for operand, meta_node in ((a_batch, a_meta), (b_batch, b_meta)):
+        shape = meta_node.meta["val"].shape if isinstance(meta_node, torch.fx.Node) else ()
+        offset = len(y_batch) - len(operand)
+        for k, dim in enumerate(operand):
+            if offset + k >= 0 and int(shape[k]) == int(node.meta["val"].shape[offset + k]):
+                ctx.unify(dim, y_batch[offset + k], f"batch axis of {where}")
+
+
+def _matmul(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """matmul / mm / bmm, and addmm / baddbmm / addmv (``bias + a @ b``)."""
+    name = _op_name(node)
+    shift = 1 if name in ("aten::addmm", "aten::baddbmm", "aten::addmv", "aten::addbmm") else 0
+    a, b = ctx.tensor(node.args[shift]), ctx.tensor(node.args[shift + 1])
+    y: Dims = out  # type: ignore[assignment]
+    assert a is not None and b is not None
+    _contract(ctx, node, a, b, y)
+    if shift:
+        bias = ctx.tensor(node.args[0])
+        if bias is not None:
+            shape = node.args[0].meta["val"].shape
+            offset = len(y) - len(bias)
+            for k, dim in enumerate(bias):
+                if int(shape[k]) == int(node.meta["val"].shape[offset + k]):
+                    ctx.unify(dim, y[offset + k], f"bias of {_describe(node)}")
+
+
+def _einsum(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """einsum without ellipsis: every subscript letter is one axis."""
+    equation = str(node.args[0]).replace(" ", "")
+    operands = [ctx.tensor(x) for x in node.args[1]]
+    y: Dims = out  # type: ignore[assignment]
+    if "..." in equation or any(o is None for o in operands):
+        for operand in operands:
+            ctx.freeze(operand, f"einsum with ellipsis in {_describe(node)}")
+        ctx.freeze(out, f"einsum with ellipsis in {_describe(node)}")
+        return
+    inputs, _, output = equation.partition("->")
+    letters: dict[str, list[int]] = {}
+    for subscripts, dims in zip(inputs.split(","), operands):
+        for letter, dim in zip(subscripts, dims):  # type: ignore[arg-type]
+            if letter in letters:
+                ctx.unify(letters[letter], dim, f"einsum axis '{letter}' in {_describe(node)}")
+            elif dim:
+                letters[letter] = dim
+    for letter, dim in zip(output, y):
+        if letter in letters:
+            ctx.unify(letters[letter], dim, f"einsum axis '{letter}' in {_describe(node)}")
+
+
+def _attention(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """scaled_dot_product_attention(q[..., L, E], k[..., S, E], v[..., S, Ev]) ->
+    y[..., L, Ev]: q and k share their feature axis, k and v their key axis,
+    v's feature axis flows to y; batch/head axes unify across all four."""
+    q, k, v = (ctx.tensor(x) for x in node.args[:3])
+    outs = out if isinstance(out, tuple) else (out,)
+    y: Dims = outs[0]  # type: ignore[assignment]
+    assert q is not None and k is not None and v is not None
+    where = _describe(node)
+    ctx.unify(q[-1], k[-1], f"query/key features of {where}")
+    ctx.unify(k[-2], v[-2], f"keys of {where}")
+    ctx.unify(q[-2], y[-2], f"queries of {where}")
+    ctx.unify(v[-1], y[-1], f"value features of {where}")
+    shapes = [x.meta["val"].shape for x in node.args[:3]]
+    if bool(_arg(node, "enable_gqa", False)) and len({int(s[-3]) for s in shapes if len(s) >= 3}) > 1:
+        for dims in (q, k, v, y):
+            if len(dims) >= 3:
+                ctx.atoms.freeze(dims[-3], f"grouped-query heads of {where}")
+    for dims, shape in zip((q, k, v), shapes):
+        for j in range(1, len(dims) - 1):
+            if j <= len(y) - 2 and int(shape[-2 - j]) == int(node.meta["val"].shape[-2 - j]):
+                ctx.unify(dims[-2 - j], y[-2 - j], f"batch/head axis of {where}")
+    mask = ctx.tensor(_arg(node, "attn_mask"))
+    if mask is not None:
+        mask_shape = _arg(node, "attn_mask").meta["val"].shape
+        scores = [*y[:-2], q[-2], k[-2]]
+        score_shape = [*node.meta["val"].shape[:-2], shapes[0][-2], shapes[1][-2]]
+        for j in range(1, len(mask) + 1):
+            if j <= len(scores) and int(mask_shape[-j]) == int(score_shape[-j]):
+                ctx.unify(mask[-j], scores[-j], f"attention mask of {where}")
+    for extra in outs[1:]:
+        ctx.freeze(extra, f"auxiliary output of {where}")
+
+
+def _group_norm(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """group_norm(x[N, C, *], G, w[C], b[C]): channels factor as [G, C / G];
+    whole groups permute, and one permutation acts inside every group."""
+    x = ctx.tensor(node.args[0])
+    outs = out if isinstance(out, tuple) else (out,)
+    y: Dims = outs[0]  # type: ignore[assignment]
+    assert x is not None
+    where = _describe(node)
+    channels = int(node.args[0].meta["val"].shape[1])
+    groups = int(_arg(node, "num_groups", _arg(node, "group", 1)))
+    for k, dim in enumerate(x):
+        ctx.unify(dim, y[k], f"{where}")
+    factors = [ctx.atoms.new(f) for f in (groups, channels // groups) if f > 1]
+    ctx.unify(x[1], factors, f"groups of {where}")
+    for name in ("weight", "bias"):
+        param = ctx.tensor(_arg(node, name))
+        if param is not None:
+            ctx.unify(param[0], x[1], f"affine of {where}")
+    for extra in outs[1:]:
+        ctx.freeze(extra, f"saved statistics of {where}")
+
+
+def _cat(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """cat: each input keeps its own permutation inside its slice of the
+    concatenated axis (block structure); the other axes unify."""
+    parts = [ctx.tensor(x) for x in node.args[0]]
+    y: Dims = out  # type: ignore[assignment]
+    ndim = len(y)
+    axis = int(_arg(node, "dim", 0)) % ndim
+    where = _describe(node)
+    segments = []
+    for x, dims in zip(node.args[0], parts):
+        if dims is None or len(dims) != ndim:  # legacy empty tensors
+            ctx.freeze(dims, f"empty operand of {where}")
+            continue
+        for k in range(ndim):
+            if k != axis:
+                ctx.unify(dims[k], y[k], f"{where}")
+        segment = ctx.atoms.new(int(x.meta["val"].shape[axis]))
+        ctx.unify([segment], dims[axis], f"{where}")
+        segments.append(segment)
+    ctx.unify([ctx.atoms.concat(segments)], y[axis], f"concatenated axis of {where}")
+
+
+def _split(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """split / split_with_sizes / chunk / unbind: the reverse of cat."""
+    x = ctx.tensor(node.args[0])
+    assert x is not None
+    pieces = [p for p in (out if isinstance(out, tuple) else (out,))]
+    metas = node.meta["val"]
+    ndim = len(x)
+    axis = int(_arg(node, "dim", 0)) % ndim
+    where = _describe(node)
+    unbind = _op_name(node) == "aten::unbind"
+    segments = []
+    for piece, meta in zip(pieces, metas):
+        for k in range(ndim):
+            if k == axis:
+                continue
+            ctx.unify(x[k], piece[k - 1 if unbind and k > axis else k], f"{where}")  # type: ignore[index]
+        segment = ctx.atoms.new(1 if unbind else int(meta.shape[axis]))
+        if not unbind:
+            ctx.unify([segment], piece[axis], f"{where}")  # type: ignore[index]
+        segments.append(segment)
+    ctx.unify([ctx.atoms.concat(segments)], x[axis], f"split axis of {where}")
+
+
+def _slice(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """slice / narrow / select / pad: the sliced (padded) axes freeze unless
+    the op keeps them whole; every other axis passes through."""
+    x = ctx.tensor(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    name = _op_name(node)
+    where = _describe(node)
+    in_shape = node.args[0].meta["val"].shape
+    out_shape = node.meta["val"].shape
+    ndim = len(x)
+    if name in ("aten::pad", "aten::constant_pad_nd"):
+        pads = list(node.args[1])
+        touched = {ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+        removed: int | None = None
+    else:
+        axis = int(_arg(node, "dim", 0)) % ndim
+        touched = {axis} if int(in_shape[axis]) != int(out_shape[axis] if name != "aten::select" else -1) else set()
+        removed = axis if name == "aten::select" else None
+    for k in range(ndim):
+        if k in touched:
+            ctx.atoms.freeze(x[k], f"sliced or padded axis of {where}")
+            if k != removed:
+                ctx.atoms.freeze(y[k], f"sliced or padded axis of {where}")
+        elif k != removed:
+            ctx.unify(x[k], y[k if removed is None or k < removed else k - 1], f"{where}")
+
+
+def _factory(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """arange / ones / new_zeros ...: constants made inside the graph."""
+    ctx.freeze(out, f"constant made by {_describe(node)}")
+
+
 _POINTWISE = """
 abs add addcdiv addcmul alias bitwise_not ceil clamp clamp_max clamp_min clip clone contiguous
 copy cos cosh detach div dropout elu eq erf erfc exp exp2 expm1 feature_dropout fill floor
@@ -360,7 +558,7 @@ logical_or lt masked_fill maximum minimum mish mul ne neg pow prelu reciprocal r
 remainder round rrelu rsqrt rsub selu sigmoid sign silu sin sinh softplus sqrt square sub tan
 tanh threshold to true_divide trunc type_as where xlogy _to_copy _log_softmax _softmax
 log_softmax softmax alpha_dropout zeros_like ones_like empty_like full_like rand_like randn_like
-native_dropout
+native_dropout __and__ __or__ __xor__ bitwise_and bitwise_or bitwise_xor
 """
 
 _IGNORED = {
@@ -418,8 +616,33 @@ RULES.update(
         "aten::native_layer_norm": _layer_norm,
         "aten::rms_norm": _layer_norm,
         "aten::embedding": _embedding,
+        "aten::matmul": _matmul,
+        "aten::mm": _matmul,
+        "aten::bmm": _matmul,
+        "aten::addmm": _matmul,
+        "aten::baddbmm": _matmul,
+        "aten::addmv": _matmul,
+        "aten::mv": _matmul,
+        "aten::einsum": _einsum,
+        "aten::scaled_dot_product_attention": _attention,
+        "aten::group_norm": _group_norm,
+        "aten::native_group_norm": _group_norm,
+        "aten::cat": _cat,
+        "aten::concat": _cat,
+        "aten::split": _split,
+        "aten::split_with_sizes": _split,
+        "aten::chunk": _split,
+        "aten::unbind": _split,
+        "aten::tensor_split": _split,
+        "aten::slice": _slice,
+        "aten::narrow": _slice,
+        "aten::select": _slice,
+        "aten::pad": _slice,
+        "aten::constant_pad_nd": _slice,
     }
 )
+for _name in "arange ones zeros full empty new_ones new_zeros new_full new_empty scalar_tensor rand randn randint tensor".split():
+    RULES[f"aten::{_name}"] = _factory
 for _n in (1, 2, 3):
     for _op in (f"max_pool{_n}d", f"avg_pool{_n}d", f"adaptive_avg_pool{_n}d", f"adaptive_max_pool{_n}d",
                 f"max_pool{_n}d_with_indices", f"lp_pool{_n}d"):
@@ -492,5 +715,34 @@ def analyze(captured: CapturedGraph) -> Analysis:
             for arg in node.all_input_nodes:
                 ctx.freeze(values.get(arg), reason)
             values[node] = None
+    _tie_aliases(ctx, captured, result)
     atoms.finalize()
     return result
+
+
+def _tie_aliases(ctx: _Context, captured: CapturedGraph, result: Analysis) -> None:
+    """Tied tensors (one storage under several names) share every axis; a
+    parameter or buffer that forward never reads, and that is tied to none
+    that it does, is frozen rather than left free."""
+    used = {
+        captured.roles[node.name].target
+        for node in captured.graph.nodes
+        if node.op == "placeholder" and node.users and node.name in captured.roles
+    }
+    tied: set[str] = set()
+    for names in captured.aliases:
+        present = [n for n in names if n in result.tensor_dims]
+        if not present:
+            continue
+        anchor = next((n for n in present if n in used), present[0])
+        for name in names:
+            if name not in result.tensor_dims:  # deduplicated by the exporter
+                result.tensor_dims[name] = result.tensor_dims[anchor]
+                continue
+            for a, b in zip(result.tensor_dims[anchor], result.tensor_dims[name]):
+                ctx.unify(a, b, f"tied tensors '{anchor}' and '{name}'")
+        if anchor in used:
+            tied.update(names)
+    for name, dims in result.tensor_dims.items():
+        if name not in used and name not in tied:
+            ctx.freeze(dims, f"'{name}' is not used by forward")

@@ -19,13 +19,12 @@ import torch
 import torch.fx
 from torch import nn
 
+from .atoms import AtomTable
+from .axes import AxisTree, Concat, Leaf, Product, covered_size, groups_of, tree_size
 from .capture import CapturedGraph, capture
 from .rules import Analysis, analyze
 
 __all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec"]
-
-Factor = tuple["str | None", int]
-"""One factor of a tensor axis: (group name, or None when not permuted; size)."""
 
 NONLINEAR_OPS = frozenset(
     f"aten::{name}"
@@ -34,20 +33,24 @@ NONLINEAR_OPS = frozenset(
         "leaky_relu_ elu elu_ selu mish hardswish hardswish_ softplus prelu"
     ).split()
 )
+# op -> (argument index of the weight, dim of the weight that indexes output channels)
 _LAYER_OPS = {
-    "aten::linear": 0,
-    "aten::conv1d": 0,
-    "aten::conv2d": 0,
-    "aten::conv3d": 0,
-    "aten::conv_transpose1d": 1,
-    "aten::conv_transpose2d": 1,
-    "aten::conv_transpose3d": 1,
+    "aten::linear": (1, 0),
+    "aten::conv1d": (1, 0),
+    "aten::conv2d": (1, 0),
+    "aten::conv3d": (1, 0),
+    "aten::conv_transpose1d": (1, 1),
+    "aten::conv_transpose2d": (1, 1),
+    "aten::conv_transpose3d": (1, 1),
+    "aten::addmm": (2, 1),  # x @ W + b with W[in, out] (e.g. GPT-2's Conv1D)
 }
 _VIEW_OPS = frozenset(
     f"aten::{n}"
     for n in "view reshape _unsafe_view flatten unflatten squeeze unsqueeze permute transpose t expand "
     "clone contiguous alias detach dropout".split()
 )
+
+_SELECT_OPS = frozenset({"aten::slice", "aten::select", "aten::_to_copy", "aten::to"})
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class Group:
 
     ``members`` are ``(state_dict key, dim)`` pairs. When a dim is a product of
     factors (a conv's channels flattened with its spatial positions into a
-    linear layer's input, or heads x head_dim), the group is one factor of it.
+    linear layer's input, or heads x head_dim) or a concatenation (``torch.cat``
+    slices), the group is one part of it: see ``PermutationSpec.axes``.
     """
 
     name: str
@@ -75,16 +79,12 @@ class FrozenAxis:
 
 @dataclass(frozen=True)
 class ActivationPoint:
-    """A graph value that carries a group on one of its dims.
-
-    The dim ``dim`` of node ``node`` factors as ``factor_sizes`` (row-major),
-    and the group is factor number ``position``.
-    """
+    """A graph value that carries a group on one of its dims: dim ``dim`` of
+    node ``node`` decomposes as ``tree``."""
 
     node: str
     dim: int
-    factor_sizes: tuple[int, ...]
-    position: int
+    tree: AxisTree
 
 
 @dataclass
@@ -93,9 +93,9 @@ class PermutationSpec:
 
     Attributes:
         groups: group name -> :class:`Group`.
-        axes: ``state_dict`` key -> one tuple of factors ``(group or None, size)``
-            per dim; a size-1 dim has no factors. Every parameter and persistent
-            buffer of the model appears here.
+        axes: ``state_dict`` key -> one :mod:`axis tree <maskalign.axes>` per
+            dim (``Leaf(group or None, size)``, ``Product``, ``Concat``). Every
+            parameter and persistent buffer of the model appears here.
         shapes: ``state_dict`` key -> shape.
         frozen: parameter/buffer axes left unpermuted, with the reason.
         coverage: fraction of the output channels of linear/conv layers (those
@@ -105,7 +105,7 @@ class PermutationSpec:
     """
 
     groups: dict[str, Group]
-    axes: dict[str, tuple[tuple[Factor, ...], ...]]
+    axes: dict[str, tuple[AxisTree, ...]]
     shapes: dict[str, tuple[int, ...]]
     frozen: list[FrozenAxis] = field(default_factory=list)
     coverage: float = 1.0
@@ -169,67 +169,87 @@ def build_spec(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] 
 
 def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> PermutationSpec:
     """Turn the atom classes of an :class:`Analysis` into a :class:`PermutationSpec`."""
-    atoms = analysis.atoms
-    names: dict[int, str] = {}
-    axes: dict[str, tuple[tuple[Factor, ...], ...]] = {}
+    trees = _TreeBuilder(analysis.atoms)
+    axes: dict[str, tuple[AxisTree, ...]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     members: dict[str, list[tuple[str, int]]] = {}
     frozen: list[FrozenAxis] = []
     for tensor, dims in analysis.tensor_dims.items():
-        tensor_axes = []
-        for d, dim in enumerate(dims):
-            leaves = atoms.leaves(dim)
-            factors: list[Factor] = []
-            for k, leaf in enumerate(leaves):
-                reason = atoms.frozen_reason(leaf)
-                if reason is not None:
-                    factors.append((None, atoms.size(leaf)))
-                    if len(leaves) == 1:
-                        frozen.append(FrozenAxis(tensor, d, reason))
-                    continue
-                if leaf not in names:
-                    names[leaf] = f"{tensor}:{d}" if len(leaves) == 1 else f"{tensor}:{d}.{k}"
-                factors.append((names[leaf], atoms.size(leaf)))
-                members.setdefault(names[leaf], []).append((tensor, d))
-            tensor_axes.append(tuple(factors))
-        axes[tensor] = tuple(tensor_axes)
-        shapes[tensor] = tuple(_dim_size(factors) for factors in tensor_axes)
-    # shapes of size-1 dims are not recorded by factors: read them off the graph
-    for node in captured.graph.nodes:
-        role = captured.roles.get(node.name)
-        if role is not None and role.target in shapes:
-            shapes[role.target] = tuple(int(s) for s in node.meta["val"].shape)
+        tensor_axes = tuple(trees.dim(dim, f"{tensor}:{d}") for d, dim in enumerate(dims))
+        for d, (dim, tree) in enumerate(zip(dims, tensor_axes)):
+            names = list(groups_of(tree))
+            for name in names:
+                members.setdefault(name, []).append((tensor, d))
+            if not names and tree_size(tree) > 1:
+                frozen.append(FrozenAxis(tensor, d, trees.reason(dim)))
+        axes[tensor] = tensor_axes
+        shapes[tensor] = tuple(tree_size(t) for t in tensor_axes)
     groups = {
-        name: Group(name, atoms.size(leaf), tuple(dict.fromkeys(members[name])))
-        for leaf, name in names.items()
+        name: Group(name, size, tuple(dict.fromkeys(members[name]))) for name, size in trees.sizes.items()
     }
-    activations = _activation_points(analysis, names, captured)
     return PermutationSpec(
         groups=groups,
         axes=axes,
         shapes=shapes,
         frozen=frozen,
-        coverage=_coverage(analysis, captured),
-        activations=activations,
+        coverage=_coverage(analysis, captured, trees),
+        activations=_activation_points(analysis, trees, captured),
         captured=captured,
     )
 
 
-def _dim_size(factors: tuple[Factor, ...]) -> int:
-    size = 1
-    for _, s in factors:
-        size *= s
-    return size
+class _TreeBuilder:
+    """Axis trees of atom lists; names each free leaf class (a group) after
+    the first tensor axis that carries it."""
+
+    def __init__(self, atoms: AtomTable) -> None:
+        self.atoms = atoms
+        self.names: dict[int, str] = {}
+        self.sizes: dict[str, int] = {}
+
+    def dim(self, dim: list[int], owner: str | None = None) -> AxisTree:
+        parts = [self.atom(a, owner) for a in dim]
+        if not parts:
+            return Leaf(None, 1)
+        return parts[0] if len(parts) == 1 else Product(tuple(parts))
+
+    def atom(self, atom: int, owner: str | None) -> AxisTree:
+        kind, children = self.atoms.structure(atom)
+        if kind == "product":
+            return Product(tuple(self.atom(c, owner) for c in children))
+        if kind == "concat":
+            return Concat(tuple(self.atom(c, owner) for c in children))
+        root = self.atoms.find(atom)
+        size = self.atoms.size(root)
+        if size == 1 or self.atoms.frozen_reason(root) is not None:
+            return Leaf(None, size)
+        if root not in self.names:
+            if owner is None:
+                return Leaf(None, size)  # not carried by any parameter: nothing to permute
+            name = owner
+            suffix = 1
+            while name in self.sizes:
+                name = f"{owner}.{suffix}"
+                suffix += 1
+            self.names[root] = name
+            self.sizes[name] = size
+        return Leaf(self.names[root], size)
+
+    def reason(self, dim: list[int]) -> str:
+        for leaf in self.atoms.leaves(dim):
+            reason = self.atoms.frozen_reason(leaf)
+            if reason is not None:
+                return reason
+        return "part of a concatenated axis"
 
 
 def _activation_points(
-    analysis: Analysis, names: dict[int, str], captured: CapturedGraph
+    analysis: Analysis, trees: _TreeBuilder, captured: CapturedGraph
 ) -> dict[str, list[ActivationPoint]]:
     """Per group, the graph values used by activation matching: the outputs of
     nonlinearities and their inputs (pre-activations, informative even where a
     ReLU unit is dead); every other non-view value when a group meets no
     nonlinearity (e.g. a pre-norm transformer's residual stream)."""
-    atoms = analysis.atoms
     preferred_nodes: set[str] = set()
     for node in captured.graph.nodes:
         if analysis.node_ops.get(node.name) in NONLINEAR_OPS:
@@ -244,34 +264,55 @@ def _activation_points(
             continue
         target = preferred if node in preferred_nodes else other
         for d, dim in enumerate(dims):
-            leaves = atoms.leaves(dim)
-            for k, leaf in enumerate(leaves):
-                name = names.get(leaf)
-                if name is not None:
-                    sizes = tuple(atoms.size(a) for a in leaves)
-                    target.setdefault(name, []).append(ActivationPoint(node, d, sizes, k))
-    return {name: preferred.get(name) or other.get(name, []) for name in names.values()}
+            tree = trees.dim(dim)
+            for name in dict.fromkeys(groups_of(tree)):
+                target.setdefault(name, []).append(ActivationPoint(node, d, tree))
+    return {name: preferred.get(name) or other.get(name, []) for name in trees.sizes}
 
 
-def _coverage(analysis: Analysis, captured: CapturedGraph) -> float:
-    atoms = analysis.atoms
+def _is_parameter(node: Any, captured: CapturedGraph) -> bool:
+    """Whether ``node`` is a parameter, possibly behind a few unary ops (the
+    ``weight_orig * weight_mask`` of ``torch.nn.utils.prune``, a transpose)."""
+    for _ in range(4):
+        if not isinstance(node, torch.fx.Node):
+            return False
+        if node.op == "placeholder":
+            role = captured.roles.get(node.name)
+            return role is not None and role.kind == "parameter"
+        if node.op != "call_function" or not node.all_input_nodes:
+            return False
+        node = node.all_input_nodes[0]
+    return False
+
+
+def _feeds_output(node: torch.fx.Node, analysis: Analysis) -> bool:
+    """Whether ``node``'s value reaches a model output through views only
+    (a classifier head, whose output channels are the model's outputs)."""
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if analysis.node_ops.get(user.name) in _VIEW_OPS or analysis.node_ops.get(user.name) in _SELECT_OPS:
+                frontier.append(user)
+    return False
+
+
+def _coverage(analysis: Analysis, captured: CapturedGraph, trees: _TreeBuilder) -> float:
     covered = total = 0
     for node in captured.graph.nodes:
         if node.op != "call_function" or analysis.node_ops.get(node.name) not in _LAYER_OPS:
             continue
-        weight = node.args[1]
+        weight_arg, out_axis = _LAYER_OPS[analysis.node_ops[node.name]]
+        weight = node.args[weight_arg]
         dims = analysis.node_dims.get(getattr(weight, "name", ""))
-        if not dims:
+        if not dims or not _is_parameter(weight, captured):
+            continue  # a product of two activations, not a layer
+        if _feeds_output(node, analysis):
             continue
-        out_dim = dims[_LAYER_OPS[analysis.node_ops[node.name]]]
-        leaves = atoms.leaves(out_dim)
-        reasons = [atoms.frozen_reason(leaf) for leaf in leaves]
-        if any(r is not None and r.startswith("model output") for r in reasons):
-            continue
-        size = 1
-        for leaf in leaves:
-            size *= atoms.size(leaf)
-        total += size
-        if all(r is None for r in reasons):
-            covered += size
+        out_dim = dims[out_axis]
+        tree = trees.dim(out_dim)
+        total += tree_size(tree)
+        covered += covered_size(tree)
     return covered / total if total else 1.0

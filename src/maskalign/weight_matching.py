@@ -10,12 +10,14 @@ other groups' permutations held fixed, until a full sweep changes nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import SpecError
+from .axes import AxisTree, groups_of, index_vector, unit_positions
 from .lap import solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import PermutationSpec, build_spec
@@ -23,29 +25,22 @@ from .spec import PermutationSpec, build_spec
 __all__ = ["match_weights"]
 
 
-class _Factored:
-    """Every spec'd tensor of a state_dict reshaped so that each axis factor is
-    its own dim (float64), with the group of each factored dim."""
-
-    def __init__(self, state: Mapping[str, Tensor], spec: PermutationSpec) -> None:
-        self.tensors: dict[str, Tensor] = {}
-        self.groups: dict[str, list[str | None]] = {}
-        for name, axes in spec.axes.items():
-            groups = [g for dim in axes for g, _ in dim]
-            if not any(g is not None for g in groups):
-                continue
-            self.tensors[name] = state[name].detach().double().reshape([s for dim in axes for _, s in dim])
-            self.groups[name] = groups
+def _permuted(tensor: Tensor, axes: tuple[AxisTree, ...], perm: Mapping[str, Tensor], skip: tuple[int, str] | None = None) -> Tensor:
+    """``tensor`` with every axis permuted by ``perm``; on axis ``skip[0]`` the
+    group ``skip[1]`` is left unpermuted."""
+    for d, tree in enumerate(axes):
+        if next(groups_of(tree), None) is None:
+            continue
+        exclude = skip[1] if skip is not None and skip[0] == d else None
+        tensor = tensor.index_select(d, index_vector(tree, perm, exclude).to(tensor.device))
+    return tensor
 
 
-def _objective(a: _Factored, b: _Factored, perm: Mapping[str, Tensor]) -> float:
-    total = 0.0
-    for name, tensor in a.tensors.items():
-        for k, g in enumerate(a.groups[name]):
-            if g is not None:
-                tensor = tensor.index_select(k, perm[g])
-        total += float((tensor * b.tensors[name]).sum())
-    return total
+def _objective(
+    spec: PermutationSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], perm: Mapping[str, Tensor]
+) -> float:
+    """``sum_t <pi(A_t), B_t>`` over the tensors that carry a group."""
+    return sum(float((_permuted(a[t], spec.axes[t], perm) * b[t]).sum()) for t in a)
 
 
 def match_weights(
@@ -88,22 +83,27 @@ def match_weights(
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture(state_a, spec, "model_a")
     check_same_architecture(state_b, spec, "model_b")
-    fa, fb = _Factored(state_a, spec), _Factored(state_b, spec)
-    device = next(iter(fa.tensors.values())).device if fa.tensors else torch.device("cpu")
-    occurrences: dict[str, list[tuple[str, int]]] = {g: [] for g in spec.groups}
-    for name, groups in fa.groups.items():
-        for k, g in enumerate(groups):
-            if g is not None:
-                occurrences[g].append((name, k))
+    carrying = [t for t, axes in spec.axes.items() if any(next(groups_of(tree), None) for tree in axes)]
+    tensors_a = {t: state_a[t].detach().double() for t in carrying}
+    tensors_b = {t: state_b[t].detach().double() for t in carrying}
+    device = next(iter(tensors_a.values())).device if tensors_a else torch.device("cpu")
+    occurrences: dict[str, list[_Occurrence]] = {g: [] for g in spec.groups}
+    for t in carrying:
+        for d, tree in enumerate(spec.axes[t]):
+            for g in dict.fromkeys(groups_of(tree)):
+                positions = unit_positions(tree, g)
+                assert positions is not None
+                rows = tensors_b[t].movedim(d, 0)[positions.reshape(-1).to(device)]
+                occurrences[g].append(_Occurrence(t, d, positions.to(device), rows.reshape(positions.shape[0], -1)))
     perm = {g: (init[g] if init is not None else torch.arange(grp.size)).to(device) for g, grp in spec.groups.items()}
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
     names: Sequence[str] = list(spec.groups)
-    objective = [_objective(fa, fb, perm)]
+    objective = [_objective(spec, tensors_a, tensors_b, perm)]
     for _ in range(max_iter):
         changed = False
         for i in torch.randperm(len(names), generator=generator).tolist():
             g = names[i]
-            similarity = _similarity(fa, fb, perm, g, occurrences[g], spec.groups[g].size, device)
+            similarity = _similarity(spec, tensors_a, perm, g, occurrences[g], spec.groups[g].size, device)
             ar = torch.arange(spec.groups[g].size, device=device)
             old = float(similarity[perm[g], ar].sum())
             idx = solve_lap(similarity).to(device)
@@ -111,30 +111,37 @@ def match_weights(
             if new > old + 1e-12 * max(abs(old), 1.0):
                 perm[g] = idx
                 changed = True
-        objective.append(_objective(fa, fb, perm))
+        objective.append(_objective(spec, tensors_a, tensors_b, perm))
         if not changed:
             break
     return Permutation(spec, perm, report={"method": "weight", "objective": objective, "sweeps": len(objective) - 1})
 
 
+@dataclass(frozen=True)
+class _Occurrence:
+    """Group units on axis ``dim`` of ``tensor``: ``positions`` (n, R) and B's
+    rows gathered at them, flattened to (n, R * rest)."""
+
+    tensor: str
+    dim: int
+    positions: Tensor
+    rows_b: Tensor
+
+
 def _similarity(
-    fa: _Factored,
-    fb: _Factored,
+    spec: PermutationSpec,
+    tensors_a: Mapping[str, Tensor],
     perm: Mapping[str, Tensor],
     group: str,
-    occurrences: list[tuple[str, int]],
+    occurrences: list[_Occurrence],
     n: int,
     device: torch.device,
 ) -> Tensor:
-    """``(n, n)`` matrix ``sum_t A_t B_t^T`` over the tensors carrying ``group``,
-    with every other factored dim of A already permuted by the current ``perm``."""
+    """``(n, n)`` matrix ``sum_t A_t B_t^T`` over the axes carrying ``group``,
+    with every other group of A already permuted by the current ``perm``."""
     similarity = torch.zeros(n, n, dtype=torch.float64, device=device)
-    for name, k in occurrences:
-        a = fa.tensors[name]
-        for k2, g2 in enumerate(fa.groups[name]):
-            if g2 is not None and k2 != k:
-                a = a.index_select(k2, perm[g2])
-        a = a.movedim(k, 0).reshape(n, -1)
-        b = fb.tensors[name].movedim(k, 0).reshape(n, -1)
-        similarity += a @ b.T
+    for occ in occurrences:
+        a = _permuted(tensors_a[occ.tensor], spec.axes[occ.tensor], perm, skip=(occ.dim, group))
+        rows_a = a.movedim(occ.dim, 0)[occ.positions.reshape(-1)].reshape(n, -1)
+        similarity += rows_a @ occ.rows_b.T
     return similarity
