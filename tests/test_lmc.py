@@ -247,3 +247,9 @@ def test_lmc_barrier_with_bn_data_resets_each_alpha_and_keeps_inputs() -> None:
     same = ma.lmc_barrier(model_a, model_a, data, num_points=3, bn_data=bn_data)
     assert abs(same.barrier) < 1e-9
     assert same.losses[0] == pytest.approx(result.losses[0], rel=1e-12)
+
+
+def test_reset_bn_stats_rejects_empty_data() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(DataError, match="no batches"):
+        ma.reset_bn_stats(model, iter([]))

@@ -235,14 +235,6 @@ def test_permute_mask_errors_name_the_key() -> None:
         ma.permute_mask({"nope": torch.ones(1, dtype=torch.bool)}, pi)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="permute_mask checks keys against spec.axes, which holds buffers too: a "
-    "mask for a BatchNorm buffer ('bn1.running_mean') is silently permuted although "
-    "its docstring promises MaskError for 'a key that is not a parameter' (and "
-    "validate_masks rejects such a key)",
-)
 def test_permute_mask_rejects_buffer_key() -> None:
     spec = spec_for("resnet20_w1")
     pi = ma.random_permutation(spec, torch.Generator().manual_seed(44))

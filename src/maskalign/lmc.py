@@ -95,7 +95,11 @@ def _device_of(model: nn.Module) -> torch.device:
 def reset_bn_stats(model: nn.Module, data: Iterable[Any], num_batches: int | None = None) -> None:
     """Re-estimate the running statistics of every BatchNorm layer (in place)
     as the plain average over ``data`` (``momentum=None``); modes and momenta
-    are restored. Needed after interpolating (Jordan et al., REPAIR, ICLR 2023)."""
+    are restored. Needed after interpolating (Jordan et al., REPAIR, ICLR 2023).
+
+    Raises:
+        DataError: ``data`` yields no batch (statistics would be left reset).
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -105,12 +109,16 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any], num_batches: int | Non
         m.reset_running_stats()
         m.momentum = None
         m.train()
+    seen = 0
     try:
         for index, batch in enumerate(data):
             if num_batches is not None and index >= num_batches:
                 break
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             model(inputs.to(device))
+            seen += 1
+        if seen == 0:
+            raise DataError("reset_bn_stats got no batches (an exhausted iterator?); pass a list or a DataLoader")
     finally:
         for m, momentum, training in saved:
             m.momentum = momentum

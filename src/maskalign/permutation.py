@@ -206,8 +206,9 @@ def permute_mask(masks: Mapping[str, Tensor], perm: Permutation) -> dict[str, Te
     """
     out: dict[str, Tensor] = {}
     for name, mask in masks.items():
-        if name not in perm.spec.axes:
-            raise MaskError(f"mask key '{name}' is not a parameter of the permutation spec's model")
+        if name not in perm.spec.parameters:
+            kind = "a buffer, not a parameter," if name in perm.spec.axes else "not a parameter"
+            raise MaskError(f"mask key '{name}' is {kind} of the permutation spec's model")
         if mask.dtype != torch.bool:
             raise MaskError(f"mask '{name}' has dtype {mask.dtype}; pass a bool mask (e.g. `mask != 0`)")
         if tuple(mask.shape) != perm.spec.shapes[name]:

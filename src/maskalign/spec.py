@@ -98,6 +98,7 @@ class PermutationSpec:
             parameter and persistent buffer of the model appears here.
         shapes: ``state_dict`` key -> shape.
         frozen: parameter/buffer axes left unpermuted, with the reason.
+        parameters: the keys of ``axes`` that are parameters (not buffers).
         coverage: fraction of the output channels of linear/conv layers (those
             that feed a model output excluded) that lie in permutable groups.
         activations: group name -> graph values that carry it, used by
@@ -108,6 +109,7 @@ class PermutationSpec:
     axes: dict[str, tuple[AxisTree, ...]]
     shapes: dict[str, tuple[int, ...]]
     frozen: list[FrozenAxis] = field(default_factory=list)
+    parameters: frozenset[str] = frozenset()
     coverage: float = 1.0
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
@@ -192,10 +194,20 @@ def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> Permutati
         axes=axes,
         shapes=shapes,
         frozen=frozen,
+        parameters=_parameter_names(captured),
         coverage=_coverage(analysis, captured, trees),
         activations=_activation_points(analysis, trees, captured),
         captured=captured,
     )
+
+
+def _parameter_names(captured: CapturedGraph) -> frozenset[str]:
+    """Parameter names, including every name of a tied parameter."""
+    names = {role.target for role in captured.roles.values() if role.kind == "parameter"}
+    for tied in captured.aliases:
+        if names.intersection(tied):
+            names.update(tied)
+    return frozenset(names)
 
 
 class _TreeBuilder:
