@@ -11,6 +11,7 @@ Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
 """
 
 from .activation_matching import match_activations
+from .equivalence import EquivalenceReport, check_equivalence
 from .errors import DataError, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
 from .lmc import LMCResult, interpolate, lmc_barrier, reset_bn_stats
 from .masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataError",
+    "EquivalenceReport",
     "LMCResult",
     "MaskAlignError",
     "MaskError",
@@ -42,6 +44,7 @@ __all__ = [
     "apply_permutation",
     "assert_masked",
     "build_spec",
+    "check_equivalence",
     "enforce_masks",
     "global_magnitude_prune",
     "interpolate",
