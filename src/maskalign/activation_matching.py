@@ -34,7 +34,9 @@ class ActivationStats:
     """Streaming statistics of paired activations ``a, b`` of shape ``(samples, n)``.
 
     Shaped like a torchmetrics ``Metric``: :meth:`update` per batch,
-    :meth:`similarity` at the end. Accumulates in float64.
+    :meth:`similarity` at the end. Accumulates in float64 around a shift (the
+    first batch's means), so that variances and covariances do not lose their
+    precision to cancellation when activations are large.
     """
 
     def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
@@ -46,10 +48,15 @@ class ActivationStats:
         self.sum_aa = torch.zeros(n, **kw)
         self.sum_bb = torch.zeros(n, **kw)
         self.sum_ab = torch.zeros(n, n, **kw)
+        self.shift_a: Tensor | None = None
+        self.shift_b: Tensor | None = None
 
     def update(self, a: Tensor, b: Tensor) -> None:
         """Add samples: ``a``, ``b`` of shape ``(samples, n)``."""
         a, b = a.double(), b.double()
+        if self.shift_a is None or self.shift_b is None:
+            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
+        a, b = a - self.shift_a, b - self.shift_b
         self.count += a.shape[0]
         self.sum_a += a.sum(0)
         self.sum_b += b.sum(0)
@@ -68,16 +75,20 @@ class ActivationStats:
             raise DataError("no samples were accumulated")
         m = self.count
         mean_a, mean_b = self.sum_a / m, self.sum_b / m
-        if cost == "euclidean":
-            return (2 * self.sum_ab - self.sum_aa[:, None] - self.sum_bb[None, :]) / m
         cov = self.sum_ab / m - torch.outer(mean_a, mean_b)
         if cost == "covariance":
             return cov
-        std_a = (self.sum_aa / m - mean_a**2).clamp_min(0).sqrt()
-        std_b = (self.sum_bb / m - mean_b**2).clamp_min(0).sqrt()
+        var_a = (self.sum_aa / m - mean_a**2).clamp_min(0)
+        var_b = (self.sum_bb / m - mean_b**2).clamp_min(0)
+        if cost == "euclidean":  # E(a_i - b_j)^2 from centred moments, without cancellation
+            assert self.shift_a is not None and self.shift_b is not None
+            gap = (self.shift_a + mean_a)[:, None] - (self.shift_b + mean_b)[None, :]
+            return -(var_a[:, None] + var_b[None, :] - 2 * cov + gap**2)
+        std_a, std_b = var_a.sqrt(), var_b.sqrt()
         denom = torch.outer(std_a, std_b)
         tiny = torch.finfo(torch.float64).eps * max(float(denom.max()), 1.0)
-        return torch.where(denom > tiny, cov / denom.clamp_min(tiny), torch.zeros_like(cov))
+        corr = torch.where(denom > tiny, cov / denom.clamp_min(tiny), torch.zeros_like(cov))
+        return corr.clamp_(-1.0, 1.0)
 
 
 def _default_input_fn(batch: Any) -> tuple[Any, ...]:
