@@ -15,7 +15,9 @@ different function.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import inspect
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +125,8 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def capture(
-    model: nn.Module,
-    example_inputs: Any,
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Any = None,
     kwargs: Mapping[str, Any] | None = None,
     *,
     check: bool = True,
@@ -134,7 +136,10 @@ def capture(
     """Capture ``model`` (in eval mode) with ``torch.export.export(strict=False)``.
 
     Args:
-        model: the module; left unchanged (its train/eval flags are restored).
+        model: the module (left unchanged: its train/eval flags are restored),
+            or an ``ExportedProgram`` you made yourself (then ``example_inputs``
+            default to the program's own example inputs). A ``torch.fx``
+            ``GraphModule`` is a module and is exported like any other.
         example_inputs: positional inputs of ``forward`` (a tensor or a tuple).
         kwargs: keyword inputs of ``forward``.
         check: re-run the captured graph and compare with eager outputs.
@@ -143,32 +148,86 @@ def capture(
         TraceError: export failed (the message names the failing construct and
             what to do), or the captured graph does not reproduce the model.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        return _capture_program(model, example_inputs, kwargs, check=check, rtol=rtol, atol=atol)
+    if example_inputs is None:
+        raise TraceError("build_spec needs example_inputs: a tensor or a tuple of forward's positional inputs")
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
     with eval_mode(model), torch.no_grad():
+        _check_signature(model, args, kwargs)
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # torch raises many unrelated types here
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
-                f"{_first_line(exc)}\nWhat to do: pass `example_inputs` that match "
-                "forward's signature (a tensor or a tuple of positional arguments), move "
-                "data-dependent Python control flow out of forward, or capture the model "
-                "yourself and pass the graph."
+                f"{_first_line(exc)}{_user_frame(exc)}\nWhat to do: pass `example_inputs` that match "
+                "forward's signature (a tensor or a tuple of positional arguments); replace Python "
+                "control flow on tensor values (`if x.sum() > 0`) with torch.where or torch.cond; "
+                "or export the model yourself and pass the ExportedProgram to build_spec."
             ) from exc
-        captured = _from_exported(program, model, args, kwargs)
+        captured = _from_exported(program, dict(model.state_dict(keep_vars=True)), _buffers(model), args, kwargs)
         if check:
-            _check_reproduces(captured, model, args, kwargs, rtol=rtol, atol=atol)
+            _check_reproduces(captured, model.state_dict(), lambda: model(*args, **kwargs), args, kwargs,
+                              rtol=rtol, atol=atol)
     return captured
+
+
+def _capture_program(
+    program: torch.export.ExportedProgram,
+    example_inputs: Any,
+    kwargs: Mapping[str, Any] | None,
+    **options: Any,
+) -> CapturedGraph:
+    if example_inputs is None:
+        if program.example_inputs is None:
+            raise TraceError("this ExportedProgram carries no example inputs; pass example_inputs")
+        args, kwargs = program.example_inputs
+    else:
+        args = normalize_inputs(example_inputs)
+    kwargs = dict(kwargs or {})
+    state = dict(program.state_dict)
+    buffers = {**state, **{k: v for k, v in program.constants.items() if isinstance(v, Tensor)}}
+    captured = _from_exported(program, state, buffers, args, kwargs)
+    if options.pop("check"):
+        module = program.module()
+        _check_reproduces(captured, state, lambda: module(*args, **kwargs), args, kwargs, **options)
+    return captured
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    return dict(model.named_buffers(remove_duplicate=False))
+
+
+def _check_signature(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """A clear error when the example inputs do not fit ``forward``."""
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TraceError(
+            f"example_inputs do not match {type(model).__name__}.forward{inspect.signature(model.forward)}: "
+            f"{exc}; pass a tuple of positional inputs (and kwargs=...)"
+        ) from exc
+    except ValueError:  # no signature (builtins): let export decide
+        pass
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch, i.e. the user's construct."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"\n  at {frame.filename}:{frame.lineno}: {frame.line}"
 
 
 def _from_exported(
     program: torch.export.ExportedProgram,
-    model: nn.Module,
+    state: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
 ) -> CapturedGraph:
-    persistent = set(model.state_dict(keep_vars=True).keys())
     roles: dict[str, TensorRole] = {}
     constants: dict[str, Tensor] = {}
     user_index = 0
@@ -178,11 +237,11 @@ def _from_exported(
             roles[name] = TensorRole("parameter", str(spec.target))
         elif spec.kind == gs.InputKind.BUFFER:
             target = str(spec.target)
-            if spec.persistent and target in persistent:
+            if spec.persistent and target in state:
                 roles[name] = TensorRole("buffer", target)
             else:
                 roles[name] = TensorRole("constant", target)
-                constants[target] = model.get_buffer(target)
+                constants[target] = buffers[target] if target in buffers else program.constants[target]
         elif spec.kind == gs.InputKind.CONSTANT_TENSOR:
             roles[name] = TensorRole("constant", str(spec.target))
             constants[str(spec.target)] = program.constants[str(spec.target)]
@@ -201,14 +260,14 @@ def _from_exported(
         else:
             raise TraceError(f"unsupported graph output {spec.arg.name!r} of kind {spec.kind.name}")
     _, input_spec = pytree.tree_flatten((args, dict(kwargs)))
-    return CapturedGraph(program.graph, roles, constants, user_outputs, mutated, input_spec, _aliases(model))
+    return CapturedGraph(program.graph, roles, constants, user_outputs, mutated, input_spec, _aliases(state))
 
 
-def _aliases(model: nn.Module) -> list[list[str]]:
+def _aliases(state: Mapping[str, Tensor]) -> list[list[str]]:
     """``state_dict`` keys that share one storage view (tied weights, e.g.
     GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``)."""
     views: dict[tuple[Any, ...], list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         if tensor.numel() == 0:
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
@@ -218,7 +277,8 @@ def _aliases(model: nn.Module) -> list[list[str]]:
 
 def _check_reproduces(
     captured: CapturedGraph,
-    model: nn.Module,
+    state: Mapping[str, Tensor],
+    run_eager: Callable[[], Any],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
     *,
@@ -226,9 +286,8 @@ def _check_reproduces(
     atol: float,
 ) -> None:
     flat_inputs, _ = pytree.tree_flatten((args, dict(kwargs)))
-    state = model.state_dict()
     got = captured.run(state, flat_inputs)
-    expected = [leaf for leaf in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(leaf, Tensor)]
+    expected = [leaf for leaf in pytree.tree_leaves(run_eager()) if isinstance(leaf, Tensor)]
     got = [leaf for leaf in got if isinstance(leaf, Tensor)]
     if len(got) != len(expected):
         raise TraceError(

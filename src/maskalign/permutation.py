@@ -117,6 +117,7 @@ class Permutation(Mapping[str, Tensor]):
             SpecError: ``name`` is not in the spec.
             SpecMismatchError: ``tensor`` does not have the spec's shape.
         """
+        name = name if name in self.spec.axes else self.spec.logical.get(name, name)
         axes = self.spec.axes.get(name)
         if axes is None:
             raise SpecError(f"'{name}' is not a parameter or buffer of the spec's model")
@@ -142,14 +143,14 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
 def check_same_architecture(state: Mapping[str, Tensor], spec: PermutationSpec, what: str = "model") -> None:
     """Raise :class:`SpecMismatchError` unless ``state`` has every tensor of the
     spec with the spec's shape."""
-    missing = [name for name in spec.axes if name not in state]
+    missing = [name for name in spec.axes if name not in state and name not in spec.nonpersistent]
     if missing:
         raise SpecMismatchError(
             f"{what} has no tensor(s) {missing[:5]} that the permutation spec expects; "
             "was the spec built from another architecture?"
         )
     for name, shape in spec.shapes.items():
-        if tuple(state[name].shape) != shape:
+        if name in state and tuple(state[name].shape) != shape:
             raise SpecMismatchError(
                 f"{what}: '{name}' has shape {tuple(state[name].shape)} but the spec expects {shape}"
             )
@@ -189,6 +190,10 @@ def apply_permutation(model: nn.Module, perm: Permutation, *, inplace: bool = Fa
     new_state = permute_state_dict(state, perm)
     target = model if inplace else copy.deepcopy(model)
     target.load_state_dict(new_state)
+    with torch.no_grad():
+        for name in perm.spec.nonpersistent:  # opted-in buffers outside the state_dict
+            buffer = target.get_buffer(name)
+            buffer.copy_(perm.permute_tensor(name, buffer))
     return target
 
 
@@ -200,21 +205,23 @@ def permute_mask(masks: Mapping[str, Tensor], perm: Permutation) -> dict[str, Te
     from ``match_*(model_a, model_b)``, ``permute_mask(mask_a, perm)`` is the
     mask for ``model_b`` (Adnan et al., ICML 2025, Sec. 3).
 
+    Keys are parameter names; for a model in ``torch.nn.utils.prune`` form the
+    logical names (``"conv.weight"`` for ``conv.weight_orig``) are accepted.
+
     Raises:
         MaskError: a key that is not a parameter of the spec, a shape mismatch,
             or a non-bool mask.
     """
     out: dict[str, Tensor] = {}
     for name, mask in masks.items():
-        if name not in perm.spec.parameters:
+        if name not in perm.spec.parameters and name not in perm.spec.logical:
             kind = "a buffer, not a parameter," if name in perm.spec.axes else "not a parameter"
             raise MaskError(f"mask key '{name}' is {kind} of the permutation spec's model")
         if mask.dtype != torch.bool:
             raise MaskError(f"mask '{name}' has dtype {mask.dtype}; pass a bool mask (e.g. `mask != 0`)")
-        if tuple(mask.shape) != perm.spec.shapes[name]:
-            raise MaskError(
-                f"mask '{name}' has shape {tuple(mask.shape)} but the parameter has {perm.spec.shapes[name]}"
-            )
+        shape = perm.spec.shapes[perm.spec.logical.get(name, name)]
+        if tuple(mask.shape) != shape:
+            raise MaskError(f"mask '{name}' has shape {tuple(mask.shape)} but the parameter has {shape}")
         out[name] = perm.permute_tensor(name, mask)
     return out
 

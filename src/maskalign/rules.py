@@ -12,7 +12,7 @@ spec smaller, never wrong.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -660,8 +660,12 @@ def rule_for(node: torch.fx.Node) -> Rule | None:
     return rule
 
 
-def analyze(captured: CapturedGraph) -> Analysis:
-    """Propagate axis atoms through ``captured.graph`` (one pass, linear in its size)."""
+def analyze(captured: CapturedGraph, permutable_buffers: Collection[str] = ()) -> Analysis:
+    """Propagate axis atoms through ``captured.graph`` (one pass, linear in its size).
+
+    ``permutable_buffers`` names non-persistent buffers (or lifted constants)
+    that may be permuted along with the axes they meet instead of freezing them.
+    """
     atoms = AtomTable()
     values: dict[torch.fx.Node, Value] = {}
     ctx = _Context(atoms, values)
@@ -677,8 +681,14 @@ def analyze(captured: CapturedGraph) -> Analysis:
             result.node_dims[node.name] = value
             if role.kind in ("parameter", "buffer"):
                 result.tensor_dims[role.target] = value
+            elif role.kind == "constant" and role.target in permutable_buffers:
+                result.tensor_dims[role.target] = value
             elif role.kind == "constant":
-                ctx.freeze(value, f"constant tensor '{role.target}' (not in the state_dict)")
+                ctx.freeze(
+                    value,
+                    f"constant tensor '{role.target}' (not in the state_dict; pass "
+                    f"permutable_buffers=['{role.target}'] if it should be permuted)",
+                )
             else:
                 ctx.freeze(value, f"model input '{node.name}'")
         elif node.op == "call_function":

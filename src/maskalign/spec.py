@@ -11,7 +11,7 @@ one writes specs by hand.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 from .atoms import AtomTable
 from .axes import AxisTree, Concat, Leaf, Product, covered_size, groups_of, tree_size
 from .capture import CapturedGraph, capture
+from .errors import SpecError
 from .rules import Analysis, analyze
 
 __all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec"]
@@ -99,6 +100,11 @@ class PermutationSpec:
         shapes: ``state_dict`` key -> shape.
         frozen: parameter/buffer axes left unpermuted, with the reason.
         parameters: the keys of ``axes`` that are parameters (not buffers).
+        nonpersistent: the keys of ``axes`` that are module buffers outside
+            the ``state_dict`` (opted in with ``permutable_buffers``).
+        logical: logical parameter names of modules in ``torch.nn.utils.prune``
+            form (``"conv.weight"`` -> ``"conv.weight_orig"``), so that masks
+            keyed by the usual names can be permuted.
         coverage: fraction of the output channels of linear/conv layers (those
             that feed a model output excluded) that lie in permutable groups.
         activations: group name -> graph values that carry it, used by
@@ -110,6 +116,8 @@ class PermutationSpec:
     shapes: dict[str, tuple[int, ...]]
     frozen: list[FrozenAxis] = field(default_factory=list)
     parameters: frozenset[str] = frozenset()
+    nonpersistent: frozenset[str] = frozenset()
+    logical: dict[str, str] = field(default_factory=dict)
     coverage: float = 1.0
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
@@ -143,7 +151,13 @@ class PermutationSpec:
         return self.summary()
 
 
-def build_spec(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None = None) -> PermutationSpec:
+def build_spec(
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Any = None,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    permutable_buffers: Sequence[str] = (),
+) -> PermutationSpec:
     """Derive the permutation spec of ``model`` from its graph.
 
     The model is captured with ``torch.export`` (see :func:`maskalign.capture.capture`),
@@ -153,10 +167,14 @@ def build_spec(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] 
     computes the same function as ``model``.
 
     Args:
-        model: any ``nn.Module``; not mutated.
+        model: any ``nn.Module`` (not mutated), or an ``ExportedProgram``.
         example_inputs: positional inputs of ``forward`` (a tensor or a tuple);
-            the batch size does not matter.
+            the batch size does not matter. Optional for an ``ExportedProgram``.
         kwargs: keyword inputs of ``forward``.
+        permutable_buffers: non-persistent buffers (not in the ``state_dict``)
+            that should be permuted along the axes they meet, e.g. a fixed
+            per-channel scale; by default such tensors freeze their axes.
+            :func:`~maskalign.apply_permutation` writes them into the module.
 
     Returns:
         The :class:`PermutationSpec`.
@@ -166,7 +184,13 @@ def build_spec(model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] 
             reproduce the eager outputs.
     """
     captured = capture(model, example_inputs, kwargs)
-    return spec_from_analysis(analyze(captured), captured)
+    unknown = sorted(set(permutable_buffers) - set(captured.constants))
+    if unknown:
+        raise SpecError(
+            f"permutable_buffers {unknown} are not non-persistent buffers or constants of the model; "
+            f"candidates: {sorted(captured.constants)[:10]}"
+        )
+    return spec_from_analysis(analyze(captured, permutable_buffers), captured)
 
 
 def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> PermutationSpec:
@@ -195,6 +219,12 @@ def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> Permutati
         shapes=shapes,
         frozen=frozen,
         parameters=_parameter_names(captured),
+        nonpersistent=frozenset(n for n in axes if n in captured.constants),
+        logical={
+            name[: -len("_orig")]: name
+            for name in axes
+            if name.endswith("_orig") and name[: -len("_orig")] + "_mask" in axes
+        },
         coverage=_coverage(analysis, captured, trees),
         activations=_activation_points(analysis, trees, captured),
         captured=captured,
