@@ -9,7 +9,8 @@ import pytest
 
 from maskalign.cli import main
 from maskalign.experiment import METHODS, ReproduceConfig, imp_schedule, reproduce
-from maskalign.report import atomic_write, markdown_table, summarize
+from maskalign.fileio import atomic_write
+from maskalign.report import markdown_table, summarize
 
 
 def test_imp_schedule_prunes_20_percent_of_remaining_and_lands_on_targets() -> None:

@@ -366,3 +366,16 @@ def test_activation_stats_dead_unit_has_zero_correlation() -> None:
     assert torch.isfinite(corr).all()
     assert torch.equal(corr[1], torch.zeros(3, dtype=torch.float64))
     assert corr[0, 0] == pytest.approx(1.0) and corr[2, 2] == pytest.approx(1.0)
+
+
+def test_permutation_save_load_round_trip_and_rejects_other_spec(tmp_path) -> None:
+    spec = spec_for("mlp")
+    pi = ma.random_permutation(spec, torch.Generator().manual_seed(3))
+    path = tmp_path / "perm.pt"
+    pi.save(path)
+    assert ma.Permutation.load(path, spec) == pi
+    with pytest.raises(SpecMismatchError, match="fingerprint"):
+        ma.Permutation.load(path, spec_for("resnet20_w1"))
+    torch.save({"not": "a permutation"}, tmp_path / "other.pt")
+    with pytest.raises(ma.SpecError, match="not a permutation"):
+        ma.Permutation.load(tmp_path / "other.pt", spec)

@@ -11,6 +11,7 @@ group selects ``new[j] = old[idx[j]]`` (``torch.index_select``). Matching
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MaskError, SpecError, SpecMismatchError
+from .fileio import atomic_write
 from .axes import groups_of, index_vector
 from .spec import PermutationSpec
 
@@ -107,6 +109,36 @@ class Permutation(Mapping[str, Tensor]):
 
     def is_identity(self) -> bool:
         return all(torch.equal(idx, torch.arange(idx.numel())) for idx in self._indices.values())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index tensors and the spec's fingerprint to ``path``
+        atomically, in a format that loads without executing pickled code
+        (``torch.load(weights_only=True)``)."""
+        payload = {
+            "format": "maskalign.Permutation/1",
+            "fingerprint": self.spec.fingerprint,
+            "indices": dict(self._indices),
+        }
+        atomic_write(path, lambda handle: torch.save(payload, handle), mode="wb")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], spec: PermutationSpec) -> Permutation:
+        """Read a permutation written by :meth:`save` for ``spec``.
+
+        Raises:
+            SpecMismatchError: the file was saved for another spec (its
+                fingerprint differs).
+            SpecError: the file is not a saved permutation.
+        """
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "maskalign.Permutation/1":
+            raise SpecError(f"{path} is not a permutation saved by maskalign")
+        if payload["fingerprint"] != spec.fingerprint:
+            raise SpecMismatchError(
+                f"{path} was saved for a spec with fingerprint {payload['fingerprint']}, "
+                f"not for this spec ({spec.fingerprint}): was it made for another architecture?"
+            )
+        return cls(spec, payload["indices"])
 
     def permute_tensor(self, name: str, tensor: Tensor) -> Tensor:
         """Permute ``tensor`` as the ``state_dict`` entry ``name`` of the spec.

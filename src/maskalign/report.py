@@ -1,35 +1,17 @@
-"""Tables and plots of :func:`maskalign.experiment.reproduce` results, and
-atomic file writes."""
+"""Tables and plots of :func:`maskalign.experiment.reproduce` results."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .experiment import METHODS
+from .fileio import atomic_write
 
-__all__ = ["atomic_write", "markdown_table", "plot_accuracy", "summarize", "write_results"]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write a file atomically: ``write(handle)`` fills a temporary file in the
-    same folder, which then replaces ``path`` (``os.replace``). A crash leaves
-    either the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["markdown_table", "plot_accuracy", "summarize", "write_results"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
