@@ -36,7 +36,9 @@ def test_config_rejects_bad_settings(kwargs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_results() -> dict:
-    config = ReproduceConfig(epochs=3, rewind_epoch=1, seeds=1, sparsities=(0.5, 0.8), barrier_points=3, hidden=(32, 32))
+    config = ReproduceConfig(
+        epochs=3, rewind_epoch=1, seeds=1, sparsities=(0.5, 0.8), barrier_points=3, hidden=(32, 32)
+    )
     return reproduce(config)
 
 
@@ -62,8 +64,24 @@ def test_tiny_reproduce_produces_every_method_and_barrier(tiny_results: dict) ->
 
 def test_cli_writes_results(tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    code = main(["reproduce", "--epochs", "2", "-k", "1", "--seeds", "1", "--sparsities", "0.5",
-                 "--hidden", "16", "16", "--out", str(out)])
+    code = main(
+        [
+            "reproduce",
+            "--epochs",
+            "2",
+            "-k",
+            "1",
+            "--seeds",
+            "1",
+            "--sparsities",
+            "0.5",
+            "--hidden",
+            "16",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["epochs"] == 2

@@ -131,8 +131,11 @@ class _Prober:
     def _graph_for(self, flat: list[Any]) -> tuple[CapturedGraph, torch.fx.GraphModule]:
         key = tuple(tuple(x.shape) if isinstance(x, Tensor) else x for x in flat)
         if key not in self.graphs:
-            shapes = [tuple(n.meta["val"].shape) for n in self.reference.graph.nodes
-                      if n.op == "placeholder" and self.reference.roles[n.name].kind == "input"]
+            shapes = [
+                tuple(n.meta["val"].shape)
+                for n in self.reference.graph.nodes
+                if n.op == "placeholder" and self.reference.roles[n.name].kind == "input"
+            ]
             if shapes == [k for k in key if isinstance(k, tuple)]:
                 captured = self.reference
             else:
@@ -256,7 +259,9 @@ def match_activations(
                     if key not in positions:
                         positions[key] = unit_positions(point.tree, group)  # type: ignore[assignment]
                     where = positions[key]
-                    stats[group].update(_units(acts_a[point.node], point, where), _units(acts_b[point.node], point, where))
+                    stats[group].update(
+                        _units(acts_a[point.node], point, where), _units(acts_b[point.node], point, where)
+                    )
     if spec is None or prober is None:
         raise DataError("data yielded no batches; activation matching needs at least one batch")
     indices: dict[str, Tensor] = {}

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["AxisTree", "Concat", "Leaf", "Product", "covered_size", "groups_of", "index_vector", "tree_size",
-           "unit_positions"]
+__all__ = [
+    "AxisTree",
+    "Concat",
+    "Leaf",
+    "Product",
+    "covered_size",
+    "groups_of",
+    "index_vector",
+    "tree_size",
+    "unit_positions",
+]
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ class Concat:
     parts: tuple[AxisTree, ...]
 
 
-AxisTree = Union[Leaf, Product, Concat]
+AxisTree = Leaf | Product | Concat
 
 
 def tree_size(tree: AxisTree) -> int:

@@ -168,8 +168,9 @@ def capture(
             ) from exc
         captured = _from_exported(program, dict(model.state_dict(keep_vars=True)), _buffers(model), args, kwargs)
         if check:
-            _check_reproduces(captured, model.state_dict(), lambda: model(*args, **kwargs), args, kwargs,
-                              rtol=rtol, atol=atol)
+            _check_reproduces(
+                captured, model.state_dict(), lambda: model(*args, **kwargs), args, kwargs, rtol=rtol, atol=atol
+            )
     return captured
 
 
@@ -290,9 +291,7 @@ def _check_reproduces(
     expected = [leaf for leaf in pytree.tree_leaves(run_eager()) if isinstance(leaf, Tensor)]
     got = [leaf for leaf in got if isinstance(leaf, Tensor)]
     if len(got) != len(expected):
-        raise TraceError(
-            f"the captured graph returns {len(got)} tensors but the eager model returns {len(expected)}"
-        )
+        raise TraceError(f"the captured graph returns {len(got)} tensors but the eager model returns {len(expected)}")
     for index, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape or not torch.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True):
             diff = (g - e).abs().max().item() if g.shape == e.shape else float("nan")

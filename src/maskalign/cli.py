@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--lr", type=float, default=defaults.lr, help="dense peak learning rate")
     rep.add_argument("--sparse-lr", type=float, default=defaults.sparse_lr, help="sparse (and IMP) peak learning rate")
     rep.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    rep.add_argument("--prune-rate", type=float, default=defaults.prune_rate, help="fraction of remaining weights pruned per IMP round")
+    rep.add_argument(
+        "--prune-rate",
+        type=float,
+        default=defaults.prune_rate,
+        help="fraction of remaining weights pruned per IMP round",
+    )
     rep.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
     rep.add_argument("--device", default=defaults.device)
     rep.add_argument("--out", default="maskalign-results", help="output folder")

@@ -120,9 +120,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> DatasetSplits:
         from sklearn.datasets import load_digits as sk_load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
-        raise ImportError(
-            "the digits data set needs scikit-learn: pip install 'maskalign[demo]'"
-        ) from exc
+        raise ImportError("the digits data set needs scikit-learn: pip install 'maskalign[demo]'") from exc
     bunch = sk_load_digits()
     images = bunch.images.astype(np.float32)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
@@ -158,9 +156,7 @@ def load_cifar(root: str | os.PathLike[str], num_classes: int = 10) -> DatasetSp
         raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
     layout = _CIFAR_LAYOUTS[num_classes]
     folder = _find_cifar_folder(Path(root), layout)
-    train = [
-        _read_cifar_file(folder / f, layout.label_key, num_classes) for f in layout.train_files
-    ]
+    train = [_read_cifar_file(folder / f, layout.label_key, num_classes) for f in layout.train_files]
     x_test, y_test = _read_cifar_file(folder / layout.test_file, layout.label_key, num_classes)
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
@@ -192,9 +188,7 @@ def _find_cifar_folder(root: Path, layout: _CifarLayout) -> Path:
     )
 
 
-def _read_cifar_file(
-    path: Path, label_key: bytes, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_file(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Read one pickled CIFAR batch into uint8 ``(N, 3072)`` data and int64 ``(N,)`` labels.
 
     Raises:
@@ -212,9 +206,7 @@ def _read_cifar_file(
     except _UNPICKLE_ERRORS as exc:
         raise DataError(f"malformed CIFAR file {path}: cannot unpickle ({exc})") from exc
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataError(
-            f"malformed CIFAR file {path}: expected a dict with keys b'data' and {label_key!r}"
-        )
+        raise DataError(f"malformed CIFAR file {path}: expected a dict with keys b'data' and {label_key!r}")
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_ROW:
@@ -230,15 +222,12 @@ def _read_cifar_file(
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
-            f"malformed CIFAR file {path}: labels must lie in [0, {num_classes}), "
-            f"got [{labels.min()}, {labels.max()}]"
+            f"malformed CIFAR file {path}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
         )
     return data, labels.astype(np.int64)
 
 
-def _normalise_cifar(
-    data: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
-) -> np.ndarray:
+def _normalise_cifar(data: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """Turn uint8 ``(N, 3072)`` rows into normalised float32 ``(N, 3, 32, 32)`` images."""
     images = data.reshape(-1, 3, _CIFAR_IMAGE_SIZE, _CIFAR_IMAGE_SIZE).astype(np.float32) / 255.0
     mean_arr = np.asarray(mean, dtype=np.float32)[:, None, None]
@@ -254,9 +243,7 @@ def _tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     )
 
 
-def augment_crop_flip(
-    x: Tensor, generator: torch.Generator | None = None, padding: int = 4
-) -> Tensor:
+def augment_crop_flip(x: Tensor, generator: torch.Generator | None = None, padding: int = 4) -> Tensor:
     """Random crop after zero padding, then random horizontal flip (p = 0.5).
 
     Vectorised over the batch: each image gets its own crop offset in
@@ -274,9 +261,7 @@ def augment_crop_flip(
         ValueError: if ``padding`` is negative.
     """
     if x.ndim != 4:
-        raise DataError(
-            f"augment_crop_flip expects images (N, C, H, W), got shape {tuple(x.shape)}"
-        )
+        raise DataError(f"augment_crop_flip expects images (N, C, H, W), got shape {tuple(x.shape)}")
     if padding < 0:
         raise ValueError(f"padding must be non-negative, got {padding}")
     n, c, h, w = x.shape

@@ -133,9 +133,7 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _train_dense(
-    config: ReproduceConfig, splits: DatasetSplits, seed: int, device: torch.device
-) -> _Run:
+def _train_dense(config: ReproduceConfig, splits: DatasetSplits, seed: int, device: torch.device) -> _Run:
     torch.manual_seed(seed)
     model = build_model(
         config.model,
@@ -152,7 +150,9 @@ def _train_dense(
             checkpoints[epoch] = copy.deepcopy(m.state_dict())
 
     keep(0, model)
-    dense = TrainConfig(config.epochs, config.lr, config.momentum, config.weight_decay, config.batch_size, config.augment)
+    dense = TrainConfig(
+        config.epochs, config.lr, config.momentum, config.weight_decay, config.batch_size, config.augment
+    )
     train(model, splits.train, dense, generator=_seeded(seed), on_epoch_end=keep)
     loss, acc = evaluate(model, batches(splits.test, 512, device=device))
     return _Run(model, checkpoints[config.rewind_epoch], loss, acc)
@@ -201,8 +201,14 @@ def reproduce(
     targets = sorted(set(config.sparsities))
     runs_per_seed = 2 + len(schedule) + 1 + 3 * len(targets)
     progress = _Progress(config.seeds * runs_per_seed, log)
-    results: dict[str, Any] = {"config": asdict(config), "imp_schedule": schedule, "dense": [], "sparse": [],
-                               "barrier": [], "matching": []}
+    results: dict[str, Any] = {
+        "config": asdict(config),
+        "imp_schedule": schedule,
+        "dense": [],
+        "sparse": [],
+        "barrier": [],
+        "matching": [],
+    }
     spec: PermutationSpec | None = None
     has_bn = False
     try:
@@ -212,7 +218,9 @@ def reproduce(
             run_b = _train_dense(config, splits, 2 * seed + 1, device)
             progress.step(f"seed {seed}: dense B")
             for name, run in (("A", run_a), ("B", run_b)):
-                results["dense"].append({"seed": seed, "model": name, "test_loss": run.test_loss, "test_acc": run.test_acc})
+                results["dense"].append(
+                    {"seed": seed, "model": name, "test_loss": run.test_loss, "test_acc": run.test_acc}
+                )
             has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run_a.final.modules())
 
             # IMP on A with rewinding to A_k; LTH results fall out of the rounds.
@@ -221,8 +229,9 @@ def reproduce(
             pruned_from = run_a.final
             for round_index, level in enumerate(schedule):
                 current = global_magnitude_prune(pruned_from, level, masks=current)
-                model, loss, acc = _sparse_train(config, splits, run_a.final, run_a.rewind_state, current,
-                                                 1000 * seed + round_index)
+                model, loss, acc = _sparse_train(
+                    config, splits, run_a.final, run_a.rewind_state, current, 1000 * seed + round_index
+                )
                 pruned_from = model
                 if level in targets:
                     masks_by_target[level] = current
@@ -239,12 +248,18 @@ def reproduce(
             bn_data = match_data if has_bn else None
             before = lmc_barrier(run_a.final, run_b.final, test_data, num_points=config.barrier_points, bn_data=bn_data)
             after = lmc_barrier(aligned, run_b.final, test_data, num_points=config.barrier_points, bn_data=bn_data)
-            results["barrier"].append({
-                "seed": seed,
-                "before": before.barrier, "after": after.barrier,
-                "before_mean": before.barrier_mean, "after_mean": after.barrier_mean,
-                "alphas": before.alphas, "losses_before": before.losses, "losses_after": after.losses,
-            })
+            results["barrier"].append(
+                {
+                    "seed": seed,
+                    "before": before.barrier,
+                    "after": after.barrier,
+                    "before_mean": before.barrier_mean,
+                    "after_mean": after.barrier_mean,
+                    "alphas": before.alphas,
+                    "losses_before": before.losses,
+                    "losses_after": after.losses,
+                }
+            )
             results["matching"].append({"seed": seed, "groups": perm.report.get("groups", {})})
             progress.step(f"seed {seed}: matching")
 
@@ -256,8 +271,9 @@ def reproduce(
                     "random": random_masks_like(mask_a, _seeded(7919 * seed + int(target * 1e4))),
                 }
                 for method, mask in candidates.items():
-                    _, loss, acc = _sparse_train(config, splits, run_b.final, run_b.rewind_state, mask,
-                                                 1000 * seed + 500 + int(target * 1e3))
+                    _, loss, acc = _sparse_train(
+                        config, splits, run_b.final, run_b.rewind_state, mask, 1000 * seed + 500 + int(target * 1e3)
+                    )
                     results["sparse"].append(_record(seed, target, method, loss, acc, mask))
                     progress.step(f"seed {seed}: {method} @ {target}")
     finally:

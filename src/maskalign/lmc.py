@@ -67,7 +67,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
         raise SpecMismatchError(f"model_a and model_b have different tensors: {diff[:5]}")
     for name, tensor in state_a.items():
         if tensor.shape != state_b[name].shape:
-                raise SpecMismatchError(
+            raise SpecMismatchError(
                 f"'{name}' has shape {tuple(tensor.shape)} in model_a and {tuple(state_b[name].shape)} in model_b"
             )
     mixed = {

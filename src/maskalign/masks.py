@@ -81,15 +81,11 @@ def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         if name not in params:
             raise MaskError(_unknown_name_message(name, list(params), "Mask key"))
         if not isinstance(mask, Tensor):
-            raise MaskError(
-                f"Mask for {name!r} is a {type(mask).__name__}, expected a "
-                "torch.bool tensor."
-            )
+            raise MaskError(f"Mask for {name!r} is a {type(mask).__name__}, expected a torch.bool tensor.")
         param = params[name]
         if mask.shape != param.shape:
             raise MaskError(
-                f"Mask for {name!r} has shape {tuple(mask.shape)} but the "
-                f"parameter has shape {tuple(param.shape)}."
+                f"Mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape {tuple(param.shape)}."
             )
         if mask.dtype != torch.bool:
             raise MaskError(
@@ -98,8 +94,7 @@ def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             )
         if mask.numel() > 0 and not bool(mask.any()):
             warnings.warn(
-                f"Mask for {name!r} prunes every entry of the parameter "
-                f"(shape {tuple(param.shape)}).",
+                f"Mask for {name!r} prunes every entry of the parameter (shape {tuple(param.shape)}).",
                 UserWarning,
                 stacklevel=2,
             )
@@ -118,8 +113,7 @@ def default_prunable(model: nn.Module) -> list[str]:
     prunable_ids = {
         id(module.weight)
         for module in model.modules()
-        if isinstance(module, _PRUNABLE_TYPES)
-        and isinstance(module.weight, nn.Parameter)
+        if isinstance(module, _PRUNABLE_TYPES) and isinstance(module.weight, nn.Parameter)
     }
     return [name for name, p in model.named_parameters() if id(p) in prunable_ids]
 
@@ -209,9 +203,7 @@ def global_magnitude_prune(
         magnitude = w.to(device=device, dtype=score_dtype).abs().reshape(-1)
         if name in current:
             keep = current[name].to(device).reshape(-1)
-            magnitude = torch.where(
-                keep, magnitude, magnitude.new_full((), float("-inf"))
-            )
+            magnitude = torch.where(keep, magnitude, magnitude.new_full((), float("-inf")))
         nan_kept = torch.isnan(magnitude)
         if bool(nan_kept.any()):
             raise ValueError(
@@ -239,9 +231,7 @@ def global_magnitude_prune(
     return out
 
 
-def random_masks_like(
-    masks: Mapping[str, Tensor], generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
+def random_masks_like(masks: Mapping[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Random masks with the same per-tensor number of kept entries as
     ``masks`` (so the same per-layer density): the random-reinitialisation /
     random-pruning baseline of Frankle & Carbin 2019.
@@ -264,8 +254,7 @@ def random_masks_like(
     for name, mask in masks.items():
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise MaskError(
-                f"Mask for {name!r} must be a torch.bool tensor; convert it with "
-                "`mask.bool()` or `mask != 0`."
+                f"Mask for {name!r} must be a torch.bool tensor; convert it with `mask.bool()` or `mask != 0`."
             )
         n_keep = int(mask.sum())
         perm = torch.randperm(mask.numel(), generator=generator, device=rng_device)
@@ -306,10 +295,7 @@ class SparsityReport:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
         def fmt(row: tuple[str, str, str, str]) -> str:
-            return "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths))
-            )
+            return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
 
         rule = "-" * len(fmt(header))
         return "\n".join([fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])])
@@ -365,8 +351,7 @@ def sparsity(
     for name, mask in obj.items():
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise MaskError(
-                f"Mask for {name!r} must be a torch.bool tensor; convert it with "
-                "`mask.bool()` or `mask != 0`."
+                f"Mask for {name!r} must be a torch.bool tensor; convert it with `mask.bool()` or `mask != 0`."
             )
     return _report(
         {n: int((~m).sum()) for n, m in obj.items()},

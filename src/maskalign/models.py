@@ -48,9 +48,7 @@ class MLP(nn.Module):
         ValueError: if a size is not positive or ``hidden`` is empty.
     """
 
-    def __init__(
-        self, in_features: int = 64, hidden: tuple[int, ...] = (128, 128), num_classes: int = 10
-    ) -> None:
+    def __init__(self, in_features: int = 64, hidden: tuple[int, ...] = (128, 128), num_classes: int = 10) -> None:
         super().__init__()
         if not hidden:
             raise ValueError("hidden must list at least one hidden layer size")
@@ -163,13 +161,9 @@ class VGG11(nn.Module):
         ValueError: if a size argument is not positive.
     """
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, width: int = 1, image_size: int = 32
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1, image_size: int = 32) -> None:
         super().__init__()
-        _check_positive(
-            num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
-        )
+        _check_positive(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels, size, n_conv, n_pool = in_channels, image_size, 0, 0
         for item in VGG11_CFG:
@@ -219,7 +213,5 @@ def build_model(
     if key == "resnet20":
         return ResNet20(width=width, num_classes=num_classes, in_channels=in_channels)
     if key == "vgg11":
-        return VGG11(
-            num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size
-        )
+        return VGG11(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
     raise ValueError(f"unknown model {name!r}; valid names are {', '.join(MODEL_NAMES)}")

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .axes import groups_of, index_vector
 from .errors import MaskError, SpecError, SpecMismatchError
 from .fileio import atomic_write
-from .axes import groups_of, index_vector
 from .spec import PermutationSpec
 
 __all__ = [
@@ -85,9 +85,7 @@ class Permutation(Mapping[str, Tensor]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Permutation):
             return NotImplemented
-        return self.spec.fingerprint == other.spec.fingerprint and all(
-            torch.equal(self[g], other[g]) for g in self
-        )
+        return self.spec.fingerprint == other.spec.fingerprint and all(torch.equal(self[g], other[g]) for g in self)
 
     def __repr__(self) -> str:
         moved = sum(int((idx != torch.arange(idx.numel())).any()) for idx in self._indices.values())
@@ -155,9 +153,7 @@ class Permutation(Mapping[str, Tensor]):
             raise SpecError(f"'{name}' is not a parameter or buffer of the spec's model")
         expected = self.spec.shapes[name]
         if tuple(tensor.shape) != expected:
-            raise SpecMismatchError(
-                f"'{name}' has shape {tuple(tensor.shape)} but the spec expects {expected}"
-            )
+            raise SpecMismatchError(f"'{name}' has shape {tuple(tensor.shape)} but the spec expects {expected}")
         out = tensor
         for d, tree in enumerate(axes):
             if next(groups_of(tree), None) is not None:
@@ -167,9 +163,7 @@ class Permutation(Mapping[str, Tensor]):
 
 def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
     """A uniformly random permutation of every group of ``spec`` (``torch.randperm``)."""
-    return Permutation(
-        spec, {name: torch.randperm(g.size, generator=generator) for name, g in spec.groups.items()}
-    )
+    return Permutation(spec, {name: torch.randperm(g.size, generator=generator) for name, g in spec.groups.items()})
 
 
 def check_same_architecture(state: Mapping[str, Tensor], spec: PermutationSpec, what: str = "model") -> None:
@@ -198,10 +192,7 @@ def permute_state_dict(state: Mapping[str, Tensor], perm: Permutation) -> dict[s
         SpecMismatchError: a tensor of the spec is missing or has another shape.
     """
     check_same_architecture(state, perm.spec, "state_dict")
-    return {
-        name: perm.permute_tensor(name, t) if name in perm.spec.axes else t.clone()
-        for name, t in state.items()
-    }
+    return {name: perm.permute_tensor(name, t) if name in perm.spec.axes else t.clone() for name, t in state.items()}
 
 
 def apply_permutation(model: nn.Module, perm: Permutation, *, inplace: bool = False) -> nn.Module:

@@ -28,7 +28,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     for sparsity in sorted({r["sparsity"] for r in results["sparse"]}):
         row = {}
         for method in METHODS:
-            accs = [r["test_acc"] * 100 for r in results["sparse"] if r["sparsity"] == sparsity and r["method"] == method]
+            accs = [
+                r["test_acc"] * 100 for r in results["sparse"] if r["sparsity"] == sparsity and r["method"] == method
+            ]
             if accs:
                 row[method] = _mean_std(accs)
         table[f"{sparsity:g}"] = row
@@ -78,10 +80,16 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike[str]) -> None
     sparsities = [float(s) for s in summary["accuracy"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
-        points = [(s, summary["accuracy"][k][method]) for s, k in zip(sparsities, summary["accuracy"]) if method in summary["accuracy"][k]]
+        points = [
+            (s, summary["accuracy"][k][method])
+            for s, k in zip(sparsities, summary["accuracy"])
+            if method in summary["accuracy"][k]
+        ]
         if points:
             xs = [100 * s for s, _ in points]
-            ax.errorbar(xs, [m for _, (m, _) in points], yerr=[e for _, (_, e) in points], marker="o", capsize=3, label=method)
+            ax.errorbar(
+                xs, [m for _, (m, _) in points], yerr=[e for _, (_, e) in points], marker="o", capsize=3, label=method
+            )
     ax.axhline(summary["dense"][0], linestyle="--", color="gray", label="dense")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("test accuracy (%)")

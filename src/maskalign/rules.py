@@ -25,7 +25,7 @@ from .capture import CapturedGraph
 __all__ = ["Analysis", "analyze"]
 
 Dims = list[list[int]]  # one atom list (ordered product) per tensor dimension
-Value = Union[Dims, tuple["Value", ...], None]
+Value = Union[Dims, tuple["Value", ...], None]  # noqa: UP007 (recursive alias)
 
 
 @dataclass
@@ -641,11 +641,19 @@ RULES.update(
         "aten::constant_pad_nd": _slice,
     }
 )
-for _name in "arange ones zeros full empty new_ones new_zeros new_full new_empty scalar_tensor rand randn randint tensor".split():
+for _name in (
+    "arange ones zeros full empty new_ones new_zeros new_full new_empty scalar_tensor rand randn randint tensor".split()
+):
     RULES[f"aten::{_name}"] = _factory
 for _n in (1, 2, 3):
-    for _op in (f"max_pool{_n}d", f"avg_pool{_n}d", f"adaptive_avg_pool{_n}d", f"adaptive_max_pool{_n}d",
-                f"max_pool{_n}d_with_indices", f"lp_pool{_n}d"):
+    for _op in (
+        f"max_pool{_n}d",
+        f"avg_pool{_n}d",
+        f"adaptive_avg_pool{_n}d",
+        f"adaptive_max_pool{_n}d",
+        f"max_pool{_n}d_with_indices",
+        f"lp_pool{_n}d",
+    ):
         RULES[f"aten::{_op}"] = _pool(_n)
 
 

@@ -99,9 +99,7 @@ def _grad_hook(mask: Tensor) -> Callable[[Tensor], Tensor]:
     return hook
 
 
-def _rezero(
-    pairs: list[tuple[nn.Parameter, Tensor]], optimizer: torch.optim.Optimizer | None
-) -> None:
+def _rezero(pairs: list[tuple[nn.Parameter, Tensor]], optimizer: torch.optim.Optimizer | None) -> None:
     """Zero the pruned entries of each parameter and, if ``optimizer`` is
     given, of every state tensor of the parameter's shape (for a pruned 0-d
     parameter that includes a 0-d ``step`` counter, which only restarts the
@@ -161,22 +159,15 @@ def enforce_masks(
     """
     validate_masks(model, masks)
     named = dict(model.named_parameters())
-    device_masks = {
-        name: mask.detach().to(device=named[name].device, copy=True)
-        for name, mask in masks.items()
-    }
+    device_masks = {name: mask.detach().to(device=named[name].device, copy=True) for name, mask in masks.items()}
     pairs = [(named[name], ~mask) for name, mask in device_masks.items()]
     _rezero(pairs, optimizer)
     hooks = [
-        named[name].register_hook(_grad_hook(mask))
-        for name, mask in device_masks.items()
-        if named[name].requires_grad
+        named[name].register_hook(_grad_hook(mask)) for name, mask in device_masks.items() if named[name].requires_grad
     ]
     if optimizer is not None:
 
-        def step_post_hook(
-            opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> None:
+        def step_post_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             _rezero(pairs, opt)
 
         hooks.append(optimizer.register_step_post_hook(step_post_hook))
@@ -211,10 +202,7 @@ def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0
         if count:
             worst = weight[leaked].abs().max().item()
             problems.append(
-                f"{name!r}: {count} of {int(pruned.sum())} masked entries are "
-                f"non-zero (max |w| = {worst:.3g})"
+                f"{name!r}: {count} of {int(pruned.sum())} masked entries are non-zero (max |w| = {worst:.3g})"
             )
     if problems:
-        raise MaskError(
-            f"Masked weights are not zero (atol={atol}): " + "; ".join(problems) + "."
-        )
+        raise MaskError(f"Masked weights are not zero (atol={atol}): " + "; ".join(problems) + ".")

@@ -210,9 +210,7 @@ def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> Permutati
                 frozen.append(FrozenAxis(tensor, d, trees.reason(dim)))
         axes[tensor] = tensor_axes
         shapes[tensor] = tuple(tree_size(t) for t in tensor_axes)
-    groups = {
-        name: Group(name, size, tuple(dict.fromkeys(members[name]))) for name, size in trees.sizes.items()
-    }
+    groups = {name: Group(name, size, tuple(dict.fromkeys(members[name]))) for name, size in trees.sizes.items()}
     return PermutationSpec(
         groups=groups,
         axes=axes,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import SpecError
 from .axes import AxisTree, groups_of, index_vector, unit_positions
+from .errors import SpecError
 from .lap import solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import PermutationSpec, build_spec
@@ -25,7 +25,9 @@ from .spec import PermutationSpec, build_spec
 __all__ = ["match_weights"]
 
 
-def _permuted(tensor: Tensor, axes: tuple[AxisTree, ...], perm: Mapping[str, Tensor], skip: tuple[int, str] | None = None) -> Tensor:
+def _permuted(
+    tensor: Tensor, axes: tuple[AxisTree, ...], perm: Mapping[str, Tensor], skip: tuple[int, str] | None = None
+) -> Tensor:
     """``tensor`` with every axis permuted by ``perm``; on axis ``skip[0]`` the
     group ``skip[1]`` is left unpermuted."""
     for d, tree in enumerate(axes):
@@ -76,8 +78,7 @@ def match_weights(
     if spec is None:
         if example_inputs is None:
             raise SpecError(
-                "match_weights needs a spec: pass spec=build_spec(model_a, example_inputs) "
-                "or example_inputs=..."
+                "match_weights needs a spec: pass spec=build_spec(model_a, example_inputs) or example_inputs=..."
             )
         spec = build_spec(model_a, example_inputs)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
