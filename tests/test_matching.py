@@ -379,3 +379,17 @@ def test_permutation_save_load_round_trip_and_rejects_other_spec(tmp_path) -> No
     torch.save({"not": "a permutation"}, tmp_path / "other.pt")
     with pytest.raises(ma.SpecError, match="not a permutation"):
         ma.Permutation.load(tmp_path / "other.pt", spec)
+
+
+def test_match_weights_restarts_keep_the_best_run() -> None:
+    torch.manual_seed(0)
+    a, b = make_model("mlp", seed=31), make_model("mlp", seed=32)
+    spec = spec_for("mlp")
+    single = ma.match_weights(a, b, spec, seed=1)
+    several = ma.match_weights(a, b, spec, restarts=4, seed=1)
+    finals = several.report["restarts"]
+    assert len(finals) == 4
+    assert finals[0] == pytest.approx(single.report["objective"][-1])
+    assert several.report["objective"][-1] == pytest.approx(max(finals))
+    with pytest.raises(ValueError, match="restarts"):
+        ma.match_weights(a, b, spec, restarts=0)

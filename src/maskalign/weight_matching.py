@@ -52,6 +52,7 @@ def match_weights(
     *,
     example_inputs: Any = None,
     max_iter: int = 100,
+    restarts: int = 1,
     init: Permutation | None = None,
     seed: int | None = None,
 ) -> Permutation:
@@ -63,17 +64,22 @@ def match_weights(
             ``example_inputs`` when omitted.
         example_inputs: forward's inputs, needed only without ``spec``.
         max_iter: maximum number of sweeps over all groups.
-        init: warm start (e.g. an activation-matching result); identity if None.
-        seed: seed of the random group order of each sweep.
+        restarts: number of runs; the first starts at ``init`` (identity if
+            None), later ones at random permutations; the run with the best
+            final objective is returned.
+        init: warm start (e.g. an activation-matching result).
+        seed: seed of the random group orders and random restarts.
 
     Returns:
         A :class:`Permutation` ``pi`` with ``apply_permutation(model_a, pi)``
         aligned to ``model_b``; ``pi.report["objective"]`` lists
-        ``sum_t <pi(W_A[t]), W_B[t]>`` after every sweep.
+        ``sum_t <pi(W_A[t]), W_B[t]>`` after every sweep of the best run and
+        ``pi.report["restarts"]`` the final objective of every run.
 
     Raises:
         SpecError: neither ``spec`` nor ``example_inputs`` was given.
         SpecMismatchError: the models do not match the spec.
+        ValueError: ``restarts < 1``.
     """
     if spec is None:
         if example_inputs is None:
@@ -96,8 +102,41 @@ def match_weights(
                 assert positions is not None
                 rows = tensors_b[t].movedim(d, 0)[positions.reshape(-1).to(device)]
                 occurrences[g].append(_Occurrence(t, d, positions.to(device), rows.reshape(positions.shape[0], -1)))
-    perm = {g: (init[g] if init is not None else torch.arange(grp.size)).to(device) for g, grp in spec.groups.items()}
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+    best: tuple[dict[str, Tensor], list[float]] | None = None
+    finals: list[float] = []
+    for restart in range(restarts):
+        if restart == 0 and init is not None:
+            start = {g: init[g].to(device) for g in spec.groups}
+        elif restart == 0:
+            start = {g: torch.arange(grp.size, device=device) for g, grp in spec.groups.items()}
+        else:  # later restarts begin at a random permutation
+            start = {g: torch.randperm(grp.size, generator=generator).to(device) for g, grp in spec.groups.items()}
+        perm, objective = _coordinate_descent(spec, tensors_a, tensors_b, occurrences, start, max_iter, generator)
+        finals.append(objective[-1])
+        if best is None or objective[-1] > best[1][-1]:
+            best = (perm, objective)
+    assert best is not None
+    perm, objective = best
+    report = {"method": "weight", "objective": objective, "sweeps": len(objective) - 1, "restarts": finals}
+    return Permutation(spec, perm, report=report)
+
+
+def _coordinate_descent(
+    spec: PermutationSpec,
+    tensors_a: Mapping[str, Tensor],
+    tensors_b: Mapping[str, Tensor],
+    occurrences: Mapping[str, list[_Occurrence]],
+    perm: dict[str, Tensor],
+    max_iter: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], list[float]]:
+    """Git Re-Basin Alg. 1 from ``perm``: sweeps over the groups in random
+    order, each solving one LAP with the others fixed, until a sweep changes
+    nothing. Returns the permutation and the objective after every sweep."""
+    device = next(iter(perm.values())).device if perm else torch.device("cpu")
     names: Sequence[str] = list(spec.groups)
     objective = [_objective(spec, tensors_a, tensors_b, perm)]
     for _ in range(max_iter):
@@ -115,7 +154,7 @@ def match_weights(
         objective.append(_objective(spec, tensors_a, tensors_b, perm))
         if not changed:
             break
-    return Permutation(spec, perm, report={"method": "weight", "objective": objective, "sweeps": len(objective) - 1})
+    return perm, objective
 
 
 @dataclass(frozen=True)
