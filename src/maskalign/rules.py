@@ -544,6 +544,34 @@ def _slice(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
             ctx.unify(x[k], y[k if removed is None or k < removed else k - 1], f"{where}")
 
 
+def _repeat(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """repeat (tile): an output dim repeated r times is ``Product(r, input dim)``
+    in row-major order, exactly; new leading dims are fresh."""
+    x = ctx.tensor(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    repeats = [int(r) for r in node.args[1]]
+    offset = len(y) - len(x)
+    for k, dim in enumerate(x):
+        r = repeats[offset + k]
+        ctx.unify(y[offset + k], ([ctx.atoms.new(r)] if r > 1 else []) + dim, f"{_describe(node)}")
+    for k in range(offset):
+        ctx.atoms.freeze(y[k], f"new axis of {_describe(node)}")
+
+
+def _stack(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """stack: the new axis indexes the inputs (never permuted); other axes unify."""
+    y: Dims = out  # type: ignore[assignment]
+    axis = int(_arg(node, "dim", 0)) % len(y)
+    ctx.atoms.freeze(y[axis], f"stacked axis of {_describe(node)}")
+    for x in node.args[0]:
+        dims = ctx.tensor(x)
+        if dims is None:
+            continue
+        for k, dim in enumerate(dims):
+            ctx.unify(dim, y[k if k < axis else k + 1], f"{_describe(node)}")
+
+
 def _factory(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
     """arange / ones / new_zeros ...: constants made inside the graph."""
     ctx.freeze(out, f"constant made by {_describe(node)}")
@@ -598,6 +626,11 @@ RULES.update(
         "aten::logsumexp": _reduction,
         "aten::max": _reduction,
         "aten::min": _reduction,
+        "aten::linalg_vector_norm": _reduction,
+        "aten::norm": _reduction,
+        "aten::prod": _reduction,
+        "aten::repeat": _repeat,
+        "aten::stack": _stack,
         "aten::linear": _linear,
         "aten::conv1d": _conv,
         "aten::conv2d": _conv,
@@ -653,8 +686,19 @@ for _n in (1, 2, 3):
         f"adaptive_max_pool{_n}d",
         f"max_pool{_n}d_with_indices",
         f"lp_pool{_n}d",
+        f"upsample_nearest{_n}d",
+        f"_upsample_nearest_exact{_n}d",
     ):
         RULES[f"aten::{_op}"] = _pool(_n)
+for _op in (
+    "upsample_linear1d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_trilinear3d",
+    "_upsample_bilinear2d_aa",
+    "_upsample_bicubic2d_aa",
+):
+    RULES[f"aten::{_op}"] = _pool(int(next(c for c in _op if c.isdigit())))
 
 
 def rule_for(node: torch.fx.Node) -> Rule | None:
