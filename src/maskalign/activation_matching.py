@@ -11,17 +11,18 @@ then maximises the total matched similarity.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .axes import unit_positions
+from .axes import AxisTree, co_groups, groups_of, index_vector, tree_size, unit_positions
 from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
 from .errors import DataError, SpecError, SpecMismatchError, TraceError
-from .lap import solve_lap
+from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import ActivationPoint, PermutationSpec, build_spec
 
@@ -157,12 +158,61 @@ class _Prober:
         return dict(zip(self.nodes, values))
 
 
-def _units(value: Tensor, point: ActivationPoint, positions: Tensor) -> Tensor:
-    """``value`` as ``(samples, n)``: the group's units last, everything else
-    (batch, spatial/sequence positions, other factors of the dim) samples.
-    ``positions`` is ``unit_positions(point.tree, group)``, shape ``(n, R)``."""
-    x = value.movedim(point.dim, -1)[..., positions.to(value.device)]  # (..., n, R)
-    return x.movedim(-2, -1).reshape(-1, positions.shape[0])
+def _joint(value: Tensor, point: ActivationPoint) -> Tensor:
+    """``value`` as ``(samples, N)``: the point's carrying dims moved last and
+    flattened into its joint axis; every other dim indexes samples."""
+    k = len(point.dims)
+    return value.movedim(point.dims, tuple(range(-k, 0))).reshape(-1, tree_size(point.tree))
+
+
+def _units(joint: Tensor, positions: Tensor) -> Tensor:
+    """Samples of one group from a joint ``(samples, N)`` tensor: ``positions``
+    is ``unit_positions(tree, group)`` of shape ``(n, R)``; the ``R`` positions
+    of a unit become extra samples. Returns ``(samples * R, n)``."""
+    return joint[:, positions].transpose(1, 2).reshape(-1, positions.shape[0])
+
+
+_Stats = dict[str, "ActivationStats"]
+_JointStats = dict[AxisTree, "ActivationStats"]
+
+
+class _Plan:
+    """Which statistics one pass accumulates.
+
+    A group whose units never share positions with another group's (``co_groups``
+    empty: channels of a conv, hidden units of an MLP, a residual stream) pools
+    its samples into one ``(n, n)`` statistic. Points where groups are nested
+    (heads x head_dim, concatenated q/k/v) keep the full statistic of their
+    joint axis, so that heads can be matched as blocks and head dims inside
+    aligned heads; at most ``max_joint`` units per joint axis.
+    """
+
+    def __init__(self, spec: PermutationSpec, max_joint: int) -> None:
+        self.clean: dict[str, list[tuple[ActivationPoint, Tensor]]] = {}
+        self.joint: dict[AxisTree, list[ActivationPoint]] = {}
+        self.skipped: list[str] = []
+        for group, points in spec.activations.items():
+            for point in points:
+                tree = point.tree
+                if not co_groups(tree, group):
+                    positions = unit_positions(tree, group)
+                    assert positions is not None
+                    self.clean.setdefault(group, []).append((point, positions))
+                elif tree_size(tree) <= max_joint:
+                    if point not in self.joint.setdefault(tree, []):
+                        self.joint[tree].append(point)
+                elif point.node not in self.skipped:
+                    self.skipped.append(point.node)
+        self.points = list(
+            dict.fromkeys(
+                [p for uses in self.clean.values() for p, _ in uses] + [p for ps in self.joint.values() for p in ps]
+            )
+        )
+
+    def stats(self, spec: PermutationSpec, device: torch.device) -> tuple[_Stats, _JointStats]:
+        clean = {g: ActivationStats(spec.groups[g].size, device) for g in self.clean}
+        joint = {tree: ActivationStats(tree_size(tree), device) for tree in self.joint}
+        return clean, joint
 
 
 def _batches(data: Iterable[Any], num_batches: int | None, progress: bool) -> Iterator[Any]:
@@ -191,6 +241,7 @@ def match_activations(
     input_fn: Callable[[Any], Any] | None = None,
     cost: str = "correlation",
     progress: bool = True,
+    max_joint: int = 4096,
 ) -> Permutation:
     """Find the permutation that aligns ``model_a``'s hidden units to ``model_b``'s.
 
@@ -198,6 +249,9 @@ def match_activations(
     it (nonlinearity outputs; see :class:`~maskalign.spec.PermutationSpec`) are
     pooled over batch and spatial/sequence positions, and one linear assignment
     maximises the summed similarity of matched units (Git Re-Basin, Sec. 3.1).
+    Nested groups (attention heads and the dims inside each head, concatenated
+    slices) are matched as blocks first, then inside the aligned blocks, then
+    refined by coordinate ascent over the groups.
 
     Args:
         model_a, model_b: two models of one architecture, on one device. Both
@@ -213,6 +267,9 @@ def match_activations(
         cost: ``"correlation"`` (Pearson, default), ``"covariance"`` or
             ``"euclidean"``.
         progress: show a tqdm progress bar (when tqdm is installed).
+        max_joint: largest joint axis (e.g. heads x head_dim) whose full
+            ``(N, N)`` statistic is kept for nested groups; larger ones are
+            skipped with a warning.
 
     Returns:
         A :class:`Permutation` ``pi`` with ``apply_permutation(model_a, pi)``
@@ -230,9 +287,10 @@ def match_activations(
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     device, dtype = _models_device_dtype(model_a, model_b)
     input_fn = input_fn or _default_input_fn
-    stats: dict[str, ActivationStats] = {}
     prober: _Prober | None = None
-    positions: dict[tuple[str, ActivationPoint], Tensor] = {}
+    plan: _Plan | None = None
+    clean: dict[str, ActivationStats] = {}
+    joint: dict[AxisTree, ActivationStats] = {}
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     with eval_mode(model_a, model_b), torch.no_grad():
         for index, batch in enumerate(_batches(data, num_batches, progress)):
@@ -243,38 +301,106 @@ def match_activations(
                     spec = build_spec(model_a, args)
                 check_same_architecture(state_a, spec, "model_a")
                 check_same_architecture(state_b, spec, "model_b")
-                nodes = sorted({p.node for points in spec.activations.values() for p in points})
-                prober = _Prober(spec, model_a, nodes)
-                stats = {g: ActivationStats(spec.groups[g].size, device) for g in spec.groups}
+                plan = _Plan(spec, max_joint)
+                if plan.skipped:
+                    warnings.warn(
+                        f"activation matching skips nodes {plan.skipped[:3]}: their joint axis has more than "
+                        f"max_joint={max_joint} units",
+                        stacklevel=2,
+                    )
+                prober = _Prober(spec, model_a, sorted({p.node for p in plan.points}))
+                clean, joint = plan.stats(spec, device)
+            assert spec is not None and plan is not None
             flat, _ = pytree.tree_flatten((args, {}))
             acts_a, acts_b = prober(state_a, flat), prober(state_b, flat)
             for node in prober.nodes:
                 for acts, which in ((acts_a, "model_a"), (acts_b, "model_b")):
                     if not torch.isfinite(acts[node]).all():
                         raise DataError(f"non-finite activation at graph node '{node}' of {which} in batch {index}")
-            assert spec is not None
-            for group, points in spec.activations.items():
+            joints = {p: (_joint(acts_a[p.node], p), _joint(acts_b[p.node], p)) for p in plan.points}
+            for group, uses in plan.clean.items():
+                for point, positions in uses:
+                    ja, jb = joints[point]
+                    where = positions.to(ja.device)
+                    clean[group].update(_units(ja, where), _units(jb, where))
+            for tree, points in plan.joint.items():
                 for point in points:
-                    key = (group, point)
-                    if key not in positions:
-                        positions[key] = unit_positions(point.tree, group)  # type: ignore[assignment]
-                    where = positions[key]
-                    stats[group].update(
-                        _units(acts_a[point.node], point, where), _units(acts_b[point.node], point, where)
-                    )
+                    joint[tree].update(*joints[point])
     if spec is None or prober is None:
         raise DataError("data yielded no batches; activation matching needs at least one batch")
-    indices: dict[str, Tensor] = {}
-    groups_report: dict[str, dict[str, float]] = {}
-    for group, group_stats in stats.items():
-        if group_stats.count == 0:  # no activation carries this group: keep identity
-            continue
-        sim = group_stats.similarity(cost)
-        idx = solve_lap(sim)
-        indices[group] = idx
-        ar = torch.arange(sim.shape[0])
-        groups_report[group] = {
-            "before": float(sim[ar, ar].mean()),
-            "after": float(sim[idx, ar].mean()),
-        }
-    return Permutation(spec, indices, report={"method": "activation", "cost": cost, "groups": groups_report})
+    similarities = {g: st.similarity(cost).cpu() for g, st in clean.items() if st.count}
+    joint_similarities = {t: st.similarity(cost).cpu() for t, st in joint.items() if st.count}
+    indices, report = _solve(spec, similarities, joint_similarities)
+    return Permutation(spec, indices, report={"method": "activation", "cost": cost, "groups": report})
+
+
+def _marginal(tree: AxisTree, similarity: Tensor, group: str, perm: Mapping[str, Tensor]) -> Tensor:
+    """``(n, n)`` similarity of ``group``'s units within a joint axis, with every
+    other group of A already permuted by ``perm``: ``C[i, i'] = sum_r S'[U[i, r], U[i', r]]``."""
+    rows = similarity[index_vector(tree, perm, skip=group)]
+    positions = unit_positions(tree, group)
+    assert positions is not None
+    return rows[positions[:, None, :], positions[None, :, :]].sum(-1)
+
+
+def _block_relaxation(tree: AxisTree, similarity: Tensor, group: str, max_block: int = 256) -> Tensor:
+    """Initial ``(n, n)`` similarity of a nested group's units (e.g. heads),
+    blind to how the groups inside each unit are aligned: unit ``i`` of A and
+    unit ``i'`` of B score the best assignment between their blocks of
+    positions (:func:`~maskalign.lap.block_lap_values`). Falls back to the
+    identity-aligned marginal when blocks exceed ``max_block`` positions."""
+    positions = unit_positions(tree, group)
+    assert positions is not None
+    if positions.shape[1] > max_block:
+        return _marginal(tree, similarity, group, {})
+    return block_lap_values(similarity[positions[:, None, :, None], positions[None, :, None, :]])
+
+
+def _solve(
+    spec: PermutationSpec,
+    clean: Mapping[str, Tensor],
+    joint: Mapping[AxisTree, Tensor],
+    max_sweeps: int = 100,
+) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:
+    """One LAP per group on its pooled statistic; then, where groups are nested
+    in joint axes, block matching to start and coordinate ascent (Git Re-Basin
+    Alg. 1 applied to activations) on the total matched similarity."""
+    perm: dict[str, Tensor] = {g: solve_lap(sim) for g, sim in clean.items()}
+    nested = [g for g in spec.groups if any(g in set(groups_of(t)) for t in joint)]
+    for g in nested:
+        if g not in perm:
+            init = sum(
+                (_block_relaxation(t, s, g) for t, s in joint.items() if g in set(groups_of(t))),
+                torch.zeros(spec.groups[g].size, spec.groups[g].size, dtype=torch.float64),
+            )
+            perm[g] = solve_lap(init)
+
+    def total(g: str, current: Mapping[str, Tensor]) -> Tensor:
+        n = spec.groups[g].size
+        out = clean[g].clone() if g in clean else torch.zeros(n, n, dtype=torch.float64)
+        for tree, sim in joint.items():
+            if g in set(groups_of(tree)):
+                out += _marginal(tree, sim, g, current)
+        return out
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(max_sweeps if nested else 0):
+        changed = False
+        for i in torch.randperm(len(nested), generator=generator).tolist():
+            g = nested[i]
+            sim = total(g, perm)
+            ar = torch.arange(sim.shape[0])
+            idx = solve_lap(sim)
+            if float(sim[idx, ar].sum()) > float(sim[perm[g], ar].sum()) + 1e-12 * max(float(sim.abs().max()), 1.0):
+                perm[g] = idx
+                changed = True
+        if not changed:
+            break
+    identity = {g: torch.arange(spec.groups[g].size) for g in perm}
+    report: dict[str, dict[str, float]] = {}
+    for g in perm:
+        before, after = total(g, identity), total(g, perm)
+        ar = torch.arange(before.shape[0])
+        scale = len([t for t in joint if g in set(groups_of(t))]) + (1 if g in clean else 0)
+        report[g] = {"before": float(before[ar, ar].mean()) / scale, "after": float(after[perm[g], ar].mean()) / scale}
+    return perm, report

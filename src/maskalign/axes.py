@@ -21,6 +21,7 @@ __all__ = [
     "Concat",
     "Leaf",
     "Product",
+    "co_groups",
     "covered_size",
     "groups_of",
     "index_vector",
@@ -148,3 +149,17 @@ def unit_positions(tree: AxisTree, group: str) -> Tensor | None:
         positions = pre + sub[:, None, :, None] * after + post
         return positions.reshape(sub.shape[0], -1)
     return None
+
+
+def co_groups(tree: AxisTree, group: str) -> set[str]:
+    """Groups that share positions with ``group``'s units: those in the other
+    factors of every product on the way to ``group``. Empty when pooling the
+    axis by ``group``'s units never mixes in another permuted factor."""
+    if isinstance(tree, Leaf):
+        return set()
+    holding = [part for part in tree.parts if group in set(groups_of(part))]
+    if isinstance(tree, Concat):
+        return set().union(*(co_groups(part, group) for part in holding))
+    first = holding[0]
+    others = {g for part in tree.parts if part is not first for g in groups_of(part)}
+    return others | co_groups(first, group)

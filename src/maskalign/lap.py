@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["solve_lap"]
+__all__ = ["block_lap_values", "solve_lap"]
 
 
 def solve_lap(similarity: Tensor | np.ndarray) -> Tensor:
@@ -30,3 +30,21 @@ def solve_lap(similarity: Tensor | np.ndarray) -> Tensor:
     idx = np.empty(matrix.shape[0], dtype=np.int64)
     idx[cols] = rows
     return torch.from_numpy(idx)
+
+
+def block_lap_values(blocks: Tensor) -> Tensor:
+    """``(n, n)`` best-assignment values of ``(n, n, R, R)`` blocks.
+
+    ``out[i, j] = max_sigma sum_r blocks[i, j, r, sigma(r)]``: how well unit
+    ``i`` of A matches unit ``j`` of B when each is a block of ``R`` positions
+    (a head of ``R`` dims) whose inner alignment is not known yet. One LAP of
+    size ``R`` per pair; used to start the matching of nested groups.
+    """
+    n = blocks.shape[0]
+    values = blocks.detach().cpu().double().numpy()
+    out = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            rows, cols = linear_sum_assignment(values[i, j], maximize=True)
+            out[i, j] = values[i, j][rows, cols].sum()
+    return torch.from_numpy(out)

@@ -80,12 +80,18 @@ class FrozenAxis:
 
 @dataclass(frozen=True)
 class ActivationPoint:
-    """A graph value that carries a group on one of its dims: dim ``dim`` of
-    node ``node`` decomposes as ``tree``."""
+    """A graph value that carries groups: its dims ``dims`` (those with a
+    permuted factor) decompose as ``trees``. Activation matching moves these
+    dims last and flattens them into one *joint axis* whose tree is ``tree``;
+    every other dim (batch, spatial, sequence) indexes samples."""
 
     node: str
-    dim: int
-    tree: AxisTree
+    dims: tuple[int, ...]
+    trees: tuple[AxisTree, ...]
+
+    @property
+    def tree(self) -> AxisTree:
+        return self.trees[0] if len(self.trees) == 1 else Product(self.trees)
 
 
 @dataclass
@@ -303,10 +309,13 @@ def _activation_points(
         if op is None or op in _VIEW_OPS:
             continue
         target = preferred if node in preferred_nodes else other
-        for d, dim in enumerate(dims):
-            tree = trees.dim(dim)
-            for name in dict.fromkeys(groups_of(tree)):
-                target.setdefault(name, []).append(ActivationPoint(node, d, tree))
+        carrying = [(d, trees.dim(dim)) for d, dim in enumerate(dims)]
+        carrying = [(d, tree) for d, tree in carrying if next(groups_of(tree), None) is not None]
+        if not carrying:
+            continue
+        point = ActivationPoint(node, tuple(d for d, _ in carrying), tuple(t for _, t in carrying))
+        for name in dict.fromkeys(groups_of(point.tree)):
+            target.setdefault(name, []).append(point)
     return {name: preferred.get(name) or other.get(name, []) for name in trees.sizes}
 
 

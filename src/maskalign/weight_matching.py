@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .axes import AxisTree, groups_of, index_vector, unit_positions
+from .axes import AxisTree, co_groups, groups_of, index_vector, unit_positions
 from .errors import SpecError
-from .lap import solve_lap
+from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import PermutationSpec, build_spec
 
@@ -104,6 +104,7 @@ def match_weights(
                 occurrences[g].append(_Occurrence(t, d, positions.to(device), rows.reshape(positions.shape[0], -1)))
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    nested = [g for g in spec.groups if any(co_groups(spec.axes[o.tensor][o.dim], g) for o in occurrences[g])]
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
     best: tuple[dict[str, Tensor], list[float]] | None = None
     finals: list[float] = []
@@ -114,6 +115,12 @@ def match_weights(
             start = {g: torch.arange(grp.size, device=device) for g, grp in spec.groups.items()}
         else:  # later restarts begin at a random permutation
             start = {g: torch.randperm(grp.size, generator=generator).to(device) for g, grp in spec.groups.items()}
+        if restart == 0 and init is None and nested:
+            # flat groups first, then nested ones (heads) as blocks, then everything
+            flat = [g for g in spec.groups if g not in nested]
+            start, _ = _coordinate_descent(spec, tensors_a, tensors_b, occurrences, start, max_iter, generator, flat)
+            for g in nested:
+                start[g] = solve_lap(_block_start(spec, tensors_a, start, g, occurrences[g])).to(device)
         perm, objective = _coordinate_descent(spec, tensors_a, tensors_b, occurrences, start, max_iter, generator)
         finals.append(objective[-1])
         if best is None or objective[-1] > best[1][-1]:
@@ -132,12 +139,15 @@ def _coordinate_descent(
     perm: dict[str, Tensor],
     max_iter: int,
     generator: torch.Generator,
+    groups: Sequence[str] | None = None,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """Git Re-Basin Alg. 1 from ``perm``: sweeps over the groups in random
-    order, each solving one LAP with the others fixed, until a sweep changes
-    nothing. Returns the permutation and the objective after every sweep."""
+    """Git Re-Basin Alg. 1 from ``perm``: sweeps over the groups (all, or
+    ``groups``) in random order, each solving one LAP with the others fixed,
+    until a sweep changes nothing. Returns the permutation and the objective
+    after every sweep."""
     device = next(iter(perm.values())).device if perm else torch.device("cpu")
-    names: Sequence[str] = list(spec.groups)
+    perm = dict(perm)
+    names: Sequence[str] = list(spec.groups) if groups is None else list(groups)
     objective = [_objective(spec, tensors_a, tensors_b, perm)]
     for _ in range(max_iter):
         changed = False
@@ -166,6 +176,32 @@ class _Occurrence:
     dim: int
     positions: Tensor
     rows_b: Tensor
+
+
+def _block_start(
+    spec: PermutationSpec,
+    tensors_a: Mapping[str, Tensor],
+    perm: Mapping[str, Tensor],
+    group: str,
+    occurrences: list[_Occurrence],
+    max_elements: int = 50_000_000,
+) -> Tensor:
+    """Starting ``(n, n)`` similarity of a nested group (e.g. heads): where the
+    group's units are blocks of positions (a head's dims), unit pairs score
+    the best assignment between their blocks (:func:`block_lap_values`), blind
+    to the not-yet-known permutation inside the blocks."""
+    n = spec.groups[group].size
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for occ in occurrences:
+        a = _permuted(tensors_a[occ.tensor], spec.axes[occ.tensor], perm, skip=(occ.dim, group))
+        rows_a = a.movedim(occ.dim, 0)[occ.positions.reshape(-1)].reshape(n, occ.positions.shape[1], -1)
+        rows_b = occ.rows_b.reshape(rows_a.shape)
+        r, m = rows_a.shape[1], rows_a.shape[2]
+        if r > 1 and n * n * r * (r + m) <= max_elements:
+            total += block_lap_values(torch.einsum("irm,jsm->ijrs", rows_a, rows_b))
+        else:
+            total += (rows_a.reshape(n, -1) @ rows_b.reshape(n, -1).T).cpu()
+    return total
 
 
 def _similarity(
