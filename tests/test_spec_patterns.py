@@ -1174,15 +1174,8 @@ def test_build_spec_accepts_an_exported_program() -> None:
         assert_keeps_function(model, spec, x)
 
 
-# ------------------------------------------------------------ known bugs
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: build_spec(program, inputs) with inputs the program's static shapes reject leaks "
-    "torch's raw AssertionError 'Guard failed: x.size()[0] == 6' from program.module() in "
-    "capture._capture_program instead of a TraceError that says what to do",
-)
-def test_bug_exported_program_with_other_batch_size_raises_trace_error() -> None:
+# ------------------------------------------------- regressions (bugs found)
+def test_exported_program_with_other_batch_size_raises_trace_error() -> None:
     model = randomize(GatedMLP())
     program = torch.export.export(model, (randn(6, 5),), strict=False)
     with pytest.raises(ma.TraceError):
@@ -1201,13 +1194,7 @@ class CatThenSplitAtOtherSizes(nn.Module):
         return self.c(u) + self.d(v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cat [3,5] then split [4,4]: the split freezes c/d's inputs but the "
-    "cat branches a, b stay free groups (AtomTable._union_roots drops the second concat expansion "
-    "when the two concats have different part sizes), so the spec changes the function",
-)
-def test_bug_cat_then_split_at_different_boundaries() -> None:
+def test_cat_then_split_at_different_boundaries_keeps_function() -> None:
     model = randomize(CatThenSplitAtOtherSizes())
     x = randn(5, 6)
     spec = ma.build_spec(model, (x,))
@@ -1230,13 +1217,7 @@ class CausalMemoryAttention(nn.Module):
         return self.o(F.scaled_dot_product_attention(self.q(x), k, v, is_causal=True))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: scaled_dot_product_attention(is_causal=True) ignores the causal mask: "
-    "the key axis of learned memory (mem_k[0], mem_v[0]) becomes a group although the mask "
-    "depends on key positions",
-)
-def test_bug_sdpa_is_causal_with_parameter_keys() -> None:
+def test_sdpa_is_causal_freezes_key_positions() -> None:
     model = randomize(CausalMemoryAttention(), gain=3.0)
     x = randn(2, 7, 6)
     spec = ma.build_spec(model, (x,))
@@ -1253,13 +1234,7 @@ class PReLUConv(nn.Module):
         return self.head(self.act(self.conv(x)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: aten.prelu is ruled as right-aligned broadcasting, but its weight "
-    "broadcasts along dim 1 (channels): on (N, C, H, W) act.weight becomes a group of its own and "
-    "the channel group omits it",
-)
-def test_bug_prelu_per_channel_weight_on_images() -> None:
+def test_prelu_per_channel_weight_on_images() -> None:
     model = randomize(PReLUConv())
     with torch.no_grad():
         model.act.weight.copy_(torch.linspace(-1.0, 0.5, 5))

@@ -128,31 +128,40 @@ class AtomTable:
         return children[0], children[1]
 
     def _union_roots(self, a: int, b: int) -> bool:
+        """Merge two classes of equal size. Returns False, merging nothing,
+        when their structures conflict (a concatenation against a product, or
+        two concatenations cut at different places); the caller then freezes
+        both, and :meth:`finalize` pushes that down to their parts."""
         a, b = self.find(a), self.find(b)
         if a == b:
             return True
         if self._size[a] != self._size[b]:
             raise AssertionError("union of atoms of different sizes")
-        if (a in self._concat and b in self._expansion) or (b in self._concat and a in self._expansion):
+        cat_a, cat_b = self._concat.get(a), self._concat.get(b)
+        exp_a, exp_b = self._expansion.get(a), self._expansion.get(b)
+        if (cat_a and exp_b) or (cat_b and exp_a):
+            return False
+        if cat_a and cat_b and [self._size[c] for c in cat_a] != [self._size[c] for c in cat_b]:
             return False
         self._parent[b] = a
         reason = self._frozen.pop(b, None)
         if reason is not None:
             self._frozen.setdefault(a, reason)
-        cat_a, cat_b = self._concat.get(a), self._concat.pop(b, None)
-        if cat_b is not None:
-            if cat_a is None:
-                self._concat[a] = cat_b
-            elif [self._size[c] for c in cat_a] != [self._size[c] for c in cat_b]:
+        for structure, mine, theirs in ((self._concat, cat_a, cat_b), (self._expansion, exp_a, exp_b)):
+            if theirs is None:
+                continue
+            structure.pop(b)
+            if mine is None:
+                structure[a] = theirs
+                continue
+            merged = (
+                all(self.unify([x], [y]) for x, y in zip(mine, theirs))
+                if structure is self._concat
+                else self.unify(mine, theirs)
+            )
+            if not merged:  # b's parts are detached from the tree now: freeze them explicitly
+                self.freeze(mine + theirs, "incompatible factorisations of one axis")
                 return False
-            else:
-                return all(self.unify([x], [y]) for x, y in zip(cat_a, cat_b))
-        exp_a, exp_b = self._expansion.get(a), self._expansion.pop(b, None)
-        if exp_b is not None:
-            if exp_a is None:
-                self._expansion[a] = exp_b
-            else:
-                return self.unify(exp_a, exp_b)
         return True
 
     def unify(self, left: list[int], right: list[int]) -> bool:

@@ -192,7 +192,17 @@ def _capture_program(
     captured = _from_exported(program, state, buffers, args, kwargs)
     if options.pop("check"):
         module = program.module()
-        _check_reproduces(captured, state, lambda: module(*args, **kwargs), args, kwargs, **options)
+        try:
+            _check_reproduces(captured, state, lambda: module(*args, **kwargs), args, kwargs, **options)
+        except TraceError:
+            raise
+        except Exception as exc:  # guards of the program, shape errors of its ops
+            shapes = [tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+            raise TraceError(
+                f"the ExportedProgram does not accept example_inputs of shapes {shapes}: "
+                f"{type(exc).__name__}: {_first_line(exc)}\nWhat to do: pass inputs of the shapes it was "
+                "exported with, or leave example_inputs out to use the program's own."
+            ) from exc
     return captured
 
 

@@ -341,6 +341,17 @@ def _embedding(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
         ctx.unify(dim, y[k], f"{where}")
 
 
+def _prelu(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
+    """prelu(x, w): one slope per channel, channels on dim 1 (dim 0 for 1-d x)."""
+    x, w = ctx.tensor(node.args[0]), ctx.tensor(node.args[1])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    for k, dim in enumerate(x):
+        ctx.unify(dim, y[k], f"{_describe(node)}")
+    if w is not None and w and w[0]:
+        ctx.unify(w[0], x[1] if len(x) > 1 else x[0], f"channel slopes of {_describe(node)}")
+
+
 def _getitem(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
     source = ctx.value(node.args[0])
     if isinstance(source, tuple):
@@ -428,6 +439,9 @@ def _attention(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
     ctx.unify(k[-2], v[-2], f"keys of {where}")
     ctx.unify(q[-2], y[-2], f"queries of {where}")
     ctx.unify(v[-1], y[-1], f"value features of {where}")
+    if bool(_arg(node, "is_causal", False)):  # the mask depends on query/key positions
+        for dim in (q[-2], k[-2], y[-2]):
+            ctx.atoms.freeze(dim, f"query/key positions under the causal mask of {where}")
     shapes = [x.meta["val"].shape for x in node.args[:3]]
     if bool(_arg(node, "enable_gqa", False)) and len({int(s[-3]) for s in shapes if len(s) >= 3}) > 1:
         for dims in (q, k, v, y):
@@ -580,13 +594,13 @@ def _factory(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
 _POINTWISE = """
 abs add addcdiv addcmul alias bitwise_not ceil clamp clamp_max clamp_min clip clone contiguous
 copy cos cosh detach div dropout elu eq erf erfc exp exp2 expm1 feature_dropout fill floor
-floor_divide fmod ge gelu glu_backward gt hardsigmoid hardswish hardtanh isfinite isinf isnan
+floor_divide fmod ge gelu gt hardsigmoid hardswish hardtanh isfinite isinf isnan
 le leaky_relu lerp lift_fresh_copy log log10 log1p log2 log_sigmoid logical_and logical_not
-logical_or lt masked_fill maximum minimum mish mul ne neg pow prelu reciprocal relu relu6
+logical_or lt masked_fill maximum minimum mish mul ne neg pow reciprocal relu relu6
 remainder round rrelu rsqrt rsub selu sigmoid sign silu sin sinh softplus sqrt square sub tan
 tanh threshold to true_divide trunc type_as where xlogy _to_copy _log_softmax _softmax
 log_softmax softmax alpha_dropout zeros_like ones_like empty_like full_like rand_like randn_like
-native_dropout __and__ __or__ __xor__ bitwise_and bitwise_or bitwise_xor
+__and__ __or__ __xor__ bitwise_and bitwise_or bitwise_xor
 """
 
 _IGNORED = {
@@ -649,6 +663,8 @@ RULES.update(
         "aten::native_layer_norm": _layer_norm,
         "aten::rms_norm": _layer_norm,
         "aten::embedding": _embedding,
+        "aten::prelu": _prelu,
+        "aten::_prelu_kernel": _prelu,
         "aten::matmul": _matmul,
         "aten::mm": _matmul,
         "aten::bmm": _matmul,
