@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
@@ -64,6 +65,35 @@ class ActivationStats:
         self.sum_aa += (a * a).sum(0)
         self.sum_bb += (b * b).sum(0)
         self.sum_ab += a.T @ b
+
+    def recenter(self, shift_a: Tensor, shift_b: Tensor) -> None:
+        """Express the accumulated sums around new shifts (exact algebra)."""
+        old_a = self.shift_a if self.shift_a is not None else torch.zeros_like(shift_a)
+        old_b = self.shift_b if self.shift_b is not None else torch.zeros_like(shift_b)
+        da, db, m = old_a - shift_a, old_b - shift_b, self.count
+        self.sum_ab += torch.outer(self.sum_a, db) + torch.outer(da, self.sum_b) + m * torch.outer(da, db)
+        self.sum_aa += 2 * da * self.sum_a + m * da**2
+        self.sum_bb += 2 * db * self.sum_b + m * db**2
+        self.sum_a += m * da
+        self.sum_b += m * db
+        self.shift_a, self.shift_b = shift_a, shift_b
+
+    def sync(self) -> None:
+        """Sum the statistics over all ``torch.distributed`` ranks (a no-op
+        without an initialised process group). Every rank's sums are first
+        re-centred on the global mean, so the reduction stays exact."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum_a.device)
+        raw_a = self.sum_a + (self.count * self.shift_a if self.shift_a is not None else 0)
+        raw_b = self.sum_b + (self.count * self.shift_b if self.shift_b is not None else 0)
+        for tensor in (count, raw_a, raw_b):
+            dist.all_reduce(tensor)
+        total = max(float(count), 1.0)
+        self.recenter(raw_a / total, raw_b / total)
+        for tensor in (self.sum_a, self.sum_b, self.sum_aa, self.sum_bb, self.sum_ab):
+            dist.all_reduce(tensor)
+        self.count = int(count)
 
     def similarity(self, cost: str = "correlation") -> Tensor:
         """``(n, n)`` similarity of A's unit i (rows) and B's unit j (columns).
@@ -281,6 +311,11 @@ def match_activations(
             sit on different devices.
         DataError: ``data`` yields no batch, or an activation is not finite
             (the message names the graph node and the batch).
+
+    Distributed: under an initialised ``torch.distributed`` process group, each
+    rank passes its own shard of the data (at least one batch per rank); the
+    statistics are all-reduced, rank 0 solves, and every rank returns the
+    same permutation.
         ValueError: an unknown ``cost``.
     """
     if cost not in COSTS:
@@ -328,9 +363,17 @@ def match_activations(
                     joint[tree].update(*joints[point])
     if spec is None or prober is None:
         raise DataError("data yielded no batches; activation matching needs at least one batch")
-    similarities = {g: st.similarity(cost).cpu() for g, st in clean.items() if st.count}
-    joint_similarities = {t: st.similarity(cost).cpu() for t, st in joint.items() if st.count}
-    indices, report = _solve(spec, similarities, joint_similarities)
+    for stats in (*clean.values(), *joint.values()):
+        stats.sync()
+    distributed = dist.is_available() and dist.is_initialized()
+    solved: list[Any] = [None]
+    if not distributed or dist.get_rank() == 0:
+        similarities = {g: st.similarity(cost).cpu() for g, st in clean.items() if st.count}
+        joint_similarities = {t: st.similarity(cost).cpu() for t, st in joint.items() if st.count}
+        solved = [_solve(spec, similarities, joint_similarities)]
+    if distributed:
+        dist.broadcast_object_list(solved, src=0)
+    indices, report = solved[0]
     return Permutation(spec, indices, report={"method": "activation", "cost": cost, "groups": report})
 
 
