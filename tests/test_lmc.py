@@ -253,3 +253,16 @@ def test_reset_bn_stats_rejects_empty_data() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     with pytest.raises(DataError, match="no batches"):
         ma.reset_bn_stats(model, iter([]))
+
+
+def test_interpolate_uses_effective_weights_of_sparse_models() -> None:
+    torch.manual_seed(3)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    mask_a = {"weight": torch.rand(3, 4) > 0.5}
+    mask_b = {"weight": torch.rand(3, 4) > 0.5}
+    mid = ma.interpolate(a, b, 0.5, mask_a, mask_b)
+    expected = 0.5 * (a.weight * mask_a["weight"]) + 0.5 * (b.weight * mask_b["weight"])
+    assert torch.allclose(mid.weight, expected)
+    assert torch.allclose(mid.bias, 0.5 * (a.bias + b.bias))
+    with pytest.raises(ma.MaskError, match="nope"):
+        ma.interpolate(a, b, 0.5, {"nope": torch.ones(1, dtype=torch.bool)})

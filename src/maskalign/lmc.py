@@ -6,7 +6,7 @@ Entezari et al., ICLR 2022; Ainsworth et al., ICLR 2023, Sec. 2).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capture import eval_mode
-from .errors import DataError, SpecMismatchError
+from .errors import DataError, MaskError, SpecMismatchError
 
 __all__ = ["LMCResult", "evaluate", "interpolate", "lmc_barrier", "reset_bn_stats"]
 
@@ -51,12 +51,19 @@ class LMCResult:
         return self._barrier(self.alphas, self.errors)
 
 
-def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+def interpolate(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    alpha: float,
+    masks_a: Mapping[str, Tensor] | None = None,
+    masks_b: Mapping[str, Tensor] | None = None,
+) -> nn.Module:
     """A new model with every floating-point tensor ``(1 - alpha) * a + alpha * b``.
 
     Parameters and buffers (BatchNorm running statistics) are interpolated;
     integer buffers (``num_batches_tracked``) are taken from ``model_a``.
-    Neither input is modified.
+    For sparse models pass their masks: the effective weights ``w * m`` are
+    interpolated. Neither input is modified.
 
     Raises:
         SpecMismatchError: the models have different tensor names or shapes.
@@ -70,6 +77,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
             raise SpecMismatchError(
                 f"'{name}' has shape {tuple(tensor.shape)} in model_a and {tuple(state_b[name].shape)} in model_b"
             )
+    state_a = _effective(state_a, masks_a)
+    state_b = _effective(state_b, masks_b)
     mixed = {
         name: torch.lerp(t, state_b[name].to(t.dtype), alpha) if t.is_floating_point() else t.clone()
         for name, t in state_a.items()
@@ -77,6 +86,16 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
     out = copy.deepcopy(model_a)
     out.load_state_dict(mixed)
     return out
+
+
+def _effective(state: dict[str, Tensor], masks: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """``state`` with every masked tensor replaced by ``w * m``."""
+    if not masks:
+        return state
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        raise MaskError(f"masks name tensors that the model does not have: {unknown[:5]}")
+    return {name: t * masks[name].to(t.device, t.dtype) if name in masks else t for name, t in state.items()}
 
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -163,12 +182,16 @@ def lmc_barrier(
     *,
     num_points: int = 25,
     bn_data: Iterable[Any] | None = None,
+    masks_a: Mapping[str, Tensor] | None = None,
+    masks_b: Mapping[str, Tensor] | None = None,
 ) -> LMCResult:
     """Loss/error along ``(1 - alpha) * A + alpha * B`` for ``num_points``
     evenly spaced alphas in [0, 1], evaluated on ``data`` (``(inputs, targets)``
     batches). With ``bn_data`` (training batches), BatchNorm statistics are
     re-estimated at every alpha, endpoints included. ``loss_fn(logits, targets)``
-    must return the summed loss of the batch (default: cross-entropy).
+    must return the summed loss of the batch (default: cross-entropy). For
+    sparse models, ``masks_a`` / ``masks_b`` make the path run between the
+    effective weights ``w * m``.
 
     Raises:
         SpecMismatchError: the models differ in architecture.
@@ -180,7 +203,7 @@ def lmc_barrier(
     alphas = torch.linspace(0, 1, num_points).tolist()
     losses, errors = [], []
     for alpha in alphas:
-        model = interpolate(model_a, model_b, alpha)
+        model = interpolate(model_a, model_b, alpha, masks_a, masks_b)
         if bn_data is not None:
             reset_bn_stats(model, bn_data)
         loss, acc = evaluate(model, data, loss_fn)
