@@ -8,14 +8,22 @@ permutation specs (a spec depends only on the architecture).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import Tensor, nn
 
 import maskalign as ma
 from maskalign.models import MLP, VGG11, ResNet20
+
+# CI runs hypothesis derandomized (the same examples every run: no flaky
+# landings); locally every run explores new examples.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 IMAGE_SHAPE = (1, 8, 8)
 
