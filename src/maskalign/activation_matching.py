@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .axes import AxisTree, co_groups, groups_of, index_vector, tree_size, unit_positions
+from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size, unit_positions
 from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
 from .errors import DataError, SpecError, SpecMismatchError, TraceError
 from .lap import block_lap_values, solve_lap
@@ -33,67 +33,88 @@ COSTS = ("correlation", "covariance", "euclidean")
 
 
 class ActivationStats:
-    """Streaming statistics of paired activations ``a, b`` of shape ``(samples, n)``.
+    """Streaming centred statistics of paired activations ``a, b`` with ``n`` units.
 
     Shaped like a torchmetrics ``Metric``: :meth:`update` per batch,
-    :meth:`similarity` at the end. Accumulates in float64 around a shift (the
-    first batch's means), so that variances and covariances do not lose their
-    precision to cancellation when activations are large.
+    :meth:`sync` across ``torch.distributed`` ranks, :meth:`similarity` at the
+    end. Holds the sample count, the means, the sums of squared deviations and
+    the cross-deviation matrix in float64, merged batch by batch with the
+    parallel (Chan et al. 1979) update, so no sum of raw squares is ever
+    formed and large activation offsets do not cancel precision away.
+    Memory is O(n^2), never the activations themselves.
     """
 
     def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
         self.n = n
         self.count = 0
         kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
-        self.sum_a = torch.zeros(n, **kw)
-        self.sum_b = torch.zeros(n, **kw)
-        self.sum_aa = torch.zeros(n, **kw)
-        self.sum_bb = torch.zeros(n, **kw)
-        self.sum_ab = torch.zeros(n, n, **kw)
-        self.shift_a: Tensor | None = None
-        self.shift_b: Tensor | None = None
+        self.mean_a = torch.zeros(n, **kw)
+        self.mean_b = torch.zeros(n, **kw)
+        self.m2_a = torch.zeros(n, **kw)
+        self.m2_b = torch.zeros(n, **kw)
+        self.cross = torch.zeros(n, n, **kw)
 
     def update(self, a: Tensor, b: Tensor) -> None:
-        """Add samples: ``a``, ``b`` of shape ``(samples, n)``."""
-        a, b = a.double(), b.double()
-        if self.shift_a is None or self.shift_b is None:
-            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
-        a, b = a - self.shift_a, b - self.shift_b
-        self.count += a.shape[0]
-        self.sum_a += a.sum(0)
-        self.sum_b += b.sum(0)
-        self.sum_aa += (a * a).sum(0)
-        self.sum_bb += (b * b).sum(0)
-        self.sum_ab += a.T @ b
+        """Add samples: ``a``, ``b`` of shape ``(samples, n)``, or ``(P, n, Q)``
+        with units on dim 1 and samples on dims 0 and 2 (an NCHW activation
+        viewed without a copy).
 
-    def recenter(self, shift_a: Tensor, shift_b: Tensor) -> None:
-        """Express the accumulated sums around new shifts (exact algebra)."""
-        old_a = self.shift_a if self.shift_a is not None else torch.zeros_like(shift_a)
-        old_b = self.shift_b if self.shift_b is not None else torch.zeros_like(shift_b)
-        da, db, m = old_a - shift_a, old_b - shift_b, self.count
-        self.sum_ab += torch.outer(self.sum_a, db) + torch.outer(da, self.sum_b) + m * torch.outer(da, db)
-        self.sum_aa += 2 * da * self.sum_a + m * da**2
-        self.sum_bb += 2 * db * self.sum_b + m * db**2
-        self.sum_a += m * da
-        self.sum_b += m * db
-        self.shift_a, self.shift_b = shift_a, shift_b
+        The batch's means, variances and centred cross products are computed in
+        the activations' own precision (float32 for a float32 model, float64 for a
+        float64 one) and merged into the float64 statistics."""
+        if a.dim() == 3 and a.shape[2] == 1:
+            a, b = a[:, :, 0], b[:, :, 0]
+        elif a.dim() == 3 and a.shape[0] == 1:
+            a, b = a[0].T, b[0].T
+        work = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        a, b = a.to(work), b.to(work)
+        dims = (0,) if a.dim() == 2 else (0, 2)
+        m = a.numel() // a.shape[1]
+        var_a, mean_a = torch.var_mean(a, dim=dims, correction=0)
+        var_b, mean_b = torch.var_mean(b, dim=dims, correction=0)
+        # sum (a - mean_a)(b - mean_b)^T = sum (a - mean_a) b^T - (sum (a - mean_a)) mean_b^T: one
+        # centred copy; the second term removes what the rounding of mean_a leaves in the first
+        centred = a - (mean_a if a.dim() == 2 else mean_a[:, None])
+        cross = centred.T @ b if a.dim() == 2 else torch.bmm(centred, b.transpose(1, 2)).sum(0)
+        mean_a, mean_b = mean_a.double(), mean_b.double()
+        cross = cross.double() - torch.outer(centred.sum(dims).double(), mean_b)
+        self._merge(m, mean_a, mean_b, var_a.double() * m, var_b.double() * m, cross)
+
+    def _merge(self, m: int, mean_a: Tensor, mean_b: Tensor, m2_a: Tensor, m2_b: Tensor, cross: Tensor) -> None:
+        total = self.count + m
+        if total == 0:
+            return
+        da, db = mean_a - self.mean_a, mean_b - self.mean_b
+        weight = self.count * m / total
+        self.m2_a += m2_a + weight * da**2
+        self.m2_b += m2_b + weight * db**2
+        self.cross += cross + weight * torch.outer(da, db)
+        self.mean_a += da * (m / total)
+        self.mean_b += db * (m / total)
+        self.count = total
 
     def sync(self) -> None:
-        """Sum the statistics over all ``torch.distributed`` ranks (a no-op
-        without an initialised process group). Every rank's sums are first
-        re-centred on the global mean, so the reduction stays exact."""
+        """Merge the statistics of all ``torch.distributed`` ranks (a no-op
+        without an initialised process group): every rank re-centres its
+        deviations on the global mean, then the sums are all-reduced."""
         if not (dist.is_available() and dist.is_initialized()):
             return
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum_a.device)
-        raw_a = self.sum_a + (self.count * self.shift_a if self.shift_a is not None else 0)
-        raw_b = self.sum_b + (self.count * self.shift_b if self.shift_b is not None else 0)
-        for tensor in (count, raw_a, raw_b):
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean_a.device)
+        sum_a, sum_b = self.mean_a * self.count, self.mean_b * self.count
+        for tensor in (count, sum_a, sum_b):
             dist.all_reduce(tensor)
         total = max(float(count), 1.0)
-        self.recenter(raw_a / total, raw_b / total)
-        for tensor in (self.sum_a, self.sum_b, self.sum_aa, self.sum_bb, self.sum_ab):
+        mean_a, mean_b = sum_a / total, sum_b / total
+        da, db = self.mean_a - mean_a, self.mean_b - mean_b
+        self.m2_a += self.count * da**2
+        self.m2_b += self.count * db**2
+        self.cross += self.count * torch.outer(da, db)
+        for tensor in (self.m2_a, self.m2_b, self.cross):
             dist.all_reduce(tensor)
-        self.count = int(count)
+        self.mean_a, self.mean_b, self.count = mean_a, mean_b, int(count)
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.cross).all() and torch.isfinite(self.m2_a).all())
 
     def similarity(self, cost: str = "correlation") -> Tensor:
         """``(n, n)`` similarity of A's unit i (rows) and B's unit j (columns).
@@ -101,22 +122,20 @@ class ActivationStats:
         ``correlation``: Pearson correlation; a unit with zero variance (dead or
         constant) has correlation 0 with everything. ``covariance``: cross-
         covariance. ``euclidean``: minus the mean squared distance.
+
+        Raises:
+            DataError: no samples were accumulated.
         """
         if self.count == 0:
             raise DataError("no samples were accumulated")
-        m = self.count
-        mean_a, mean_b = self.sum_a / m, self.sum_b / m
-        cov = self.sum_ab / m - torch.outer(mean_a, mean_b)
+        cov = self.cross / self.count
         if cost == "covariance":
             return cov
-        var_a = (self.sum_aa / m - mean_a**2).clamp_min(0)
-        var_b = (self.sum_bb / m - mean_b**2).clamp_min(0)
-        if cost == "euclidean":  # E(a_i - b_j)^2 from centred moments, without cancellation
-            assert self.shift_a is not None and self.shift_b is not None
-            gap = (self.shift_a + mean_a)[:, None] - (self.shift_b + mean_b)[None, :]
+        var_a, var_b = self.m2_a / self.count, self.m2_b / self.count
+        if cost == "euclidean":  # E(a_i - b_j)^2 = var_i + var_j - 2 cov_ij + (mean_i - mean_j)^2
+            gap = self.mean_a[:, None] - self.mean_b[None, :]
             return -(var_a[:, None] + var_b[None, :] - 2 * cov + gap**2)
-        std_a, std_b = var_a.sqrt(), var_b.sqrt()
-        denom = torch.outer(std_a, std_b)
+        denom = torch.outer(var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt())
         tiny = torch.finfo(torch.float64).eps * max(float(denom.max()), 1.0)
         corr = torch.where(denom > tiny, cov / denom.clamp_min(tiny), torch.zeros_like(cov))
         return corr.clamp_(-1.0, 1.0)
@@ -195,10 +214,22 @@ def _joint(value: Tensor, point: ActivationPoint) -> Tensor:
     return value.movedim(point.dims, tuple(range(-k, 0))).reshape(-1, tree_size(point.tree))
 
 
-def _units(joint: Tensor, positions: Tensor) -> Tensor:
+def _layout(value: Tensor, dim: int) -> Tensor:
+    """``value`` viewed as ``(P, n, Q)`` around ``dim`` (no copy)."""
+    shape = value.shape
+    before = 1
+    for size in shape[:dim]:
+        before *= size
+    return value.reshape(before, shape[dim], -1)
+
+
+def _units(joint: Tensor, positions: Tensor | None) -> Tensor:
     """Samples of one group from a joint ``(samples, N)`` tensor: ``positions``
     is ``unit_positions(tree, group)`` of shape ``(n, R)``; the ``R`` positions
-    of a unit become extra samples. Returns ``(samples * R, n)``."""
+    of a unit become extra samples. Returns ``(samples * R, n)``. ``None``
+    stands for the identity (the joint axis is the group itself)."""
+    if positions is None:
+        return joint
     return joint[:, positions].transpose(1, 2).reshape(-1, positions.shape[0])
 
 
@@ -218,7 +249,7 @@ class _Plan:
     """
 
     def __init__(self, spec: PermutationSpec, max_joint: int) -> None:
-        self.clean: dict[str, list[tuple[ActivationPoint, Tensor]]] = {}
+        self.clean: dict[str, list[tuple[ActivationPoint, Tensor | None]]] = {}
         self.joint: dict[AxisTree, list[ActivationPoint]] = {}
         self.skipped: list[str] = []
         for group, points in spec.activations.items():
@@ -227,6 +258,8 @@ class _Plan:
                 if not co_groups(tree, group):
                     positions = unit_positions(tree, group)
                     assert positions is not None
+                    if isinstance(tree, Leaf):  # the joint axis is the group: no gather
+                        positions = None
                     self.clean.setdefault(group, []).append((point, positions))
                 elif tree_size(tree) <= max_joint:
                     if point not in self.joint.setdefault(tree, []):
@@ -348,19 +381,32 @@ def match_activations(
             assert spec is not None and plan is not None
             flat, _ = pytree.tree_flatten((args, {}))
             acts_a, acts_b = prober(state_a, flat), prober(state_b, flat)
-            for node in prober.nodes:
-                for acts, which in ((acts_a, "model_a"), (acts_b, "model_b")):
-                    if not torch.isfinite(acts[node]).all():
-                        raise DataError(f"non-finite activation at graph node '{node}' of {which} in batch {index}")
-            joints = {p: (_joint(acts_a[p.node], p), _joint(acts_b[p.node], p)) for p in plan.points}
+            joints: dict[ActivationPoint, tuple[Tensor, Tensor]] = {}
+
+            def joint_of(
+                point: ActivationPoint,
+                joints: dict[ActivationPoint, tuple[Tensor, Tensor]] = joints,
+                acts_a: dict[str, Tensor] = acts_a,
+                acts_b: dict[str, Tensor] = acts_b,
+            ) -> tuple[Tensor, Tensor]:
+                if point not in joints:
+                    joints[point] = (_joint(acts_a[point.node], point), _joint(acts_b[point.node], point))
+                return joints[point]
+
             for group, uses in plan.clean.items():
                 for point, positions in uses:
-                    ja, jb = joints[point]
-                    where = positions.to(ja.device)
-                    clean[group].update(_units(ja, where), _units(jb, where))
+                    if positions is None:  # one carrying dim that is the group: view, no copy
+                        va, vb = acts_a[point.node], acts_b[point.node]
+                        clean[group].update(_layout(va, point.dims[0]), _layout(vb, point.dims[0]))
+                    else:
+                        ja, jb = joint_of(point)
+                        where = positions.to(ja.device)
+                        clean[group].update(_units(ja, where), _units(jb, where))
             for tree, points in plan.joint.items():
                 for point in points:
-                    joint[tree].update(*joints[point])
+                    joint[tree].update(*joint_of(point))
+            if not all(st.is_finite() for st in (*clean.values(), *joint.values())):
+                _raise_non_finite(prober.nodes, acts_a, acts_b, index)
     if spec is None or prober is None:
         raise DataError("data yielded no batches; activation matching needs at least one batch")
     for stats in (*clean.values(), *joint.values()):
@@ -375,6 +421,16 @@ def match_activations(
         dist.broadcast_object_list(solved, src=0)
     indices, report = solved[0]
     return Permutation(spec, indices, report={"method": "activation", "cost": cost, "groups": report})
+
+
+def _raise_non_finite(
+    nodes: Sequence[str], acts_a: Mapping[str, Tensor], acts_b: Mapping[str, Tensor], index: int
+) -> None:
+    for node in nodes:
+        for acts, which in ((acts_a, "model_a"), (acts_b, "model_b")):
+            if not torch.isfinite(acts[node]).all():
+                raise DataError(f"non-finite activation at graph node '{node}' of {which} in batch {index}")
+    raise DataError(f"activation statistics overflowed in batch {index}; use cost='correlation' on float64 models")
 
 
 def _marginal(tree: AxisTree, similarity: Tensor, group: str, perm: Mapping[str, Tensor]) -> Tensor:
