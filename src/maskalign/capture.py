@@ -133,6 +133,7 @@ def capture(
     check: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    dynamic_batch: bool = False,
 ) -> CapturedGraph:
     """Capture ``model`` (in eval mode) with ``torch.export.export(strict=False)``.
 
@@ -144,6 +145,8 @@ def capture(
         example_inputs: positional inputs of ``forward`` (a tensor or a tuple).
         kwargs: keyword inputs of ``forward``.
         check: re-run the captured graph and compare with eager outputs.
+        dynamic_batch: mark dim 0 of every positional tensor input dynamic
+            (``Dim.AUTO``), so that the graph runs for any batch size.
 
     Raises:
         TraceError: export failed (the message names the failing construct and
@@ -162,7 +165,8 @@ def capture(
                 # torch.nn.utils.prune recomputes `weight` in a forward pre-hook; export warns
                 # about the attribute write, which is exactly the form we support
                 warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
-                program = torch.export.export(model, args, kwargs, strict=False)
+                dynamic = _batch_dims(args) if dynamic_batch and not kwargs else None
+                program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as exc:  # torch raises many unrelated types here
             raise TraceError(
                 f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
@@ -177,6 +181,11 @@ def capture(
                 captured, model.state_dict(), lambda: model(*args, **kwargs), args, kwargs, rtol=rtol, atol=atol
             )
     return captured
+
+
+def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``dynamic_shapes`` marking dim 0 of every tensor argument ``Dim.AUTO``."""
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
 
 
 def _capture_program(

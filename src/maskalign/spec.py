@@ -127,6 +127,7 @@ class PermutationSpec:
     coverage: float = 1.0
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
