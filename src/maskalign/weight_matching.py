@@ -16,13 +16,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .axes import AxisTree, co_groups, groups_of, index_vector, unit_positions
+from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, unit_positions
 from .errors import SpecError
 from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import PermutationSpec, build_spec
 
 __all__ = ["match_weights"]
+
+
+def _working(tensor: Tensor) -> Tensor:
+    """A detached copy in float32 or float64 (the tensor's own precision)."""
+    tensor = tensor.detach()
+    return tensor.clone() if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def _permuted(
@@ -38,11 +44,42 @@ def _permuted(
     return tensor
 
 
-def _objective(
-    spec: PermutationSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], perm: Mapping[str, Tensor]
-) -> float:
-    """``sum_t <pi(A_t), B_t>`` over the tensors that carry a group."""
-    return sum(float((_permuted(a[t], spec.axes[t], perm) * b[t]).sum()) for t in a)
+class _Aligned:
+    """A's tensors permuted by the current permutation on every axis, kept up
+    to date one ``index_select`` per changed axis (never re-permuted whole)."""
+
+    def __init__(self, spec: PermutationSpec, tensors_a: Mapping[str, Tensor], perm: Mapping[str, Tensor]) -> None:
+        self.spec = spec
+        self.perm = dict(perm)
+        self.tensors = {t: _permuted(a, spec.axes[t], perm) for t, a in tensors_a.items()}
+
+    def set(self, group: str, idx: Tensor, occurrences: list[_Occurrence]) -> None:
+        inverse = torch.empty_like(self.perm[group])
+        inverse[self.perm[group]] = torch.arange(inverse.numel(), device=inverse.device)
+        relative = {group: inverse[idx]}  # old^-1 o new, on this group's factor only
+        for occ in occurrences:
+            step = index_vector(self.spec.axes[occ.tensor][occ.dim], relative).to(idx.device)
+            self.tensors[occ.tensor] = self.tensors[occ.tensor].index_select(occ.dim, step)
+        self.perm[group] = idx
+
+    def objective(self, tensors_b: Mapping[str, Tensor]) -> float:
+        """``sum_t <pi(A_t), B_t>`` over the tensors that carry a group."""
+        return sum(float((a * tensors_b[t]).sum(dtype=torch.float64)) for t, a in self.tensors.items())
+
+    def similarity(self, group: str, occurrences: list[_Occurrence], n: int) -> Tensor:
+        """``(n, n)`` float64 matrix ``sum_t A_t B_t^T`` over the axes carrying
+        ``group``, every other group of A permuted by the current permutation:
+        computed on the fully permuted tensors, then rows restored to A's units."""
+        total: Tensor | None = None
+        for occ in occurrences:
+            moved = self.tensors[occ.tensor].movedim(occ.dim, 0)
+            rows = moved.reshape(n, -1) if occ.identity else moved[occ.positions.reshape(-1)].reshape(n, -1)
+            part = rows @ occ.rows_b.T
+            total = part if total is None else total + part
+        assert total is not None
+        inverse = torch.empty_like(self.perm[group])
+        inverse[self.perm[group]] = torch.arange(n, device=inverse.device)
+        return total.double().cpu()[inverse.cpu()]
 
 
 def match_weights(
@@ -91,8 +128,8 @@ def match_weights(
     check_same_architecture(state_a, spec, "model_a")
     check_same_architecture(state_b, spec, "model_b")
     carrying = [t for t, axes in spec.axes.items() if any(next(groups_of(tree), None) for tree in axes)]
-    tensors_a = {t: state_a[t].detach().double() for t in carrying}
-    tensors_b = {t: state_b[t].detach().double() for t in carrying}
+    tensors_a = {t: _working(state_a[t]) for t in carrying}
+    tensors_b = {t: _working(state_b[t]) for t in carrying}
     device = next(iter(tensors_a.values())).device if tensors_a else torch.device("cpu")
     occurrences: dict[str, list[_Occurrence]] = {g: [] for g in spec.groups}
     for t in carrying:
@@ -101,7 +138,9 @@ def match_weights(
                 positions = unit_positions(tree, g)
                 assert positions is not None
                 rows = tensors_b[t].movedim(d, 0)[positions.reshape(-1).to(device)]
-                occurrences[g].append(_Occurrence(t, d, positions.to(device), rows.reshape(positions.shape[0], -1)))
+                identity = isinstance(tree, Leaf)
+                rows_b = rows.reshape(positions.shape[0], -1)
+                occurrences[g].append(_Occurrence(t, d, positions.to(device), rows_b, identity))
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     nested = [g for g in spec.groups if any(co_groups(spec.axes[o.tensor][o.dim], g) for o in occurrences[g])]
@@ -145,26 +184,26 @@ def _coordinate_descent(
     ``groups``) in random order, each solving one LAP with the others fixed,
     until a sweep changes nothing. Returns the permutation and the objective
     after every sweep."""
-    device = next(iter(perm.values())).device if perm else torch.device("cpu")
-    perm = dict(perm)
+    aligned = _Aligned(spec, tensors_a, perm)
     names: Sequence[str] = list(spec.groups) if groups is None else list(groups)
-    objective = [_objective(spec, tensors_a, tensors_b, perm)]
+    objective = [aligned.objective(tensors_b)]
     for _ in range(max_iter):
         changed = False
         for i in torch.randperm(len(names), generator=generator).tolist():
             g = names[i]
-            similarity = _similarity(spec, tensors_a, perm, g, occurrences[g], spec.groups[g].size, device)
-            ar = torch.arange(spec.groups[g].size, device=device)
-            old = float(similarity[perm[g], ar].sum())
-            idx = solve_lap(similarity).to(device)
+            n = spec.groups[g].size
+            similarity = aligned.similarity(g, occurrences[g], n)
+            ar = torch.arange(n)
+            old = float(similarity[aligned.perm[g].cpu(), ar].sum())
+            idx = solve_lap(similarity)
             new = float(similarity[idx, ar].sum())
             if new > old + 1e-12 * max(abs(old), 1.0):
-                perm[g] = idx
+                aligned.set(g, idx.to(aligned.perm[g].device), occurrences[g])
                 changed = True
-        objective.append(_objective(spec, tensors_a, tensors_b, perm))
+        objective.append(aligned.objective(tensors_b))
         if not changed:
             break
-    return perm, objective
+    return aligned.perm, objective
 
 
 @dataclass(frozen=True)
@@ -176,6 +215,7 @@ class _Occurrence:
     dim: int
     positions: Tensor
     rows_b: Tensor
+    identity: bool  # the axis is the group itself: rows need no gather
 
 
 def _block_start(
@@ -200,24 +240,5 @@ def _block_start(
         if r > 1 and n * n * r * (r + m) <= max_elements:
             total += block_lap_values(torch.einsum("irm,jsm->ijrs", rows_a, rows_b))
         else:
-            total += (rows_a.reshape(n, -1) @ rows_b.reshape(n, -1).T).cpu()
+            total += (rows_a.reshape(n, -1) @ rows_b.reshape(n, -1).T).double().cpu()
     return total
-
-
-def _similarity(
-    spec: PermutationSpec,
-    tensors_a: Mapping[str, Tensor],
-    perm: Mapping[str, Tensor],
-    group: str,
-    occurrences: list[_Occurrence],
-    n: int,
-    device: torch.device,
-) -> Tensor:
-    """``(n, n)`` matrix ``sum_t A_t B_t^T`` over the axes carrying ``group``,
-    with every other group of A already permuted by the current ``perm``."""
-    similarity = torch.zeros(n, n, dtype=torch.float64, device=device)
-    for occ in occurrences:
-        a = _permuted(tensors_a[occ.tensor], spec.axes[occ.tensor], perm, skip=(occ.dim, group))
-        rows_a = a.movedim(occ.dim, 0)[occ.positions.reshape(-1)].reshape(n, -1)
-        similarity += rows_a @ occ.rows_b.T
-    return similarity
