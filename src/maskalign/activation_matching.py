@@ -71,14 +71,17 @@ class ActivationStats:
         dims = (0,) if a.dim() == 2 else (0, 2)
         m = a.numel() // a.shape[1]
         mean_a, mean_b = a.mean(dims), b.mean(dims)  # (torch.var_mean is ~10x slower on CPU here)
-        if a.dim() == 3:
+        if a.dim() == 3 and a.shape[1] <= a.shape[2]:  # units <= positions: batched products are cheap
             centred_a, centred_b = a - mean_a[:, None], b - mean_b[:, None]
             cross = torch.bmm(centred_a, centred_b.transpose(1, 2)).sum(0)
+        elif a.dim() == 3:  # many units, few positions: centre straight into a (n, P * Q) layout
+            centred_a, centred_b = _centred_rows(a, mean_a), _centred_rows(b, mean_b)
+            cross, dims = centred_a @ centred_b.T, (1,)
         else:
             centred_a, centred_b = a - mean_a, b - mean_b
             cross = centred_a.T @ centred_b
-        m2_a = centred_a.square().sum(dims).double()
-        m2_b = centred_b.square().sum(dims).double()
+        m2_a = centred_a.square_().sum(dims).double()  # in place: the centred copies are done with
+        m2_b = centred_b.square_().sum(dims).double()
         self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross.double())
 
     def _merge(self, m: int, mean_a: Tensor, mean_b: Tensor, m2_a: Tensor, m2_b: Tensor, cross: Tensor) -> None:
@@ -142,6 +145,14 @@ class ActivationStats:
         return corr.clamp_(-1.0, 1.0)
 
 
+def _centred_rows(x: Tensor, mean: Tensor) -> Tensor:
+    """``(P, n, Q)`` activations minus their unit means, as ``(n, P * Q)`` rows,
+    written in one pass."""
+    out = torch.empty((x.shape[1], x.shape[0], x.shape[2]), dtype=x.dtype, device=x.device)
+    torch.sub(x.transpose(0, 1), mean[:, None, None], out=out)
+    return out.view(x.shape[1], -1)
+
+
 def _default_input_fn(batch: Any) -> tuple[Any, ...]:
     if isinstance(batch, (tuple, list)):
         return normalize_inputs(batch[0])
@@ -167,10 +178,11 @@ def _to_model(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 class _Prober:
-    """Runs both models through one captured graph that returns the activation
-    points. The spec's graph is static in shape; for inputs of other shapes
-    the model is captured once more with a dynamic batch dimension (static
-    per shape if the model does not allow that), checked to contain the
+    """Runs both models side by side through one captured graph and hands
+    every activation point to a visitor as it is computed. The spec's graph
+    is static in shape; for inputs of other shapes the model is captured once
+    more with a dynamic batch dimension (static per shape if the model does
+    not allow that), checked to contain the
     spec's nodes, and kept in the spec's cache for later calls."""
 
     def __init__(self, spec: PermutationSpec, model: nn.Module, nodes: Sequence[str]) -> None:
@@ -181,12 +193,11 @@ class _Prober:
         self.cache = spec.cache
         self.reference = spec.captured
 
-    def _graph_for(self, flat: list[Any]) -> tuple[CapturedGraph, torch.fx.GraphModule]:
+    def _graph_for(self, flat: list[Any]) -> CapturedGraph:
         shapes = tuple(tuple(x.shape) if isinstance(x, Tensor) else x for x in flat)
-        key = ("probe", shapes, tuple(self.nodes))
+        key = ("graph", shapes, tuple(self.nodes))
         if key not in self.cache:
-            captured = self._captured_for(flat, shapes)
-            self.cache[key] = (captured, captured.probe(self.nodes))
+            self.cache[key] = self._captured_for(flat, shapes)
         return self.cache[key]  # type: ignore[no-any-return]
 
     def _captured_for(self, flat: list[Any], shapes: tuple[Any, ...]) -> CapturedGraph:
@@ -222,10 +233,14 @@ class _Prober:
         known = {n.name for n in captured.graph.nodes}
         return all(n in known for n in self.nodes)
 
-    def __call__(self, state: dict[str, Tensor], flat: list[Any]) -> dict[str, Tensor]:
-        captured, module = self._graph_for(flat)
-        values = module(*captured.placeholder_values(state, flat))
-        return dict(zip(self.nodes, values))
+    def __call__(
+        self,
+        state_a: dict[str, Tensor],
+        state_b: dict[str, Tensor],
+        flat: list[Any],
+        visit: Callable[[str, Tensor, Tensor], None],
+    ) -> None:
+        self._graph_for(flat).run_pair(state_a, state_b, flat, set(self.nodes), visit)
 
 
 def _joint(value: Tensor, point: ActivationPoint) -> Tensor:
@@ -293,6 +308,18 @@ class _Plan:
             )
         )
 
+    def uses(self) -> dict[str, list[tuple[ActivationPoint, str | None, Tensor | None, AxisTree | None]]]:
+        """Per graph node: ``(point, group, positions, None)`` for pooled
+        statistics and ``(point, None, None, tree)`` for joint ones."""
+        out: dict[str, list[tuple[ActivationPoint, str | None, Tensor | None, AxisTree | None]]] = {}
+        for group, uses in self.clean.items():
+            for point, positions in uses:
+                out.setdefault(point.node, []).append((point, group, positions, None))
+        for tree, points in self.joint.items():
+            for point in points:
+                out.setdefault(point.node, []).append((point, None, None, tree))
+        return out
+
     def stats(self, spec: PermutationSpec, device: torch.device) -> tuple[_Stats, _JointStats]:
         clean = {g: ActivationStats(spec.groups[g].size, device) for g in self.clean}
         joint = {tree: ActivationStats(tree_size(tree), device) for tree in self.joint}
@@ -330,7 +357,7 @@ def match_activations(
     """Find the permutation that aligns ``model_a``'s hidden units to ``model_b``'s.
 
     For every group of the spec, the activations of all graph values that carry
-    it (nonlinearity outputs; see :class:`~maskalign.spec.PermutationSpec`) are
+    it (pre-activations, i.e. inputs of nonlinearities; see :class:`~maskalign.spec.PermutationSpec`) are
     pooled over batch and spatial/sequence positions, and one linear assignment
     maximises the summed similarity of matched units (Git Re-Basin, Sec. 3.1).
     Nested groups (attention heads and the dims inside each head, concatenated
@@ -366,11 +393,12 @@ def match_activations(
         DataError: ``data`` yields no batch, or an activation is not finite
             (the message names the graph node and the batch).
 
+        ValueError: an unknown ``cost``.
+
     Distributed: under an initialised ``torch.distributed`` process group, each
     rank passes its own shard of the data (at least one batch per rank); the
     statistics are all-reduced, rank 0 solves, and every rank returns the
     same permutation.
-        ValueError: an unknown ``cost``.
     """
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
@@ -399,35 +427,10 @@ def match_activations(
                     )
                 prober = _Prober(spec, model_a, sorted({p.node for p in plan.points}))
                 clean, joint = plan.stats(spec, device)
+                uses = plan.uses()
             assert spec is not None and plan is not None
             flat, _ = pytree.tree_flatten((args, {}))
-            acts_a, acts_b = prober(state_a, flat), prober(state_b, flat)
-            joints: dict[ActivationPoint, tuple[Tensor, Tensor]] = {}
-
-            def joint_of(
-                point: ActivationPoint,
-                joints: dict[ActivationPoint, tuple[Tensor, Tensor]] = joints,
-                acts_a: dict[str, Tensor] = acts_a,
-                acts_b: dict[str, Tensor] = acts_b,
-            ) -> tuple[Tensor, Tensor]:
-                if point not in joints:
-                    joints[point] = (_joint(acts_a[point.node], point), _joint(acts_b[point.node], point))
-                return joints[point]
-
-            for group, uses in plan.clean.items():
-                for point, positions in uses:
-                    if positions is None:  # one carrying dim that is the group: view, no copy
-                        va, vb = acts_a[point.node], acts_b[point.node]
-                        clean[group].update(_layout(va, point.dims[0]), _layout(vb, point.dims[0]))
-                    else:
-                        ja, jb = joint_of(point)
-                        where = positions.to(ja.device)
-                        clean[group].update(_units(ja, where), _units(jb, where))
-            for tree, points in plan.joint.items():
-                for point in points:
-                    joint[tree].update(*joint_of(point))
-            if not all(st.is_finite() for st in (*clean.values(), *joint.values())):
-                _raise_non_finite(prober.nodes, acts_a, acts_b, index)
+            prober(state_a, state_b, flat, _Visitor(uses, clean, joint, index))
     if spec is None or prober is None:
         raise DataError("data yielded no batches; activation matching needs at least one batch")
     for stats in (*clean.values(), *joint.values()):
@@ -444,14 +447,39 @@ def match_activations(
     return Permutation(spec, indices, report={"method": "activation", "cost": cost, "groups": report})
 
 
-def _raise_non_finite(
-    nodes: Sequence[str], acts_a: Mapping[str, Tensor], acts_b: Mapping[str, Tensor], index: int
-) -> None:
-    for node in nodes:
-        for acts, which in ((acts_a, "model_a"), (acts_b, "model_b")):
-            if not torch.isfinite(acts[node]).all():
-                raise DataError(f"non-finite activation at graph node '{node}' of {which} in batch {index}")
-    raise DataError(f"activation statistics overflowed in batch {index}; use cost='correlation' on float64 models")
+class _Visitor:
+    """Updates the statistics of one batch from each activation as it is computed."""
+
+    def __init__(
+        self,
+        uses: Mapping[str, list[tuple[ActivationPoint, str | None, Tensor | None, AxisTree | None]]],
+        clean: _Stats,
+        joint: _JointStats,
+        batch: int,
+    ) -> None:
+        self.uses, self.clean, self.joint, self.batch = uses, clean, joint, batch
+
+    def __call__(self, node: str, value_a: Tensor, value_b: Tensor) -> None:
+        touched = []
+        for point, group, positions, tree in self.uses[node]:
+            if tree is not None:
+                stats = self.joint[tree]
+                stats.update(_joint(value_a, point), _joint(value_b, point))
+            elif positions is None:  # one carrying dim that is the group: a view, no copy
+                assert group is not None
+                stats = self.clean[group]
+                stats.update(_layout(value_a, point.dims[0]), _layout(value_b, point.dims[0]))
+            else:
+                assert group is not None
+                stats = self.clean[group]
+                where = positions.to(value_a.device)
+                stats.update(_units(_joint(value_a, point), where), _units(_joint(value_b, point), where))
+            touched.append(stats)
+        if not all(stats.is_finite() for stats in touched):
+            for value, which in ((value_a, "model_a"), (value_b, "model_b")):
+                if not torch.isfinite(value).all():
+                    raise DataError(f"non-finite activation at graph node '{node}' of {which} in batch {self.batch}")
+            raise DataError(f"activation statistics overflowed at graph node '{node}' in batch {self.batch}")
 
 
 def _marginal(tree: AxisTree, similarity: Tensor, group: str, perm: Mapping[str, Tensor]) -> Tensor:

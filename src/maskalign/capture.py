@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,16 +82,53 @@ class CapturedGraph:
                 values.append(flat_inputs[int(role.target)])
         return values
 
-    def probe(self, node_names: Sequence[str]) -> torch.fx.GraphModule:
-        """A graph module that returns the values of ``node_names`` (in order)
-        instead of the model's outputs. Called with ``placeholder_values``."""
-        graph = torch.fx.Graph()
-        value_map: dict[torch.fx.Node, torch.fx.Node] = {}
-        graph.graph_copy(self.graph, value_map)
-        by_name = {node.name: node for node in self.graph.nodes}
-        graph.output(tuple(value_map[by_name[name]] for name in node_names))
-        graph.eliminate_dead_code()
-        return torch.fx.GraphModule(nn.Module(), graph)
+    def run_pair(
+        self,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        flat_inputs: Sequence[Any],
+        points: Collection[str],
+        visit: Callable[[str, Tensor, Tensor], None],
+    ) -> None:
+        """Run two models of this architecture side by side on the same inputs,
+        node by node, calling ``visit(name, value_a, value_b)`` as soon as a
+        node of ``points`` is computed (before any in-place op can change it).
+
+        Only the nodes that ``points`` depend on run, and every value is
+        dropped after its last use, so memory stays that of one forward pass
+        per model rather than of all recorded activations.
+        """
+        nodes = list(self.graph.nodes)
+        needed: set[torch.fx.Node] = set()
+        stack = [n for n in nodes if n.name in points]
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        order = [n for n in nodes if n in needed]
+        last_use = {n: i for i, node in enumerate(order) for n in node.all_input_nodes}
+        values_a = self.placeholder_values(state_a, flat_inputs)
+        values_b = self.placeholder_values(state_b, flat_inputs)
+        placeholders = {n: k for k, n in enumerate(n for n in nodes if n.op == "placeholder")}
+        env_a: dict[torch.fx.Node, Any] = {}
+        env_b: dict[torch.fx.Node, Any] = {}
+        for i, node in enumerate(order):
+            if node.op == "placeholder":
+                env_a[node] = values_a[placeholders[node]]
+                env_b[node] = values_b[placeholders[node]]
+            elif node.op == "call_function":
+                for env in (env_a, env_b):
+                    args = torch.fx.node.map_arg(node.args, env.__getitem__)
+                    kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+                    env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+            else:
+                raise TraceError(f"cannot run graph node '{node.name}' of kind {node.op}")
+            if node.name in points:
+                visit(node.name, env_a[node], env_b[node])
+            for used in node.all_input_nodes:
+                if last_use.get(used) == i:
+                    del env_a[used], env_b[used]
 
     def run(self, state: Mapping[str, Tensor], flat_inputs: Sequence[Any]) -> list[Any]:
         """Run the captured graph; returns the flattened user outputs."""

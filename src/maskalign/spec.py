@@ -293,16 +293,19 @@ class _TreeBuilder:
 def _activation_points(
     analysis: Analysis, trees: _TreeBuilder, captured: CapturedGraph
 ) -> dict[str, list[ActivationPoint]]:
-    """Per group, the graph values used by activation matching: the outputs of
-    nonlinearities and their inputs (pre-activations, informative even where a
-    ReLU unit is dead); every other non-view value when a group meets no
-    nonlinearity (e.g. a pre-norm transformer's residual stream)."""
+    """Per group, the graph values used by activation matching: the inputs of
+    nonlinearities (pre-activations); every other non-view value when a group
+    meets no nonlinearity (e.g. a pre-norm transformer's residual stream).
+
+    Pre-activations hold everything the post-activations do (ReLU(x) is a
+    function of x) and stay informative where a ReLU unit is dead, which made
+    self-recovery fail on post-activations. Measured on the digits pipeline
+    (3 seeds), permuted-mask accuracy and the barrier after matching match
+    those of post+pre pooling within noise, at half the statistics cost."""
     preferred_nodes: set[str] = set()
     for node in captured.graph.nodes:
-        if analysis.node_ops.get(node.name) in NONLINEAR_OPS:
-            preferred_nodes.add(node.name)
-            if isinstance(node.args[0], torch.fx.Node):
-                preferred_nodes.add(node.args[0].name)
+        if analysis.node_ops.get(node.name) in NONLINEAR_OPS and isinstance(node.args[0], torch.fx.Node):
+            preferred_nodes.add(node.args[0].name)
     preferred: dict[str, list[ActivationPoint]] = {}
     other: dict[str, list[ActivationPoint]] = {}
     for node, dims in analysis.node_dims.items():
