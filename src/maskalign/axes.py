@@ -10,7 +10,8 @@ that :func:`index_vector` composes from the groups' permutations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,16 +57,17 @@ class Concat:
 AxisTree = Leaf | Product | Concat
 
 
-def tree_size(tree: AxisTree) -> int:
+def _fold(tree: AxisTree, leaf_value: Callable[[Leaf], int]) -> int:
+    """Sum over concatenated parts, product over factors, ``leaf_value`` at leaves."""
     if isinstance(tree, Leaf):
-        return tree.size
-    sizes = [tree_size(p) for p in tree.parts]
-    if isinstance(tree, Concat):
-        return sum(sizes)
-    out = 1
-    for s in sizes:
-        out *= s
-    return out
+        return leaf_value(tree)
+    values = [_fold(part, leaf_value) for part in tree.parts]
+    return sum(values) if isinstance(tree, Concat) else math.prod(values)
+
+
+def tree_size(tree: AxisTree) -> int:
+    """Number of positions of the axis."""
+    return _fold(tree, lambda leaf: leaf.size)
 
 
 def groups_of(tree: AxisTree) -> Iterator[str]:
@@ -80,15 +82,7 @@ def groups_of(tree: AxisTree) -> Iterator[str]:
 
 def covered_size(tree: AxisTree) -> int:
     """Number of positions of the axis whose every factor is permuted."""
-    if isinstance(tree, Leaf):
-        return tree.size if tree.group is not None else 0
-    sizes = [covered_size(p) for p in tree.parts]
-    if isinstance(tree, Concat):
-        return sum(sizes)
-    out = 1
-    for s in sizes:
-        out *= s
-    return out
+    return _fold(tree, lambda leaf: leaf.size if leaf.group is not None else 0)
 
 
 def index_vector(tree: AxisTree, perm: Mapping[str, Tensor], skip: str | None = None) -> Tensor:
@@ -138,12 +132,7 @@ def unit_positions(tree: AxisTree, group: str) -> Tensor | None:
         sub = unit_positions(part, group)
         if sub is None:
             continue
-        before = 1
-        for s in sizes[:j]:
-            before *= s
-        after = 1
-        for s in sizes[j + 1 :]:
-            after *= s
+        before, after = math.prod(sizes[:j]), math.prod(sizes[j + 1 :])
         pre = torch.arange(before)[None, :, None, None] * (sizes[j] * after)
         post = torch.arange(after)[None, None, None, :]
         positions = pre + sub[:, None, :, None] * after + post
