@@ -25,8 +25,7 @@ from maskalign.models import MLP
 def labelled_batches(count: int = 2, size: int = 32, seed: int = 200) -> list[tuple[Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (make_inputs(size, seed=seed + i), torch.randint(0, 10, (size,), generator=generator))
-        for i in range(count)
+        (make_inputs(size, seed=seed + i), torch.randint(0, 10, (size,), generator=generator)) for i in range(count)
     ]
 
 
@@ -266,3 +265,29 @@ def test_interpolate_uses_effective_weights_of_sparse_models() -> None:
     assert torch.allclose(mid.bias, 0.5 * (a.bias + b.bias))
     with pytest.raises(ma.MaskError, match="nope"):
         ma.interpolate(a, b, 0.5, {"nope": torch.ones(1, dtype=torch.bool)})
+
+
+def test_repair_matches_interpolated_channel_statistics() -> None:
+    from maskalign.lmc import _channel_stats
+
+    torch.manual_seed(11)
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+
+    a, b = mlp(), mlp()
+    data = [(torch.randn(64, 6, dtype=torch.float64), torch.zeros(64, dtype=torch.long)) for _ in range(3)]
+    mid = ma.interpolate(a, b, 0.3)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    ma.repair(mid, a, b, 0.3, data)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())  # endpoints untouched
+    names = ["0", "2"]
+    got = _channel_stats(mid, names, data)
+    sa, sb = _channel_stats(a, names, data), _channel_stats(b, names, data)
+    for name in names:
+        assert torch.allclose(got[name][0], 0.7 * sa[name][0] + 0.3 * sb[name][0], atol=1e-9)
+        assert torch.allclose(got[name][1], 0.7 * sa[name][1] + 0.3 * sb[name][1], atol=1e-9)
+    # the output layer is left alone
+    assert torch.equal(mid[4].weight, ma.interpolate(a, b, 0.3)[4].weight)
+    result = ma.lmc_barrier(a, b, data, num_points=3, repair_data=data)
+    assert len(result.losses) == 3

@@ -13,7 +13,7 @@ Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
 from .activation_matching import match_activations
 from .equivalence import EquivalenceReport, check_equivalence
 from .errors import DataError, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
-from .lmc import LMCResult, interpolate, lmc_barrier, reset_bn_stats
+from .lmc import LMCResult, interpolate, lmc_barrier, repair, reset_bn_stats
 from .masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
 from .permutation import (
     Permutation,
@@ -55,6 +55,7 @@ __all__ = [
     "permute_state_dict",
     "random_masks_like",
     "random_permutation",
+    "repair",
     "reset_bn_stats",
     "sparsity",
     "validate_masks",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .capture import eval_mode
 from .errors import DataError, MaskError, SpecMismatchError
 
-__all__ = ["LMCResult", "evaluate", "interpolate", "lmc_barrier", "reset_bn_stats"]
+__all__ = ["LMCResult", "evaluate", "interpolate", "lmc_barrier", "repair", "reset_bn_stats"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,89 @@ def _effective(state: dict[str, Tensor], masks: Mapping[str, Tensor] | None) -> 
     if unknown:
         raise MaskError(f"masks name tensors that the model does not have: {unknown[:5]}")
     return {name: t * masks[name].to(t.device, t.dtype) if name in masks else t for name, t in state.items()}
+
+
+_REPAIRABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
+def _channel_stats(model: nn.Module, names: list[str], data: Iterable[Any]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-channel mean and std (float64) of the outputs of the modules ``names``
+    (channels: dim 1 of a conv output, the last dim of a linear output)."""
+    sums: dict[str, list[Any]] = {n: [0, 0.0, 0.0] for n in names}
+
+    def hook(name: str, module: nn.Module) -> Any:
+        channel = -1 if isinstance(module, nn.Linear) else 1
+
+        def record(_: nn.Module, __: Any, out: Tensor) -> None:
+            x = out.double().movedim(channel, -1).reshape(-1, out.shape[channel])
+            sums[name][0] += x.shape[0]
+            sums[name][1] = sums[name][1] + x.sum(0)
+            sums[name][2] = sums[name][2] + (x * x).sum(0)
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n, model.get_submodule(n))) for n in names]
+    device = _device_of(model)
+    try:
+        with eval_mode(model):
+            for batch in data:
+                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for name, (count, total, squares) in sums.items():
+        if count == 0:
+            raise DataError("repair data yielded no batches")
+        mean = total / count
+        out[name] = (mean, (squares / count - mean**2).clamp_min(0).sqrt())
+    return out
+
+
+@torch.no_grad()
+def repair(
+    interpolated: nn.Module,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    alpha: float,
+    data: Iterable[Any],
+    eps: float = 1e-8,
+) -> nn.Module:
+    """REPAIR (Jordan et al., "REPAIR: REnormalizing Permuted Activations for
+    Interpolation Repair", ICLR 2023, Sec. 3): rescale every hidden linear/conv
+    output channel of an interpolated model (in place) so that its mean and
+    std over ``data`` equal ``(1 - alpha)`` A's plus ``alpha`` B's; layers are
+    corrected in forward order, each measured after the earlier corrections.
+    For networks without BatchNorm (with BatchNorm, ``reset_bn_stats`` does
+    this job). The last linear/conv layer (the output) is left alone.
+
+    Args:
+        interpolated: e.g. ``interpolate(model_a, model_b, alpha)``; modified.
+        model_a, model_b: the endpoints (not modified).
+        data: batches (a list: it is read once per layer plus twice).
+
+    Returns:
+        ``interpolated``.
+    """
+    names = [n for n, m in interpolated.named_modules() if isinstance(m, _REPAIRABLE)][:-1]
+    stats_a, stats_b = _channel_stats(model_a, names, data), _channel_stats(model_b, names, data)
+    for name in names:
+        module = interpolated.get_submodule(name)
+        mean, std = _channel_stats(interpolated, [name], data)[name]
+        target_mean = (1 - alpha) * stats_a[name][0] + alpha * stats_b[name][0]
+        target_std = (1 - alpha) * stats_a[name][1] + alpha * stats_b[name][1]
+        scale = target_std / std.clamp_min(eps)
+        weight = module.weight
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        weight.mul_(scale.to(weight.dtype).view(view))
+        bias = module.bias if module.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        new_bias = (bias.double() - mean) * scale + target_mean
+        if module.bias is None:
+            module.bias = nn.Parameter(new_bias.to(weight.dtype).to(weight.device))
+        else:
+            module.bias.copy_(new_bias.to(bias.dtype))
+    return interpolated
 
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -184,6 +267,7 @@ def lmc_barrier(
     bn_data: Iterable[Any] | None = None,
     masks_a: Mapping[str, Tensor] | None = None,
     masks_b: Mapping[str, Tensor] | None = None,
+    repair_data: Iterable[Any] | None = None,
 ) -> LMCResult:
     """Loss/error along ``(1 - alpha) * A + alpha * B`` for ``num_points``
     evenly spaced alphas in [0, 1], evaluated on ``data`` (``(inputs, targets)``
@@ -191,7 +275,9 @@ def lmc_barrier(
     re-estimated at every alpha, endpoints included. ``loss_fn(logits, targets)``
     must return the summed loss of the batch (default: cross-entropy). For
     sparse models, ``masks_a`` / ``masks_b`` make the path run between the
-    effective weights ``w * m``.
+    effective weights ``w * m``. With ``repair_data`` (a list of training
+    batches), :func:`repair` corrects every interpolated model (networks
+    without BatchNorm).
 
     Raises:
         SpecMismatchError: the models differ in architecture.
@@ -206,6 +292,8 @@ def lmc_barrier(
         model = interpolate(model_a, model_b, alpha, masks_a, masks_b)
         if bn_data is not None:
             reset_bn_stats(model, bn_data)
+        if repair_data is not None:
+            repair(model, model_a, model_b, alpha, repair_data)
         loss, acc = evaluate(model, data, loss_fn)
         losses.append(loss)
         errors.append(1.0 - acc)
