@@ -128,9 +128,7 @@ def is_permuted(spec: ma.PermutationSpec, tensor: str) -> bool:
 
 def state_dicts_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     """Same keys and bit-identical tensors (same dtype and shape)."""
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
-    )
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def snapshot(model: nn.Module) -> tuple[dict[str, Tensor], list[bool]]:
@@ -178,3 +176,12 @@ def spec_cache() -> Callable[[str], ma.PermutationSpec]:
 @pytest.fixture(params=MODEL_NAMES)
 def model_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def aliased(model: nn.Module) -> set[str]:
+    """state_dict keys that share storage with another key (tied weights)."""
+    seen: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.numel():
+            seen.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
+    return {n for names in seen.values() if len(names) > 1 for n in names}

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import relative_error, state_dicts_equal
+from conftest import aliased, relative_error, state_dicts_equal
 from torch import Tensor, nn
 
 import maskalign as ma
@@ -193,14 +193,6 @@ def logits(model: nn.Module, inputs: tuple[Any, ...]) -> Tensor:
     with torch.no_grad():
         out = model(*inputs)
     return out if isinstance(out, Tensor) else out.logits
-
-
-def aliased(model: nn.Module) -> set[str]:
-    seen: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if t.numel():
-            seen.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
-    return {n for names in seen.values() if len(names) > 1 for n in names}
 
 
 def nontrivial_permutation(spec: ma.PermutationSpec, seed: int) -> ma.Permutation:

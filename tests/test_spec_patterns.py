@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import axis_factors, axis_groups, relative_error, state_dicts_equal
+from conftest import aliased, axis_factors, axis_groups, relative_error, state_dicts_equal
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -116,15 +116,6 @@ def frozen_reason(spec: ma.PermutationSpec, tensor: str, dim: int) -> str:
     reasons = [f.reason for f in spec.frozen if f.tensor == tensor and f.dim == dim]
     assert reasons, f"{tensor}[{dim}] is not listed in spec.frozen:\n{spec.summary()}"
     return reasons[0]
-
-
-def aliased(model: nn.Module) -> set[str]:
-    """state_dict keys that share storage with another key (tied weights)."""
-    seen: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if t.numel():
-            seen.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
-    return {n for names in seen.values() if len(names) > 1 for n in names}
 
 
 def nontrivial_permutation(spec: ma.PermutationSpec, seed: int = 0) -> ma.Permutation:

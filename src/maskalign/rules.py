@@ -169,10 +169,6 @@ def _permute_dims(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
         ctx.unify(src[d], out[k], f"transpose in {_describe(node)}")  # type: ignore[index]
 
 
-def _expand(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
-    _pointwise(ctx, node, out)
-
-
 def _reduction(ctx: _Context, node: torch.fx.Node, out: Value) -> None:
     """sum/mean/amax/var...: reducing over a permuted axis is invariant."""
     src = ctx.tensor(node.args[0])
@@ -629,8 +625,8 @@ RULES.update(
         "aten::transpose": _permute_dims,
         "aten::swapaxes": _permute_dims,
         "aten::t": _permute_dims,
-        "aten::expand": _expand,
-        "aten::expand_as": _expand,
+        "aten::expand": _pointwise,  # broadcasting: equal-size dims unify, right-aligned
+        "aten::expand_as": _pointwise,
         "aten::sum": _reduction,
         "aten::mean": _reduction,
         "aten::amax": _reduction,
