@@ -13,6 +13,7 @@ Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
 from .activation_matching import match_activations
 from .equivalence import EquivalenceReport, check_equivalence
 from .errors import DataError, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
+from .imp import IMPResult, IMPRound, imp_schedule, iterative_magnitude_pruning
 from .lmc import LMCResult, interpolate, lmc_barrier, repair, reset_bn_stats
 from .masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
 from .permutation import (
@@ -31,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DataError",
     "EquivalenceReport",
+    "IMPResult",
+    "IMPRound",
     "LMCResult",
     "MaskAlignError",
     "MaskError",
@@ -47,7 +50,9 @@ __all__ = [
     "check_equivalence",
     "enforce_masks",
     "global_magnitude_prune",
+    "imp_schedule",
     "interpolate",
+    "iterative_magnitude_pruning",
     "lmc_barrier",
     "match_activations",
     "match_weights",
