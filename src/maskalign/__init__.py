@@ -23,6 +23,7 @@ from .permutation import (
     permute_state_dict,
     random_permutation,
 )
+from .prune_interop import masks_from_prune, state_dict_from_prune, to_prune
 from .sparse import MaskHandle, assert_masked, enforce_masks
 from .spec import PermutationSpec, build_spec
 from .weight_matching import match_weights
@@ -55,6 +56,7 @@ __all__ = [
     "iterative_magnitude_pruning",
     "lmc_barrier",
     "match_activations",
+    "masks_from_prune",
     "match_weights",
     "permute_mask",
     "permute_state_dict",
@@ -63,5 +65,7 @@ __all__ = [
     "repair",
     "reset_bn_stats",
     "sparsity",
+    "state_dict_from_prune",
+    "to_prune",
     "validate_masks",
 ]
