@@ -1,80 +1,122 @@
-"""Command line: ``maskalign reproduce`` runs the paper's lottery-ticket mask
-transfer experiment (see :mod:`maskalign.experiment`)."""
+"""Command line.
+
+``maskalign reproduce [--preset NAME] [--SETTING VALUE ...] [--out DIR]`` runs
+(or resumes) the paper's lottery-ticket mask transfer experiment
+(:mod:`maskalign.experiment`); ``maskalign report DIR`` re-renders the tables
+and plots of a finished run from its ``results.json``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .experiment import ReproduceConfig, reproduce
-from .report import markdown_table, write_results
+from .errors import MaskAlignError
+from .experiment import reproduce
+from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
+from .report import markdown_table, render, write_results
 
 __all__ = ["main"]
 
 
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ReproduceConfig` setting; unset flags keep the preset's value."""
+    add = parser.add_argument_group("settings (override the preset)").add_argument
+    keep = argparse.SUPPRESS
+    add("--dataset", choices=["digits", "cifar10", "cifar100"], default=keep)
+    add("--data-root", default=keep, help="folder holding the CIFAR python-pickle batches")
+    add("--model", choices=["mlp", "resnet20", "vgg11"], default=keep)
+    add("--width", type=int, default=keep, help="width multiplier")
+    add("--hidden", type=int, nargs="+", default=keep, help="MLP hidden sizes")
+    add("--epochs", "-T", type=int, default=keep, help="dense epochs T")
+    add("--rewind-epochs", "-k", type=int, nargs="+", default=keep, help="rewind points k (sweep)")
+    add("--sparsities", type=float, nargs="+", default=keep)
+    add("--seeds", type=int, default=keep, help="number of seeds (A/B pairs)")
+    add("--batch-size", type=int, default=keep)
+    add("--lr", type=float, default=keep, help="dense peak learning rate")
+    add("--sparse-lr", type=float, default=keep, help="sparse peak learning rate")
+    add("--momentum", type=float, default=keep)
+    add("--weight-decay", type=float, default=keep)
+    add("--augment", action=argparse.BooleanOptionalAction, default=keep, help="random crop + flip")
+    add("--prune-rate", type=float, default=keep, help="fraction of remaining weights pruned per IMP round")
+    add("--imp-epochs", type=int, default=keep, help="fine-tuning epochs per IMP round")
+    add("--imp-lr", type=float, default=keep, help="IMP fine-tuning peak learning rate")
+    add("--methods", nargs="+", choices=METHODS, default=keep)
+    add("--barrier-points", type=int, default=keep, help="interpolation points per LMC curve")
+    add("--bn-batches", type=int, default=keep, help="training batches for BatchNorm re-estimation in LMC")
+    add("--device", default=keep, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    add("--amp", choices=AMP_MODES, default=keep, help="mixed precision (CUDA only)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    defaults = ReproduceConfig()
     parser = argparse.ArgumentParser(prog="maskalign", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     rep = commands.add_parser(
         "reproduce",
-        help="train A and B, find A's winning ticket by IMP, and compare LTH / naive / permuted / random masks",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train A and B, find A's ticket by IMP, compare LTH / naive / permuted / random masks",
+        description="Run or resume the experiment. Presets: " + ", ".join(PRESETS) + ".",
     )
-    rep.add_argument("--dataset", default=defaults.dataset, choices=["digits", "cifar10", "cifar100"])
-    rep.add_argument("--data-root", default=None, help="folder holding the CIFAR python-pickle batches")
-    rep.add_argument("--model", default=defaults.model, choices=["mlp", "resnet20", "vgg11"])
-    rep.add_argument("--width", type=int, default=defaults.width, help="width multiplier")
-    rep.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden), help="MLP hidden sizes")
-    rep.add_argument("--sparsities", type=float, nargs="+", default=list(defaults.sparsities))
-    rep.add_argument("--rewind-epoch", "-k", type=int, default=defaults.rewind_epoch)
-    rep.add_argument("--epochs", "-T", type=int, default=defaults.epochs)
-    rep.add_argument("--seeds", type=int, default=defaults.seeds, help="number of seeds (A/B pairs)")
-    rep.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    rep.add_argument("--lr", type=float, default=defaults.lr, help="dense peak learning rate")
-    rep.add_argument("--sparse-lr", type=float, default=defaults.sparse_lr, help="sparse (and IMP) peak learning rate")
-    rep.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    rep.add_argument(
-        "--prune-rate",
-        type=float,
-        default=defaults.prune_rate,
-        help="fraction of remaining weights pruned per IMP round",
-    )
-    rep.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
-    rep.add_argument("--device", default=defaults.device)
-    rep.add_argument("--out", default="maskalign-results", help="output folder")
+    rep.add_argument("--preset", default="digits", choices=list(PRESETS), help="named settings (default: digits)")
+    rep.add_argument("--list-presets", action="store_true", help="print every preset's settings and exit")
+    rep.add_argument("--out", default="maskalign-results", help="output folder (reused: the run resumes)")
+    rep.add_argument("--force", action="store_true", help="recompute stages whose settings changed")
+    rep.add_argument("--restart", action="store_true", help="discard every stored stage first")
+    rep.add_argument("--quiet", action="store_true", help="no per-stage log lines")
+    _add_settings(rep)
+    report = commands.add_parser("report", help="re-render results.md and the plots from DIR/results.json")
+    report.add_argument("folder")
     return parser
 
 
+_RUN_FLAGS = ("command", "preset", "list_presets", "out", "force", "restart", "quiet")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {k: v for k, v in vars(args).items() if k not in _RUN_FLAGS}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _print_settings(name: str, config: ReproduceConfig, overrides: dict[str, Any]) -> None:
+    print(f"preset {name}" + (f" with overrides {sorted(overrides)}" if overrides else "") + ":")
+    for key, value in config.to_dict().items():
+        print(f"  {key} = {value}" + ("  (override)" if key in overrides else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``maskalign`` script; returns the exit status
+    (0 done, 2 bad settings or an output folder that does not match them)."""
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        try:
+            paths = render(args.folder)
+        except FileNotFoundError as exc:
+            print(f"maskalign: {exc}", file=sys.stderr)
+            return 2
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+    if args.list_presets:
+        for name, config in PRESETS.items():
+            _print_settings(name, config, {})
+        return 0
+    overrides = _overrides(args)
     try:
-        config = ReproduceConfig(
-            dataset=args.dataset,
-            data_root=args.data_root,
-            model=args.model,
-            width=args.width,
-            hidden=tuple(args.hidden),
-            sparsities=tuple(args.sparsities),
-            rewind_epoch=args.rewind_epoch,
-            epochs=args.epochs,
-            seeds=args.seeds,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            sparse_lr=args.sparse_lr,
-            weight_decay=args.weight_decay,
-            prune_rate=args.prune_rate,
-            augment=args.augment,
-            device=args.device,
-        )
+        config = get_preset(args.preset, **overrides)
     except ValueError as exc:
         print(f"maskalign: {exc}", file=sys.stderr)
         return 2
-    results = reproduce(config)
+    _print_settings(args.preset, config, overrides)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        results = reproduce(config, out=args.out, preset=args.preset, force=args.force, restart=args.restart, log=log)
+    except (MaskAlignError, ValueError) as exc:
+        print(f"maskalign: {exc}", file=sys.stderr)
+        return 2
+    results["overrides"] = sorted(overrides)
     paths = write_results(results, args.out)
     print(markdown_table(results))
-    print(f"\nfinished in {results['elapsed_s']:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"\nfinished in {results['timing']['elapsed_s']:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

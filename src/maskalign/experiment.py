@@ -1,293 +1,614 @@
-"""The paper's lottery-ticket transfer experiment, end to end.
+"""The paper's lottery-ticket transfer experiment, as resumable stages.
 
-Adnan, Jain, Sharma, Krishnan, Ioannou (ICML 2025), method of the workshop
-version's Appendix A.5:
+Adnan, Jain, Sharma, Krishnan, Ioannou (ICML 2025); method of the workshop
+version's Appendix A.5, settings of its Appendix A.1. Per seed:
 
-1. train dense A and B from two random initialisations for T epochs, keeping
-   the rewind checkpoints A_k, B_k at epoch k;
-2. IMP on A: global unstructured magnitude pruning of 20% of the remaining
-   weights per round, each round retraining from the rewind point A_k for
-   T - k epochs (Frankle & Carbin 2019; Frankle et al. 2020), down to each
-   target sparsity -> masks m_A;
-3. activation matching A_T -> B_T gives the permutation pi;
-4. sparse training for T - k epochs of: LTH (A_k, m_A), naive (B_k, m_A),
-   permuted (B_k, pi(m_A)) and random (B_k, a random mask with m_A's per-layer
-   density).
+1. ``dense``: train A and B from two random initialisations for T epochs,
+   keeping the rewind checkpoints A_k, B_k for every k of the sweep;
+2. ``imp``: IMP on A_T without weight rewinding (:mod:`maskalign.imp`,
+   ``rewind="none"``): each round prunes 20% of the remaining weights
+   globally by magnitude and fine-tunes the survivors for ``imp_epochs`` at
+   ``imp_lr``, down to every target sparsity -> masks m_A and the pruned
+   solution ("IMP");
+3. ``match``: activation matching A_T -> B_T gives the permutation pi (saved
+   with :meth:`~maskalign.Permutation.save`);
+4. ``sparse``: for every rewind point k and sparsity, train for T - k epochs
+   at ``sparse_lr``: LTH (A_k, m_A), naive (B_k, m_A), permuted
+   (B_k, pi(m_A)) and random (B_k, a random mask with m_A's per-layer density);
+5. ``lmc``: loss/error along the line between A and B before and after
+   matching, and between the sparse solutions (LTH-naive, pi(LTH)-permuted,
+   naive-permuted, interpolating the effective weights w * m).
+
+Then, over seeds, ``diversity``: disagreement, KL and JS divergence (nats)
+and ensemble accuracy (averaged probabilities) of the dense, IMP, LTH, naive,
+permuted and random solutions, from float64 log-probabilities on the test set
+(ICML paper, Table 1), in two modes: ``pairwise`` (mean over pairs of seeds)
+and ``reference`` (each seed's model against the dense A_T of the same seed,
+averaged over seeds).
+
+Every stage writes its artifacts and a manifest atomically under
+``OUT/stages`` (:mod:`maskalign.stages`); a re-run with the same output folder
+loads finished stages and computes the rest. Each training run is seeded from
+(seed, stage, role or round, k, sparsity, method) only, so a resumed run gives
+the same numbers as an uninterrupted one (on the CPU; CUDA kernels may not be
+bitwise deterministic).
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import itertools
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .activation_matching import match_activations
-from .data import DatasetSplits, load_dataset
-from .lmc import evaluate, lmc_barrier
-from .masks import global_magnitude_prune, random_masks_like, sparsity
+from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
+from .imp import IMPRound, imp_schedule, iterative_magnitude_pruning
+from .lmc import LMCResult, evaluate, lmc_barrier
+from .masks import random_masks_like, sparsity
+from .metrics import diversity
 from .models import build_model
-from .permutation import apply_permutation, permute_mask
+from .permutation import Permutation, apply_permutation, permute_mask
+from .presets import METHODS, ReproduceConfig
 from .spec import PermutationSpec, build_spec
+from .stages import StageStore, settings_hash
 from .training import TrainConfig, batches, train
 
-__all__ = ["METHODS", "ReproduceConfig", "imp_schedule", "reproduce"]
+__all__ = ["METHODS", "STAGES", "ReproduceConfig", "resolve_device", "reproduce"]
 
-METHODS = ("lth", "naive", "permuted", "random")
+#: Stages in the order they run; ``on_stage_end`` receives these names.
+STAGES: tuple[str, ...] = ("dense", "imp", "match", "sparse", "lmc", "diversity")
 
+# The settings each stage depends on (besides the data fingerprint and the
+# instance's seed / k / sparsity / method). Device and output folder are not
+# among them: they do not change what is computed.
+_DENSE = (
+    "dataset",
+    "model",
+    "width",
+    "hidden",
+    "epochs",
+    "rewind_epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "augment",
+    "amp",
+)
+_IMP = (*_DENSE, "sparsities", "prune_rate", "imp_epochs", "imp_lr")
+_MATCH = _DENSE
+_SPARSE = (*_IMP, "sparse_lr")
+_LMC = (*_SPARSE, "methods", "barrier_points", "bn_batches")
+_DIVERSITY = (*_SPARSE, "methods", "seeds")
 
-@dataclass(frozen=True)
-class ReproduceConfig:
-    """Settings of :func:`reproduce`. Defaults: digits, MLP 64-128-128-10,
-    T = 20 epochs, rewind epoch k = 2, sparsities 0.9/0.95/0.98/0.99, 3 seeds."""
+_EVAL_BATCH = 512
+_MATCH_BATCH = 256
+_SAME_LEVEL = 1e-9
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    model: str = "mlp"
-    width: int = 1
-    hidden: tuple[int, ...] = (128, 128)
-    sparsities: tuple[float, ...] = (0.9, 0.95, 0.98, 0.99)
-    rewind_epoch: int = 2
-    epochs: int = 20
-    seeds: int = 3
-    batch_size: int = 64
-    lr: float = 0.05
-    sparse_lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    prune_rate: float = 0.2
-    augment: bool = False
-    barrier_points: int = 11
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rewind_epoch < self.epochs:
-            raise ValueError(f"rewind epoch k={self.rewind_epoch} must lie in [0, epochs={self.epochs})")
-        if not self.sparsities or any(not 0 < s < 1 for s in self.sparsities):
-            raise ValueError(f"sparsities must lie in (0, 1), got {self.sparsities}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if not 0 < self.prune_rate < 1:
-            raise ValueError(f"prune_rate must lie in (0, 1), got {self.prune_rate}")
+#: The reference model of the ``reference`` diversity mode.
+REFERENCE = "dense A_T of the same seed"
 
 
-def imp_schedule(targets: Sequence[float], rate: float = 0.2) -> list[float]:
-    """Sparsity after each IMP round: prune ``rate`` of the remaining weights
-    per round; a round that would overshoot the next target lands on it.
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name as given.
 
-    >>> [round(s, 4) for s in imp_schedule([0.5], 0.2)]
-    [0.2, 0.36, 0.488, 0.5]
+    Raises:
+        ValueError: a CUDA device is requested but none is available.
     """
-    schedule: list[float] = []
-    current = 0.0
-    for target in sorted(set(targets)):
-        while current < target - 1e-12:
-            current = 1 - (1 - current) * (1 - rate)
-            if current > target - 1e-9:  # land exactly on the target
-                current = target
-            schedule.append(current)
-    return schedule
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+    return device
 
 
-@dataclass
+def _derive_seed(*parts: object) -> int:
+    """A 63-bit seed from the repr of ``parts`` (stable across processes)."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def _generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(_derive_seed(*parts))
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _level_key(value: float) -> str:
+    return f"{value:g}"
+
+
 class _Run:
-    """One seed's dense models and rewind checkpoints."""
+    """One execution of :func:`reproduce`: the stages, loaded or computed."""
 
-    final: nn.Module
-    rewind_state: dict[str, Tensor]
-    test_loss: float
-    test_acc: float
+    def __init__(
+        self,
+        config: ReproduceConfig,
+        splits: DatasetSplits,
+        device: torch.device,
+        store: StageStore,
+        fingerprint: str,
+        log: Callable[[str], None],
+        on_stage_end: Callable[[str, str], None] | None,
+    ) -> None:
+        self.config = config
+        self.splits = splits
+        self.device = device
+        self.store = store
+        self.fingerprint = fingerprint
+        self.log = log
+        self.on_stage_end = on_stage_end
+        self.test_data = list(batches(splits.test, _EVAL_BATCH, device=device))
+        self.targets = splits.test.tensors[1].cpu()
+        self._spec: PermutationSpec | None = None
+        self._has_bn: bool | None = None
 
+    # ------------------------------------------------------------ helpers
+    def settings(self, fields: Sequence[str], **instance: object) -> dict[str, Any]:
+        """The values of ``fields`` plus the data fingerprint and ``instance``."""
+        values = self.config.to_dict()
+        return {**{f: values[f] for f in fields}, "data": self.fingerprint, **instance}
 
-@dataclass
-class _Progress:
-    total: int
-    callback: Callable[[str], None] | None
-    bar: Any = field(default=None)
+    def train_config(self, epochs: int, lr: float) -> TrainConfig:
+        c = self.config
+        return TrainConfig(epochs, lr, c.momentum, c.weight_decay, c.batch_size, c.augment, c.amp)
 
-    def __post_init__(self) -> None:
-        try:
-            from tqdm.auto import tqdm
+    def build(self) -> nn.Module:
+        s = self.splits
+        return build_model(
+            self.config.model,
+            num_classes=s.num_classes,
+            in_channels=s.in_channels,
+            image_size=s.image_size,
+            width=self.config.width,
+            hidden=self.config.hidden,
+        )
 
-            self.bar = tqdm(total=self.total, desc="reproduce", unit="run")
-        except ImportError:
-            self.bar = None
+    def load_model(self, stage: str, key: str, name: str) -> nn.Module:
+        model = self.build()
+        model.load_state_dict(self.store.load_tensors(stage, key, name))
+        return model.to(self.device)
 
-    def step(self, what: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(what)
-            self.bar.update(1)
-        if self.callback is not None:
-            self.callback(what)
+    def from_state(self, state: Mapping[str, Tensor]) -> nn.Module:
+        model = self.build()
+        model.load_state_dict(state)
+        return model.to(self.device)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def test(self, model: nn.Module) -> tuple[float, float]:
+        return evaluate(model, self.test_data)
 
+    def spec(self, model: nn.Module) -> PermutationSpec:
+        if self._spec is None:
+            self._spec = build_spec(model, self.splits.train.tensors[0][:2].to(self.device))
+        return self._spec
 
-def _seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    def has_bn(self) -> bool:
+        if self._has_bn is None:
+            self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.build().modules())
+        return self._has_bn
 
+    @contextmanager
+    def stage(self, stage: str, key: str) -> Iterator[None]:
+        """Time and log a computed stage; then call ``on_stage_end``."""
+        began = time.perf_counter()
+        yield
+        self.log(f"[{stage} {key}] computed in {time.perf_counter() - began:.1f} s")
+        if self.on_stage_end is not None:
+            self.on_stage_end(stage, key)
 
-def _train_dense(config: ReproduceConfig, splits: DatasetSplits, seed: int, device: torch.device) -> _Run:
-    torch.manual_seed(seed)
-    model = build_model(
-        config.model,
-        num_classes=splits.num_classes,
-        in_channels=splits.in_channels,
-        image_size=splits.image_size,
-        width=config.width,
-        hidden=config.hidden,
-    ).to(device)
-    checkpoints: dict[int, dict[str, Tensor]] = {}
+    # ------------------------------------------------------------- stages
+    def dense(self, seed: int, role: str) -> dict[str, Any]:
+        """Train dense ``role`` ("A" or "B") of ``seed``; keeps ``final.pt`` and
+        ``rewind_k<k>.pt`` for each k."""
+        key = f"seed{seed}-{role}"
+        settings = self.settings(_DENSE, seed=seed, role=role)
+        record = self.store.finished("dense", key, settings)
+        if record is not None:
+            return record
+        with self.stage("dense", key):
+            torch.manual_seed(_derive_seed(seed, "dense", role, "init"))
+            model = self.build().to(self.device)
+            rewinds = set(self.config.rewind_epochs)
 
-    def keep(epoch: int, m: nn.Module) -> None:
-        if epoch == config.rewind_epoch:
-            checkpoints[epoch] = copy.deepcopy(m.state_dict())
+            def keep(epoch: int, m: nn.Module) -> None:
+                if epoch in rewinds:
+                    self.store.save_tensors("dense", key, f"rewind_k{epoch}.pt", _cpu_state(m))
 
-    keep(0, model)
-    dense = TrainConfig(
-        config.epochs, config.lr, config.momentum, config.weight_decay, config.batch_size, config.augment
-    )
-    train(model, splits.train, dense, generator=_seeded(seed), on_epoch_end=keep)
-    loss, acc = evaluate(model, batches(splits.test, 512, device=device))
-    return _Run(model, checkpoints[config.rewind_epoch], loss, acc)
+            keep(0, model)
+            train(
+                model,
+                self.splits.train,
+                self.train_config(self.config.epochs, self.config.lr),
+                generator=_generator(seed, "dense", role, "data"),
+                on_epoch_end=keep,
+            )
+            self.store.save_tensors("dense", key, "final.pt", _cpu_state(model))
+            loss, acc = self.test(model)
+            record = self.store.finish(
+                "dense", key, settings, {"seed": seed, "model": role, "test_loss": loss, "test_acc": acc}
+            )
+        return record
 
+    def imp(self, seed: int) -> dict[str, Any]:
+        """IMP on A_T of ``seed`` (no rewinding); keeps ``target_<s>.pt``
+        (weights and masks) per target and checkpoints every round."""
+        key = f"seed{seed}"
+        settings = self.settings(_IMP, seed=seed)
+        record = self.store.finished("imp", key, settings)
+        if record is not None:
+            return record
+        with self.stage("imp", key):
+            c = self.config
+            model = self.load_model("dense", f"seed{seed}-A", "final.pt")
+            checkpoint = self.store.path("imp", key, "last_round.pt")
+            masks: dict[str, Tensor] | None = None
+            history: list[dict[str, Any]] = []
+            if checkpoint.is_file():
+                saved = self.store.load_tensors("imp", key, "last_round.pt")
+                if saved["settings"] == settings_hash(settings):
+                    model.load_state_dict(saved["state"])
+                    masks = {k: v.to(self.device) for k, v in saved["masks"].items()}
+                    history = list(saved["history"])
+                    self.log(f"[imp {key}] resuming after round {history[-1]['round']}")
 
-def _sparse_train(
-    config: ReproduceConfig,
-    splits: DatasetSplits,
-    template: nn.Module,
-    state: dict[str, Tensor],
-    masks: dict[str, Tensor],
-    seed: int,
-) -> tuple[nn.Module, float, float]:
-    model = copy.deepcopy(template)
-    model.load_state_dict(state)
-    sparse = TrainConfig(
-        config.epochs - config.rewind_epoch,
-        config.sparse_lr,
-        config.momentum,
-        config.weight_decay,
-        config.batch_size,
-        config.augment,
-    )
-    train(model, splits.train, sparse, generator=_seeded(seed), masks=masks)
-    device = next(model.parameters()).device
-    loss, acc = evaluate(model, batches(splits.test, 512, device=device))
-    return model, loss, acc
+            def train_fn(m: nn.Module, imp_round: IMPRound) -> None:
+                config = self.train_config(c.imp_epochs, c.imp_lr)
+                train(
+                    m,
+                    self.splits.train,
+                    config,
+                    generator=_generator(seed, "imp", imp_round.index),
+                    masks=imp_round.masks,
+                )
+
+            def on_round_end(imp_round: IMPRound, m: nn.Module) -> None:
+                loss, acc = self.test(m)
+                history.append(
+                    {"round": imp_round.index, "sparsity": imp_round.sparsity, "test_loss": loss, "test_acc": acc}
+                )
+                cpu_masks = {k: v.cpu() for k, v in imp_round.masks.items()}
+                for target in c.sparsities:
+                    if abs(target - imp_round.sparsity) <= _SAME_LEVEL:
+                        payload = {"state": _cpu_state(m), "masks": cpu_masks, "test_loss": loss, "test_acc": acc}
+                        self.store.save_tensors("imp", key, f"target_{_level_key(target)}.pt", payload)
+                state = {"settings": settings_hash(settings), "state": _cpu_state(m), "masks": cpu_masks}
+                self.store.save_tensors("imp", key, "last_round.pt", {**state, "history": history})
+                self.log(f"[imp {key}] round {imp_round.index}: sparsity {imp_round.sparsity:.4f}, test acc {acc:.4f}")
+
+            iterative_magnitude_pruning(
+                model,
+                train_fn,
+                c.sparsities,
+                rate=c.prune_rate,
+                rewind="none",
+                masks=masks,
+                on_round_end=on_round_end,
+                inplace=True,
+            )
+            targets = []
+            for target in c.sparsities:
+                saved = self.store.load_tensors("imp", key, f"target_{_level_key(target)}.pt")
+                targets.append(
+                    {
+                        "seed": seed,
+                        "sparsity": target,
+                        "method": "imp",
+                        "test_loss": saved["test_loss"],
+                        "test_acc": saved["test_acc"],
+                        "mask_sparsity": sparsity(saved["masks"]).global_,
+                    }
+                )
+            record = self.store.finish("imp", key, settings, {"targets": targets, "history": history})
+            checkpoint.unlink(missing_ok=True)
+        return record
+
+    def match(self, seed: int) -> tuple[dict[str, Any], Permutation]:
+        """Activation matching A_T -> B_T of ``seed`` on the training data."""
+        key = f"seed{seed}"
+        settings = self.settings(_MATCH, seed=seed)
+        model_a = self.load_model("dense", f"seed{seed}-A", "final.pt")
+        spec = self.spec(model_a)
+        record = self.store.finished("match", key, settings)
+        if record is None:
+            with self.stage("match", key):
+                model_b = self.load_model("dense", f"seed{seed}-B", "final.pt")
+                data = batches(self.splits.train, _MATCH_BATCH, device=self.device)
+                perm = match_activations(model_a, model_b, data, spec, progress=False)
+                perm.save(self.store.path("match", key, "perm.pt"))
+                record = self.store.finish(
+                    "match", key, settings, {"seed": seed, "groups": perm.report.get("groups", {})}
+                )
+        return record, Permutation.load(self.store.path("match", key, "perm.pt"), spec)
+
+    def method_masks(self, seed: int, target: float, perm: Permutation) -> dict[str, dict[str, Tensor]]:
+        """The mask of each method at ``target`` (on the device)."""
+        m_a = self.store.load_tensors("imp", f"seed{seed}", f"target_{_level_key(target)}.pt")["masks"]
+        candidates = {
+            "lth": m_a,
+            "naive": m_a,
+            "permuted": permute_mask(m_a, perm),
+            "random": random_masks_like(m_a, _generator(seed, "random-mask", _level_key(target))),
+        }
+        return {m: {k: v.to(self.device) for k, v in candidates[m].items()} for m in self.config.methods}
+
+    def sparse(self, seed: int, k: int, target: float, method: str, masks: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Sparse-train ``method`` of ``seed`` from rewind point ``k`` at ``target``."""
+        key = f"seed{seed}/k{k}/s{_level_key(target)}/{method}"
+        settings = self.settings(_SPARSE, seed=seed, k=k, sparsity=target, method=method)
+        record = self.store.finished("sparse", key, settings)
+        if record is not None:
+            return record
+        with self.stage("sparse", key):
+            role = "A" if method == "lth" else "B"
+            model = self.load_model("dense", f"seed{seed}-{role}", f"rewind_k{k}.pt")
+            train(
+                model,
+                self.splits.train,
+                self.train_config(self.config.epochs - k, self.config.sparse_lr),
+                generator=_generator(seed, "sparse", k, _level_key(target), method),
+                masks=masks,
+            )
+            self.store.save_tensors("sparse", key, "model.pt", _cpu_state(model))
+            loss, acc = self.test(model)
+            data = {
+                "seed": seed,
+                "k": k,
+                "sparsity": target,
+                "method": method,
+                "test_loss": loss,
+                "test_acc": acc,
+                "mask_sparsity": sparsity(masks).global_,
+            }
+            record = self.store.finish("sparse", key, settings, data)
+        return record
+
+    def sparse_model(self, seed: int, k: int, target: float, method: str) -> nn.Module:
+        return self.load_model("sparse", f"seed{seed}/k{k}/s{_level_key(target)}/{method}", "model.pt")
+
+    def lmc(self, seed: int, perm: Permutation) -> list[dict[str, Any]]:
+        """LMC curves of ``seed``: A-B before and after matching, and between
+        the sparse solutions at every (k, sparsity)."""
+        key = f"seed{seed}"
+        settings = self.settings(_LMC, seed=seed)
+        record = self.store.finished("lmc", key, settings)
+        if record is not None:
+            return record["curves"]
+        with self.stage("lmc", key):
+            c = self.config
+            bn_data = None
+            if self.has_bn():
+                bn_data = list(
+                    itertools.islice(batches(self.splits.train, c.batch_size, device=self.device), c.bn_batches)
+                )
+
+            def curve(pair: str, a: nn.Module, b: nn.Module, k: int | None, target: float | None, **masks: Any) -> dict:
+                result: LMCResult = lmc_barrier(
+                    a, b, self.test_data, num_points=c.barrier_points, bn_data=bn_data, **masks
+                )
+                return {
+                    "seed": seed,
+                    "pair": pair,
+                    "k": k,
+                    "sparsity": target,
+                    "alphas": result.alphas,
+                    "losses": result.losses,
+                    "errors": result.errors,
+                    "barrier": result.barrier,
+                    "error_barrier": result.error_barrier,
+                }
+
+            model_a = self.load_model("dense", f"seed{seed}-A", "final.pt")
+            model_b = self.load_model("dense", f"seed{seed}-B", "final.pt")
+            curves = [
+                curve("A-B", model_a, model_b, None, None),
+                curve("pi(A)-B", apply_permutation(model_a, perm), model_b, None, None),
+            ]
+            for target in c.sparsities:
+                masks = self.method_masks(seed, target, perm)
+                for k in c.rewind_epochs:
+                    models = {m: self.sparse_model(seed, k, target, m) for m in c.methods if m != "random"}
+                    if "lth" in models and "naive" in models:
+                        curves.append(
+                            curve(
+                                "lth-naive",
+                                models["lth"],
+                                models["naive"],
+                                k,
+                                target,
+                                masks_a=masks["lth"],
+                                masks_b=masks["naive"],
+                            )
+                        )
+                    if "lth" in models and "permuted" in models:
+                        curves.append(
+                            curve(
+                                "pi(lth)-permuted",
+                                apply_permutation(models["lth"], perm),
+                                models["permuted"],
+                                k,
+                                target,
+                                masks_a=masks["permuted"],
+                                masks_b=masks["permuted"],
+                            )
+                        )
+                    if "naive" in models and "permuted" in models:
+                        curves.append(
+                            curve(
+                                "naive-permuted",
+                                models["naive"],
+                                models["permuted"],
+                                k,
+                                target,
+                                masks_a=masks["naive"],
+                                masks_b=masks["permuted"],
+                            )
+                        )
+            record = self.store.finish("lmc", key, settings, {"curves": curves})
+        return record["curves"]
+
+    @torch.no_grad()
+    def log_probs(self, model: nn.Module) -> Tensor:
+        """``(N_test, C)`` float64 log-probabilities of ``model`` on the test set."""
+        model.eval()
+        out = [torch.log_softmax(model(x).double(), dim=1).cpu() for x, _ in self.test_data]
+        return torch.cat(out)
+
+    def diversity(self) -> list[dict[str, Any]]:
+        """Diversity of every solution over seeds, pairwise and against A_T."""
+        settings = self.settings(_DIVERSITY)
+        record = self.store.finished("diversity", "all", settings)
+        if record is not None:
+            return record["rows"]
+        with self.stage("diversity", "all"):
+            c = self.config
+            seeds = range(c.seeds)
+            dense_a = [self.log_probs(self.load_model("dense", f"seed{s}-A", "final.pt")) for s in seeds]
+            dense_b = [self.log_probs(self.load_model("dense", f"seed{s}-B", "final.pt")) for s in seeds]
+            rows = [*self._diversity_rows("dense", None, None, dense_a, dense_b, dense_a)]
+            for target in c.sparsities:
+                name = f"target_{_level_key(target)}.pt"
+                imp = [
+                    self.log_probs(self.from_state(self.store.load_tensors("imp", f"seed{s}", name)["state"]))
+                    for s in seeds
+                ]
+                rows += self._diversity_rows("imp", None, target, imp, imp, dense_a)
+                for k in c.rewind_epochs:
+                    for method in c.methods:
+                        members = [self.log_probs(self.sparse_model(s, k, target, method)) for s in seeds]
+                        rows += self._diversity_rows(method, k, target, members, members, dense_a)
+            record = self.store.finish("diversity", "all", settings, {"rows": rows})
+        return record["rows"]
+
+    def _diversity_rows(
+        self,
+        method: str,
+        k: int | None,
+        target: float | None,
+        pairwise_members: list[Tensor],
+        reference_members: list[Tensor],
+        references: list[Tensor],
+    ) -> list[dict[str, Any]]:
+        """A ``pairwise`` row (needs 2+ seeds) and a ``reference`` row (each
+        seed's member against that seed's reference, averaged over seeds;
+        ensemble accuracy is not defined there: None)."""
+        base = {"method": method, "k": k, "sparsity": target}
+        rows = []
+        if len(pairwise_members) >= 2:
+            report = diversity(pairwise_members, self.targets).to_dict()
+            rows.append({**base, **report, "reference": None})
+        per_seed = [diversity([m], self.targets, reference=r) for m, r in zip(reference_members, references)]
+        n = len(per_seed)
+        rows.append(
+            {
+                **base,
+                "mode": "reference",
+                "reference": REFERENCE,
+                "disagreement": sum(r.disagreement for r in per_seed) / n,
+                "kl": sum(r.kl for r in per_seed) / n,
+                "js": sum(r.js for r in per_seed) / n,
+                "ensemble_accuracy": None,
+                "member_accuracy": sum(r.member_accuracy for r in per_seed) / n,
+                "members": n,
+            }
+        )
+        return rows
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        results: dict[str, Any] = {
+            "dense": [],
+            "imp": [],
+            "imp_history": [],
+            "matching": [],
+            "sparse": [],
+            "lmc": [],
+        }
+        for seed in range(c.seeds):
+            for role in ("A", "B"):
+                results["dense"].append(self.dense(seed, role))
+            imp_record = self.imp(seed)
+            results["imp"] += imp_record["targets"]
+            results["imp_history"] += [{"seed": seed, **h} for h in imp_record["history"]]
+            match_record, perm = self.match(seed)
+            results["matching"].append(match_record)
+            for target in c.sparsities:
+                masks = self.method_masks(seed, target, perm)
+                for k in c.rewind_epochs:
+                    for method in c.methods:
+                        results["sparse"].append(self.sparse(seed, k, target, method, masks[method]))
+            results["lmc"] += self.lmc(seed, perm)
+        results["diversity"] = self.diversity()
+        return results
 
 
 def reproduce(
-    config: ReproduceConfig = ReproduceConfig(),
+    config: ReproduceConfig | None = None,
     *,
+    out: str | Path | None = None,
     splits: DatasetSplits | None = None,
+    preset: str | None = None,
+    force: bool = False,
+    restart: bool = False,
     log: Callable[[str], None] | None = None,
+    on_stage_end: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the experiment for ``config.seeds`` seeds; returns a JSON-ready dict
-    with the config, dense / sparse test results, loss barriers between A and
-    B before and after matching, and matching diagnostics.
+    """Run (or resume) the experiment; returns the JSON-ready results.
 
-    Seed ``s`` trains A from ``2 s`` and B from ``2 s + 1``.
+    Args:
+        config: every setting (see :mod:`maskalign.presets`); default: the
+            ``digits`` preset.
+        out: output folder holding the stages (``out/stages``); a temporary
+            folder (deleted afterwards) when ``None``.
+        splits: the data; loaded from ``config.dataset``/``data_root`` when ``None``.
+        preset: name of the preset ``config`` came from, recorded in the results.
+        force: recompute stages whose settings differ from the stored ones
+            instead of raising.
+        restart: discard every stored stage first.
+        log: receives one line per computed stage (and IMP round).
+        on_stage_end: ``on_stage_end(stage, key)`` after each computed stage.
+
+    Returns:
+        ``{"config", "preset", "device", "data_fingerprint", "imp_schedule",
+        "dense", "imp", "imp_history", "matching", "sparse", "lmc",
+        "diversity", "timing"}``; accuracies are fractions, losses mean
+        cross-entropy (nats), diversity divergences in nats.
+
+    Raises:
+        StageMismatchError: a stored stage was computed with other settings.
+        DataError, ValueError: as :func:`~maskalign.data.load_dataset` and
+            :func:`resolve_device`.
     """
-    start = time.perf_counter()
-    device = torch.device(config.device)
+    began = time.perf_counter()
+    config = config or ReproduceConfig()
+    device = resolve_device(config.device)
+    if config.amp != "off" and device.type != "cuda":
+        raise ValueError(f"amp={config.amp!r} needs CUDA; the run uses {device}")
     splits = splits or load_dataset(config.dataset, config.data_root)
-    schedule = imp_schedule(config.sparsities, config.prune_rate)
-    targets = sorted(set(config.sparsities))
-    runs_per_seed = 2 + len(schedule) + 1 + 3 * len(targets)
-    progress = _Progress(config.seeds * runs_per_seed, log)
-    results: dict[str, Any] = {
-        "config": asdict(config),
-        "imp_schedule": schedule,
-        "dense": [],
-        "sparse": [],
-        "barrier": [],
-        "matching": [],
-    }
-    spec: PermutationSpec | None = None
-    has_bn = False
-    try:
-        for seed in range(config.seeds):
-            run_a = _train_dense(config, splits, 2 * seed, device)
-            progress.step(f"seed {seed}: dense A")
-            run_b = _train_dense(config, splits, 2 * seed + 1, device)
-            progress.step(f"seed {seed}: dense B")
-            for name, run in (("A", run_a), ("B", run_b)):
-                results["dense"].append(
-                    {"seed": seed, "model": name, "test_loss": run.test_loss, "test_acc": run.test_acc}
-                )
-            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run_a.final.modules())
-
-            # IMP on A with rewinding to A_k; LTH results fall out of the rounds.
-            masks_by_target: dict[float, dict[str, Tensor]] = {}
-            current: dict[str, Tensor] | None = None
-            pruned_from = run_a.final
-            for round_index, level in enumerate(schedule):
-                current = global_magnitude_prune(pruned_from, level, masks=current)
-                model, loss, acc = _sparse_train(
-                    config, splits, run_a.final, run_a.rewind_state, current, 1000 * seed + round_index
-                )
-                pruned_from = model
-                if level in targets:
-                    masks_by_target[level] = current
-                    results["sparse"].append(_record(seed, level, "lth", loss, acc, current))
-                progress.step(f"seed {seed}: IMP round {round_index + 1} ({level:.3f})")
-
-            # Activation matching A_T -> B_T on the training data.
-            match_data = list(batches(splits.train, 256, device=device))
-            if spec is None:
-                spec = build_spec(run_a.final, match_data[0][0][:2])
-            perm = match_activations(run_a.final, run_b.final, match_data, spec, progress=False)
-            aligned = apply_permutation(run_a.final, perm)
-            test_data = list(batches(splits.test, 512, device=device))
-            bn_data = match_data if has_bn else None
-            before = lmc_barrier(run_a.final, run_b.final, test_data, num_points=config.barrier_points, bn_data=bn_data)
-            after = lmc_barrier(aligned, run_b.final, test_data, num_points=config.barrier_points, bn_data=bn_data)
-            results["barrier"].append(
-                {
-                    "seed": seed,
-                    "before": before.barrier,
-                    "after": after.barrier,
-                    "before_mean": before.barrier_mean,
-                    "after_mean": after.barrier_mean,
-                    "alphas": before.alphas,
-                    "losses_before": before.losses,
-                    "losses_after": after.losses,
-                }
-            )
-            results["matching"].append({"seed": seed, "groups": perm.report.get("groups", {})})
-            progress.step(f"seed {seed}: matching")
-
-            for target in targets:
-                mask_a = masks_by_target[target]
-                candidates = {
-                    "naive": mask_a,
-                    "permuted": permute_mask(mask_a, perm),
-                    "random": random_masks_like(mask_a, _seeded(7919 * seed + int(target * 1e4))),
-                }
-                for method, mask in candidates.items():
-                    _, loss, acc = _sparse_train(
-                        config, splits, run_b.final, run_b.rewind_state, mask, 1000 * seed + 500 + int(target * 1e3)
-                    )
-                    results["sparse"].append(_record(seed, target, method, loss, acc, mask))
-                    progress.step(f"seed {seed}: {method} @ {target}")
-    finally:
-        progress.close()
-    results["elapsed_s"] = time.perf_counter() - start
-    return results
-
-
-def _record(seed: int, target: float, method: str, loss: float, acc: float, masks: dict[str, Tensor]) -> dict[str, Any]:
+    fingerprint = splits_fingerprint(splits)
+    splits = splits_to_device(splits, device)
+    with tempfile.TemporaryDirectory(prefix="maskalign-") if out is None else nullcontext(out) as folder:
+        store = StageStore(Path(folder), force=force)
+        if restart:
+            store.clear()
+        run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end)
+        body = run.run()
     return {
-        "seed": seed,
-        "sparsity": target,
-        "method": method,
-        "test_loss": loss,
-        "test_acc": acc,
-        "mask_sparsity": sparsity(masks).global_,
+        "config": config.to_dict(),
+        "preset": preset,
+        "device": str(device),
+        "data_fingerprint": fingerprint,
+        "imp_schedule": imp_schedule(config.sparsities, config.prune_rate),
+        **body,
+        "timing": {"elapsed_s": time.perf_counter() - began},
     }

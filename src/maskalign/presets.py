@@ -1,0 +1,192 @@
+"""Settings of ``maskalign reproduce``: one frozen dataclass and a table of
+named presets.
+
+The CIFAR presets carry the paper's settings (Adnan et al., workshop version,
+Appendix A.1, Tables 1-2; ICML 2025 text): SGD with momentum 0.9, dense
+learning rate 0.08, sparse learning rate 0.02, weight decay 5e-4, batch 128,
+random crop (padding 4) + horizontal flip, cosine schedule; IMP without
+weight rewinding, 20% of the remaining weights per round, 50 epochs per round
+at learning rate 0.01; sparsities 0.8/0.9/0.95/0.97; rewind points
+k = 0, 5, 10, 15, 20, 25, 50, 75, 100 (ResNet20, Tables 3-4) and up to 50
+(VGG11, Table 5); 3 seeds. The papers do not state T, the number of dense
+epochs; T = 200 is assumed here (k <= 100 << T).
+
+The ``digits`` preset (the default) runs the same protocol at small scale on
+scikit-learn's bundled 8x8 digits with an MLP, in about a minute on 2 CPU
+cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AMP_MODES", "METHODS", "PRESETS", "ReproduceConfig", "get_preset", "preset_names"]
+
+#: Sparse-training methods: LTH (A_k, m_A), naive (B_k, m_A), permuted
+#: (B_k, pi(m_A)) and random (B_k, a random mask with m_A's per-layer density).
+METHODS: tuple[str, ...] = ("lth", "naive", "permuted", "random")
+
+#: Mixed-precision modes of ``ReproduceConfig.amp`` (CUDA only).
+AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """Every setting of the experiment; see :data:`PRESETS` for named sets.
+
+    Attributes:
+        dataset, data_root: ``"digits"``, ``"cifar10"`` or ``"cifar100"``; the
+            folder holding the CIFAR pickle batches.
+        model, width, hidden: ``"mlp"``, ``"resnet20"`` or ``"vgg11"``; width
+            multiplier; MLP hidden sizes.
+        epochs: T, dense training epochs; sparse runs train T - k epochs.
+        rewind_epochs: the sweep of rewind points k (epochs, 0 = init).
+        sparsities: IMP targets (fractions of pruned weights).
+        seeds: number of seeds (A/B pairs), seeds ``0 .. seeds - 1``.
+        batch_size, lr, sparse_lr, momentum, weight_decay, augment: SGD with a
+            cosine schedule (peak lr), dense and sparse learning rates, random
+            crop + flip.
+        prune_rate, imp_epochs, imp_lr: IMP prunes ``prune_rate`` of the
+            remaining weights per round and fine-tunes ``imp_epochs`` at
+            ``imp_lr`` (no rewinding between rounds).
+        methods: subset of :data:`METHODS` to sparse-train.
+        barrier_points: interpolation points of each LMC curve.
+        bn_batches: training batches used to re-estimate BatchNorm statistics
+            at each interpolation point (models with BatchNorm only).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` autocast (CUDA only).
+    """
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str = "mlp"
+    width: int = 1
+    hidden: tuple[int, ...] = (128, 128)
+    epochs: int = 20
+    rewind_epochs: tuple[int, ...] = (0, 2, 5)
+    sparsities: tuple[float, ...] = (0.9, 0.95, 0.98, 0.99)
+    seeds: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    sparse_lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = False
+    prune_rate: float = 0.2
+    imp_epochs: int = 5
+    imp_lr: float = 0.01
+    methods: tuple[str, ...] = METHODS
+    barrier_points: int = 11
+    bn_batches: int = 20
+    device: str = "auto"
+    amp: str = "off"
+
+    def __post_init__(self) -> None:
+        """Normalise sequences to sorted tuples and check every value.
+
+        Raises:
+            ValueError: naming the setting and the allowed range.
+        """
+        set_ = object.__setattr__
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if not self.methods or unknown:
+            raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
+        set_(self, "rewind_epochs", tuple(sorted({int(k) for k in self.rewind_epochs})))
+        set_(self, "sparsities", tuple(sorted({float(s) for s in self.sparsities})))
+        set_(self, "hidden", tuple(int(h) for h in self.hidden))
+        set_(self, "methods", tuple(m for m in METHODS if m in set(self.methods)))
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.rewind_epochs or any(not 0 <= k < self.epochs for k in self.rewind_epochs):
+            raise ValueError(f"rewind epochs k={list(self.rewind_epochs)} must lie in [0, epochs={self.epochs})")
+        if not self.sparsities or any(not 0 < s < 1 for s in self.sparsities):
+            raise ValueError(f"sparsities must lie in (0, 1), got {list(self.sparsities)}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if not 0 < self.prune_rate < 1:
+            raise ValueError(f"prune_rate must lie in (0, 1), got {self.prune_rate}")
+        if self.imp_epochs < 0:
+            raise ValueError(f"imp_epochs must be >= 0, got {self.imp_epochs}")
+        if self.barrier_points < 2:
+            raise ValueError(f"barrier_points must be >= 2, got {self.barrier_points}")
+        if self.bn_batches < 1:
+            raise ValueError(f"bn_batches must be >= 1, got {self.bn_batches}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        for name in ("batch_size", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every setting (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **overrides: Any) -> ReproduceConfig:
+        """A copy with ``overrides`` applied (validated again).
+
+        Raises:
+            TypeError: an override names no setting.
+            ValueError: as :meth:`__post_init__`.
+        """
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _cifar(dataset: str, model: str, width: int, rewinds: tuple[int, ...]) -> ReproduceConfig:
+    """The paper's CIFAR protocol (workshop App. A.1) for one architecture."""
+    return ReproduceConfig(
+        dataset=dataset,
+        model=model,
+        width=width,
+        epochs=200,
+        rewind_epochs=rewinds,
+        sparsities=(0.8, 0.9, 0.95, 0.97),
+        seeds=3,
+        batch_size=128,
+        lr=0.08,
+        sparse_lr=0.02,
+        momentum=0.9,
+        weight_decay=5e-4,
+        augment=True,
+        prune_rate=0.2,
+        imp_epochs=50,
+        imp_lr=0.01,
+    )
+
+
+_RESNET_REWINDS = (0, 5, 10, 15, 20, 25, 50, 75, 100)  # workshop Tables 3-4
+_VGG_REWINDS = (0, 5, 10, 15, 20, 25, 50)  # workshop Table 5
+
+#: Named presets. ``digits`` is the default of ``maskalign reproduce``.
+PRESETS: Mapping[str, ReproduceConfig] = {
+    "digits": ReproduceConfig(),
+    **{
+        f"{data}-resnet20x{w}": _cifar(data, "resnet20", w, _RESNET_REWINDS)
+        for data in ("cifar10", "cifar100")
+        for w in (1, 4, 8, 16)
+    },
+    **{f"{data}-vgg11": _cifar(data, "vgg11", 1, _VGG_REWINDS) for data in ("cifar10", "cifar100")},
+}
+
+
+def preset_names() -> list[str]:
+    """Names of :data:`PRESETS`, the default first."""
+    return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ReproduceConfig:
+    """The preset ``name`` with ``overrides`` applied.
+
+    Raises:
+        KeyError: unknown preset (the message lists the valid names).
+        TypeError, ValueError: as :meth:`ReproduceConfig.replace`.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; valid presets are {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
