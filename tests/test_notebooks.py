@@ -3,7 +3,8 @@ fails on any error").
 
 Each notebook runs top to bottom with nbclient on the ``python3`` kernel, in a
 temporary copy of ``examples/`` (so a run never rewrites the committed
-notebooks or leaves files next to them). Any cell that raises fails the test
+notebooks or leaves files next to them), with ``OMP_NUM_THREADS=1`` as in
+``examples/_build_notebooks.py``. Any cell that raises fails the test
 with the cell's traceback. Skipped when nbclient / nbformat / ipykernel are
 not installed.
 """
@@ -66,7 +67,11 @@ def test_kernel_runs_this_interpreter() -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path: Path, tmp_path: Path) -> None:
+def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel inherits this: one intra-op thread. The notebooks' models are
+    # tiny, and on a shared 2-core machine OpenMP's busy-waiting makes their
+    # training ~10x slower with 2 threads than with 1.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     folder = tmp_path / "examples"
     shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
     nb = nbformat.read(folder / path.name, as_version=4)
