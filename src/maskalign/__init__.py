@@ -10,6 +10,7 @@ Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
     mask_b = ma.permute_mask(mask_a, perm)
 """
 
+from . import metrics
 from .activation_matching import match_activations
 from .equivalence import EquivalenceReport, check_equivalence
 from .errors import DataError, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
@@ -58,6 +59,7 @@ __all__ = [
     "match_activations",
     "masks_from_prune",
     "match_weights",
+    "metrics",
     "permute_mask",
     "permute_state_dict",
     "random_masks_like",
