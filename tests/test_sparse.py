@@ -72,9 +72,7 @@ def train(
             assert_masked(model, masks)
 
 
-def pruned_state_values(
-    model: nn.Module, opt: torch.optim.Optimizer, masks: dict[str, Tensor]
-) -> list[Tensor]:
+def pruned_state_values(model: nn.Module, opt: torch.optim.Optimizer, masks: dict[str, Tensor]) -> list[Tensor]:
     """Every optimiser-state entry at a pruned position, for every masked param."""
     named = dict(model.named_parameters())
     out = []
@@ -90,9 +88,7 @@ def _supports(cls: type[torch.optim.Optimizer], kwarg: str) -> bool:
 
 
 OPTIMIZERS: dict[str, OptFactory] = {
-    "sgd_nesterov_wd": lambda p: torch.optim.SGD(
-        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2
-    ),
+    "sgd_nesterov_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
     "sgd_nesterov_wd_foreach": lambda p: torch.optim.SGD(
         p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, foreach=True
     ),
@@ -102,16 +98,12 @@ OPTIMIZERS: dict[str, OptFactory] = {
     "adam_unfused": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False, fused=False),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
     "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=True),
-    "adamw_unfused": lambda p: torch.optim.AdamW(
-        p, lr=1e-2, weight_decay=0.1, foreach=False, fused=False
-    ),
+    "adamw_unfused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=False, fused=False),
     "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
 }
 if _supports(torch.optim.Adam, "fused"):
     OPTIMIZERS["adam_fused"] = lambda p: torch.optim.Adam(p, lr=1e-2, fused=True)
-    OPTIMIZERS["adamw_fused"] = lambda p: torch.optim.AdamW(
-        p, lr=1e-2, weight_decay=0.1, fused=True
-    )
+    OPTIMIZERS["adamw_fused"] = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True)
 
 
 def make_opt(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -149,9 +141,7 @@ def test_gradient_hooks_alone_keep_weights_zero(opt_name: str) -> None:
         train(model, opt, 50, masks=masks, clip=1.0)
 
 
-@pytest.mark.parametrize(
-    "opt_name", ["sgd_nesterov_wd", "adam", "adamw_foreach", "rmsprop_momentum"]
-)
+@pytest.mark.parametrize("opt_name", ["sgd_nesterov_wd", "adam", "adamw_foreach", "rmsprop_momentum"])
 def test_dense_optimizer_state_cannot_leak(opt_name: str) -> None:
     model = mlp()
     masks = masks_for(model)
@@ -405,3 +395,33 @@ def test_dense_state_and_weight_leak_removed_on_cuda() -> None:
         train(model, opt, 1, device="cuda")
         assert_masked(model, cpu_masks)
         assert all(bool((v == 0).all()) for v in pruned_state_values(model, opt, cpu_masks))
+
+
+# --- the bitwise masking kernel
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128]
+)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bitmask_zeroes_exactly_and_keeps_kept_entries_bit_for_bit(dtype: torch.dtype, contiguous: bool) -> None:
+    from maskalign.sparse import _BitMask
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 5, generator=gen) > 0.5
+    value = torch.randn(6, 5, generator=gen).to(dtype)
+    value[0, :] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1.0]).to(dtype)
+    if not contiguous:  # a transposed view: strides differ from the mask's
+        mask, value = mask.T.contiguous().T, value.T.contiguous().T
+        assert not value.is_contiguous()
+    bitmask = _BitMask(mask)
+    out = bitmask.masked(value)
+    inplace = value.clone()
+    bitmask.mask_(inplace)
+    for got in (out, inplace):
+        assert got.dtype == dtype and got.shape == value.shape
+        pruned = got[~mask]
+        assert bool((pruned == 0).all()) and not bool(torch.signbit(pruned.real).any())  # +0.0, never NaN
+        kept, expected = got[mask], value[mask]
+        assert torch.equal(kept.isnan(), expected.isnan())
+        assert torch.equal(kept[~kept.isnan()], expected[~expected.isnan()])

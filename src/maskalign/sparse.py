@@ -9,8 +9,9 @@
 Two mechanisms cooperate:
 
 1. a gradient hook per masked parameter replaces the gradient at pruned
-   entries by ``0`` with ``torch.where`` (``grad * mask`` would turn a NaN or
-   infinite gradient into NaN rather than ``0``);
+   entries by exactly ``0`` (a bitwise AND on the gradient's bits, so a NaN
+   or infinite gradient there becomes ``0`` too, where ``grad * mask`` would
+   keep NaN);
 2. with an optimiser, a step post-hook re-zeros the pruned weights and every
    optimiser-state tensor of the parameter's shape after each
    ``optimizer.step()``. This removes leaks that gradient masking cannot
@@ -24,7 +25,7 @@ Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -86,36 +87,69 @@ class MaskHandle:
         return f"MaskHandle({len(self._masks)} masks, {state})"
 
 
-def _grad_hook(mask: Tensor) -> Callable[[Tensor], Tensor]:
-    """Gradient hook zeroing the gradient where ``mask`` is ``False``.
+# Integer dtype of each element size: a tensor viewed as these bits is
+# zeroed exactly by AND-ing with 0 and kept bit for bit by AND-ing with -1.
+_BITS_OF_SIZE: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    ``mask``: bool, parameter shape, parameter device. NaN-safe: a NaN or inf
-    gradient at a pruned entry becomes exactly ``0``.
+
+class _BitMask:
+    """One parameter's mask as an AND-pattern on the bits of its values.
+
+    Zeroing through ``bitwise_and`` on an integer view of the tensor is exact
+    (``+0.0`` at pruned entries, even where the value was NaN or infinite;
+    kept entries unchanged bit for bit) and, on CPU, 5-20x faster than
+    ``torch.where`` / ``masked_fill_`` with a bool mask, which is what keeps
+    :func:`enforce_masks` within a few percent of dense step time
+    (``benchmarks/bench_sparse_training.py``). The pattern costs one integer
+    per entry of each element size in use. Tensors that cannot be viewed as
+    same-size integers (sparse layouts, 16-byte dtypes) fall back to
+    ``torch.where``.
     """
 
-    def hook(grad: Tensor) -> Tensor:
-        return torch.where(mask, grad, grad.new_zeros(()))
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask  # bool, parameter shape and device
+        self._patterns: dict[int, Tensor] = {}
 
-    return hook
+    def _pattern(self, value: Tensor) -> Tensor | None:
+        bits = _BITS_OF_SIZE.get(value.element_size())
+        if bits is None or value.layout != torch.strided or value.dtype == torch.bool:
+            return None
+        pattern = self._patterns.get(value.element_size())
+        if pattern is None or pattern.device != value.device:
+            pattern = self.mask.to(value.device).to(bits).neg_()  # True -> -1 (all bits set), False -> 0
+            self._patterns[value.element_size()] = pattern
+        return pattern
+
+    def masked(self, value: Tensor) -> Tensor:
+        """A new tensor: ``value`` with pruned entries ``+0.0``."""
+        pattern = self._pattern(value)
+        if pattern is None:
+            return torch.where(self.mask.to(value.device), value, value.new_zeros(()))
+        return torch.bitwise_and(value.view(pattern.dtype), pattern).view(value.dtype)
+
+    def mask_(self, value: Tensor) -> None:
+        """Set the pruned entries of ``value`` to ``+0.0`` in place."""
+        pattern = self._pattern(value)
+        if pattern is None:
+            value.masked_fill_(~self.mask.to(value.device), 0)
+        else:
+            value.view(pattern.dtype).bitwise_and_(pattern)
 
 
-def _rezero(pairs: list[tuple[nn.Parameter, Tensor]], optimizer: torch.optim.Optimizer | None) -> None:
+def _rezero(pairs: list[tuple[nn.Parameter, _BitMask]], optimizer: torch.optim.Optimizer | None) -> None:
     """Zero the pruned entries of each parameter and, if ``optimizer`` is
     given, of every state tensor of the parameter's shape (for a pruned 0-d
     parameter that includes a 0-d ``step`` counter, which only restarts the
     bias correction of a parameter that is pruned anyway).
-
-    ``pairs``: (parameter, pruned) with ``pruned = ~mask`` (bool, parameter
-    shape, parameter device).
     """
     with torch.no_grad():
-        for param, pruned in pairs:
-            param.masked_fill_(pruned, 0)
+        for param, bitmask in pairs:
+            bitmask.mask_(param)
             if optimizer is None:
                 continue
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.masked_fill_(pruned.to(value.device), 0)
+                    bitmask.mask_(value)
 
 
 def enforce_masks(
@@ -160,11 +194,9 @@ def enforce_masks(
     validate_masks(model, masks)
     named = dict(model.named_parameters())
     device_masks = {name: mask.detach().to(device=named[name].device, copy=True) for name, mask in masks.items()}
-    pairs = [(named[name], ~mask) for name, mask in device_masks.items()]
+    pairs = [(named[name], _BitMask(mask)) for name, mask in device_masks.items()]
     _rezero(pairs, optimizer)
-    hooks = [
-        named[name].register_hook(_grad_hook(mask)) for name, mask in device_masks.items() if named[name].requires_grad
-    ]
+    hooks = [param.register_hook(bitmask.masked) for param, bitmask in pairs if param.requires_grad]
     if optimizer is not None:
 
         def step_post_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
