@@ -289,3 +289,21 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(MaskError, match="shape"):
         iterative_magnitude_pruning(model, trainer, 0.8, masks={"head.weight": torch.ones(2, dtype=torch.bool)})
     assert trainer.rounds == []  # nothing ran
+
+
+def test_ten_rounds_leave_the_model_as_large_as_before() -> None:
+    """torch.nn.utils.prune's hooks keep growing the pickled module across IMP
+    rounds; here the model keeps its parameters and buffers only."""
+    import io
+    import pickle
+
+    def size(m: nn.Module) -> int:
+        buffer = io.BytesIO()
+        torch.save(m, buffer, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        return buffer.tell()
+
+    model = Net()
+    result = iterative_magnitude_pruning(model, Trainer(1), imp_schedule(0.9)[9], exclude=lambda n: "head" in n)
+    assert len(result.history) == 10
+    assert list(result.model.state_dict()) == list(model.state_dict())
+    assert size(result.model) <= size(model) * 1.01
