@@ -188,8 +188,13 @@ def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
         masks = {f"module.{n}": m for n, m in ma.global_magnitude_prune(mlp(seed=0), 0.8).items()}
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         with ma.enforce_masks(ddp, masks, opt):
+            named = dict(ddp.named_parameters())
             for x, y in batches(20, seed=100 + rank):  # each rank its own shard
-                step(ddp, opt, x, y)
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(ddp(x), y).backward()
+                # masked before DDP's all-reduce: no pruned gradient reaches clipping or momentum
+                assert all(bool((named[n].grad[~m] == 0).all()) for n, m in masks.items())
+                opt.step()
                 ma.assert_masked(ddp, masks)
             opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a restore mid-run
             for x, y in batches(5, seed=200 + rank):
