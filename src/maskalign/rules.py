@@ -97,7 +97,7 @@ def _describe(node: torch.fx.Node) -> str:
     if stack:
         path, cls = list(stack.values())[-1]
         cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-        where = f" in module '{path}' ({cls_name})"
+        where = f" in module '{path}' ({cls_name})" if path else f" in the root module ({cls_name})"
     return f"{_op_name(node)} at node '{node.name}'{where}"
 
 

@@ -139,7 +139,8 @@ class PermutationSpec:
 
     def summary(self) -> str:
         """A readable table of groups, members and frozen axes."""
-        lines = [f"PermutationSpec: {len(self.groups)} groups, coverage {self.coverage:.3f}"]
+        count = len(self.groups)
+        lines = [f"PermutationSpec: {count} group{'' if count == 1 else 's'}, coverage {self.coverage:.3f}"]
         width = max((len(n) for n in self.groups), default=5)
         lines.append(f"  {'group':<{width}}  size  members")
         for group in self.groups.values():
