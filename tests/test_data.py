@@ -18,6 +18,8 @@ from maskalign.data import (
     load_cifar,
     load_dataset,
     load_digits,
+    splits_fingerprint,
+    splits_to_device,
     write_fake_cifar,
 )
 from maskalign.errors import DataError
@@ -229,3 +231,24 @@ def test_digits_without_sklearn_explains_install(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"maskalign\[demo\]"):
         load_digits()
+
+
+def test_splits_to_device_on_cpu_is_a_no_op(digits: DatasetSplits) -> None:
+    assert splits_to_device(digits, "cpu") is digits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_splits_to_device_moves_every_tensor_once(digits: DatasetSplits) -> None:
+    moved = splits_to_device(digits, "cuda")
+    for ds in (moved.train, moved.test):
+        assert all(t.is_cuda for t in ds.tensors)
+    assert torch.equal(moved.test.tensors[1].cpu(), digits.test.tensors[1])
+
+
+def test_fingerprint_identifies_the_data(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path / "a", n_train=6, n_test=2, seed=0)
+    write_fake_cifar(tmp_path / "b", n_train=6, n_test=2, seed=0)
+    write_fake_cifar(tmp_path / "c", n_train=6, n_test=2, seed=1)
+    a, b, c = (splits_fingerprint(load_cifar(tmp_path / name)) for name in "abc")
+    assert a == b  # same content, another folder
+    assert a != c

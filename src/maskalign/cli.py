@@ -48,6 +48,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--bn-batches", type=int, default=keep, help="training batches for BatchNorm re-estimation in LMC")
     add("--device", default=keep, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     add("--amp", choices=AMP_MODES, default=keep, help="mixed precision (CUDA only)")
+    add("--threads", type=int, default=keep, help="CPU threads for torch (0: torch's default)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -56,7 +56,7 @@ from .masks import random_masks_like, sparsity
 from .metrics import diversity
 from .models import build_model
 from .permutation import Permutation, apply_permutation, permute_mask
-from .presets import METHODS, ReproduceConfig
+from .presets import METHODS, PRESETS, ReproduceConfig
 from .spec import PermutationSpec, build_spec
 from .stages import StageStore, settings_hash
 from .training import TrainConfig, batches, train
@@ -284,6 +284,8 @@ class _Run:
                 state = {"settings": settings_hash(settings), "state": _cpu_state(m), "masks": cpu_masks}
                 self.store.save_tensors("imp", key, "last_round.pt", {**state, "history": history})
                 self.log(f"[imp {key}] round {imp_round.index}: sparsity {imp_round.sparsity:.4f}, test acc {acc:.4f}")
+                if self.on_stage_end is not None:
+                    self.on_stage_end("imp-round", f"{key}/round{imp_round.index}")
 
             iterative_magnitude_pruning(
                 model,
@@ -576,7 +578,9 @@ def reproduce(
             instead of raising.
         restart: discard every stored stage first.
         log: receives one line per computed stage (and IMP round).
-        on_stage_end: ``on_stage_end(stage, key)`` after each computed stage.
+        on_stage_end: ``on_stage_end(stage, key)`` after each computed stage
+            (one of :data:`STAGES`) and after each IMP round's checkpoint
+            (``"imp-round"``, ``"seed<s>/round<i>"``).
 
     Returns:
         ``{"config", "preset", "device", "data_fingerprint", "imp_schedule",
@@ -590,19 +594,25 @@ def reproduce(
             :func:`resolve_device`.
     """
     began = time.perf_counter()
-    config = config or ReproduceConfig()
+    config = config or PRESETS["digits"]
     device = resolve_device(config.device)
     if config.amp != "off" and device.type != "cuda":
         raise ValueError(f"amp={config.amp!r} needs CUDA; the run uses {device}")
     splits = splits or load_dataset(config.dataset, config.data_root)
     fingerprint = splits_fingerprint(splits)
     splits = splits_to_device(splits, device)
-    with tempfile.TemporaryDirectory(prefix="maskalign-") if out is None else nullcontext(out) as folder:
-        store = StageStore(Path(folder), force=force)
-        if restart:
-            store.clear()
-        run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end)
-        body = run.run()
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="maskalign-") if out is None else nullcontext(out) as folder:
+            store = StageStore(Path(folder), force=force)
+            if restart:
+                store.clear()
+            run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end)
+            body = run.run()
+    finally:
+        torch.set_num_threads(threads)
     return {
         "config": config.to_dict(),
         "preset": preset,

@@ -1,0 +1,73 @@
+"""Presets: the paper's settings, overrides, validation, CLI printing."""
+
+from __future__ import annotations
+
+import pytest
+
+from maskalign.cli import main
+from maskalign.presets import METHODS, PRESETS, ReproduceConfig, get_preset, preset_names
+
+
+def test_digits_is_the_default_preset() -> None:
+    assert preset_names()[0] == "digits"
+    assert PRESETS["digits"] == ReproduceConfig(threads=1)  # dataclass defaults: the digits protocol
+
+
+@pytest.mark.parametrize("width", [1, 4, 8, 16])
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_resnet_presets_carry_the_papers_settings(dataset: str, width: int) -> None:
+    config = get_preset(f"{dataset}-resnet20x{width}")
+    # workshop App. A.1, Table 1 (dense/sparse training) and Table 2 (pruning)
+    assert (config.dataset, config.model, config.width) == (dataset, "resnet20", width)
+    assert (config.lr, config.sparse_lr, config.momentum, config.weight_decay) == (0.08, 0.02, 0.9, 5e-4)
+    assert (config.batch_size, config.augment) == (128, True)
+    assert (config.prune_rate, config.imp_epochs, config.imp_lr) == (0.2, 50, 0.01)
+    assert config.sparsities == (0.8, 0.9, 0.95, 0.97)
+    assert config.rewind_epochs == (0, 5, 10, 15, 20, 25, 50, 75, 100)  # Tables 3-4
+    assert config.seeds == 3 and config.methods == METHODS
+
+
+def test_vgg_preset_sweeps_rewinds_of_table_5() -> None:
+    config = get_preset("cifar10-vgg11")
+    assert config.model == "vgg11"
+    assert config.rewind_epochs == (0, 5, 10, 15, 20, 25, 50)
+
+
+def test_overrides_apply_and_validate() -> None:
+    config = get_preset("cifar10-resnet20x4", epochs=3, rewind_epochs=[1, 0, 1], seeds=1)
+    assert (config.epochs, config.rewind_epochs, config.seeds, config.width) == (3, (0, 1), 1, 4)
+    with pytest.raises(TypeError, match="unknown setting"):
+        get_preset("digits", epoch=3)
+    with pytest.raises(KeyError, match="cifar10-vgg11"):
+        get_preset("imagenet")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rewind_epochs": (5,), "epochs": 5},
+        {"rewind_epochs": ()},
+        {"sparsities": (1.0,)},
+        {"seeds": 0},
+        {"prune_rate": 0.0},
+        {"methods": ("lth", "magic")},
+        {"amp": "fp8"},
+        {"barrier_points": 1},
+    ],
+)
+def test_config_rejects_bad_settings(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ReproduceConfig(**kwargs)
+
+
+def test_list_presets_prints_every_resolved_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert f"preset {name}" in out
+    assert "sparse_lr = 0.02" in out and "imp_epochs = 50" in out
+
+
+def test_cli_rejects_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "--epochs", "2", "-k", "3", "--out", "unused"]) == 2
+    assert "rewind epochs" in capsys.readouterr().err
