@@ -12,6 +12,7 @@ ipykernel (all in the ``test`` extra).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,7 @@ for seed in range(SEEDS):
             overlaps.append({"seed": seed, "sparsity": sparsity, "method": method, "overlap": shared / kept})
     print(f"seed {seed}: dense A {accuracy(model_a):.3f}, B {accuracy(model_b):.3f}; "
           f"loss barrier {before.barrier:.3f} -> {after.barrier:.3f} after matching")
-print(f"{len(rows)} sparse runs in {time.perf_counter() - start:.0f} s")
+print(f"{len(rows)} sparse runs")
 """,
     ),
     (
@@ -287,8 +288,9 @@ print(f"notebook ran in {time.perf_counter() - start:.0f} s")
         """
 ## Next
 
-* `maskalign reproduce` runs this protocol with more seeds and writes `results.json`,
-  `results.md` and a plot; `maskalign reproduce --help` lists the settings.
+* `maskalign reproduce` runs this protocol (also sweeping the rewind epoch `k`) and writes
+  `results.json`, `results.md` and plots; `maskalign reproduce --list-presets` shows the
+  settings, including the paper's CIFAR presets.
 * `04_cifar10_resnet20.ipynb` runs the paper's CIFAR-10 / ResNet20 setting on a GPU.
 * The docs' how-to guides do each step on your own models: *Align two of your own models*,
   *Permute a mask and sparse-train*.
@@ -346,9 +348,8 @@ else:
     if not has_gpu:
         print("  - no CUDA GPU visible to torch (torch.cuda.is_available() is False): "
               "run on a GPU machine with a CUDA build of torch.")
-    print("The same experiment from the command line:\\n"
-          "  maskalign reproduce --dataset cifar10 --data-root <folder> --model resnet20 "
-          "--width 4 --augment --device cuda")
+    print("The same experiment from the command line (the paper's full settings):\\n"
+          "  maskalign reproduce --preset cifar10-resnet20x4 --data-root <folder> --device cuda")
 """,
     ),
     (
@@ -479,6 +480,19 @@ else:
     ),
 ]
 
+def _coalesce_streams(outputs: list[NotebookNode]) -> list[NotebookNode]:
+    """Merge consecutive outputs of one stream (how prints are split into
+    messages depends on timing, not on the notebook)."""
+    merged: list[NotebookNode] = []
+    for output in outputs:
+        last = merged[-1] if merged else None
+        if last is not None and output.output_type == last.output_type == "stream" and last.name == output.name:
+            last.text += output.text
+        else:
+            merged.append(output)
+    return merged
+
+
 NOTEBOOKS = {
     "02_lottery_ticket_transfer.ipynb": TRANSFER,
     "04_cifar10_resnet20.ipynb": CIFAR,
@@ -504,12 +518,15 @@ def build(name: str, *, timeout: int = 600) -> float:
     }
     for cell in nb.cells:
         cell.metadata = {}
+        if cell.cell_type == "code":
+            cell.outputs = _coalesce_streams(cell.outputs)
     nbformat.validate(nb)
     nbformat.write(nb, HERE / name)
     return seconds
 
 
 def main(argv: list[str]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as in tests/test_notebooks.py
     names = [n for n in NOTEBOOKS if not argv or any(n.startswith(a) for a in argv)]
     if not names:
         raise SystemExit(f"no notebook matches {argv}; known: {list(NOTEBOOKS)}")
