@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from .activation_matching import match_activations
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
+from .fileio import atomic_write
 from .imp import IMPRound, imp_schedule, iterative_magnitude_pruning
 from .lmc import LMCResult, evaluate, lmc_barrier
 from .masks import random_masks_like, sparsity
@@ -570,8 +572,9 @@ def reproduce(
     Args:
         config: every setting (see :mod:`maskalign.presets`); default: the
             ``digits`` preset.
-        out: output folder holding the stages (``out/stages``); a temporary
-            folder (deleted afterwards) when ``None``.
+        out: output folder holding the stages (``out/stages``) and
+            ``config.json`` (the resolved settings, written first); a
+            temporary folder (deleted afterwards) when ``None``.
         splits: the data; loaded from ``config.dataset``/``data_root`` when ``None``.
         preset: name of the preset ``config`` came from, recorded in the results.
         force: recompute stages whose settings differ from the stored ones
@@ -609,6 +612,8 @@ def reproduce(
             store = StageStore(Path(folder), force=force)
             if restart:
                 store.clear()
+            settings = {"preset": preset, "config": config.to_dict(), "device": str(device)}
+            atomic_write(Path(folder) / "config.json", lambda h: json.dump(settings, h, indent=1))
             run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end)
             body = run.run()
     finally:

@@ -171,7 +171,11 @@ def _diversity_section(results: dict[str, Any]) -> list[str]:
         "averaged probabilities of all seeds' models.",
     ]
     modes = (
-        ("pairwise", f"Mode **pairwise**: mean over the pairs of the {config['seeds']} seeds' models."),
+        (
+            "pairwise",
+            f"Mode **pairwise**: mean over the pairs of the {config['seeds']} seeds' models (each seed has its "
+            "own A, B and mask m_A; the ICML paper's Table 1 ensembles runs that share one mask m_A).",
+        ),
         (
             "reference",
             "Mode **reference**: each seed's model against the dense A_T of the same seed "
