@@ -44,10 +44,7 @@ def outputs(model: nn.Module, x: Tensor) -> Tensor:
 def group_free_axes(spec: ma.PermutationSpec) -> set[tuple[str, int]]:
     """Every (tensor, dim) that carries at least one group factor."""
     return {
-        (tensor, d)
-        for tensor, shape in spec.shapes.items()
-        for d in range(len(shape))
-        if axis_groups(spec, tensor, d)
+        (tensor, d) for tensor, shape in spec.shapes.items() for d in range(len(shape)) if axis_groups(spec, tensor, d)
     }
 
 
@@ -575,3 +572,30 @@ def test_summary_names_groups_and_frozen_axes() -> None:
         assert name in text
     assert "classifier.weight[0]" in text
     assert str(spec) == text
+
+
+def test_failed_export_keeps_the_console_clean_and_prints_survive(capsys: pytest.CaptureFixture[str]) -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return h if h.mean() > 0 else -h
+
+    class Chatty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            print("hello from forward")
+            return self.fc(x)
+
+    with pytest.raises(ma.TraceError, match="torch.where or torch.cond"):
+        ma.build_spec(Branchy(), torch.randn(2, 4))
+    captured = capsys.readouterr()
+    assert "def forward" not in captured.err + captured.out  # torch's partial-graph dump is dropped
+    ma.build_spec(Chatty(), torch.randn(2, 4))
+    assert "hello from forward" in capsys.readouterr().out

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -198,7 +201,7 @@ def capture(
     with eval_mode(model), torch.no_grad():
         _check_signature(model, args, kwargs)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_export():
                 # torch.nn.utils.prune recomputes `weight` in a forward pre-hook; export warns
                 # about the attribute write, which is exactly the form we support
                 warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
@@ -218,6 +221,30 @@ def capture(
                 captured, model.state_dict(), lambda: model(*args, **kwargs), args, kwargs, rtol=rtol, atol=atol
             )
     return captured
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Keep torch.export's diagnostics of a failed trace off the console.
+
+    On a data-dependent branch, export logs a warning through the ``torch``
+    logger and writes the partial graph to stderr, twice, before it raises;
+    the :class:`TraceError` we raise then says what failed and what to do.
+    The ``torch`` logger is raised to ERROR for the call, and stdout / stderr
+    are buffered: replayed when export succeeds (so ``print`` in a model's
+    forward still shows), dropped when it fails.
+    """
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        logger.setLevel(level)
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
