@@ -125,3 +125,59 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     for page in ("index.html", "concepts/index.html", "reference/matching/index.html", "benchmarks/index.html"):
         assert (site / page).is_file(), page
     assert (site / "figures" / "permutation.png").is_file()
+
+
+# Links from error and warning messages into the docs: every docs page path
+# written in the package's source (``f"{DOCS_URL}/troubleshooting/#maskerror"``,
+# or a bare ``"how-to/prune-checkpoint/"`` joined to the URL elsewhere) must
+# name an existing page and heading, so a message never sends a user to a 404.
+TOP_LEVEL = sorted({p.relative_to(DOCS).parts[0].removesuffix(".md") for p in PAGES} - {"index"})
+DOCS_LINK = re.compile(
+    r"(?<![\w.-])(?P<page>(?:" + "|".join(map(re.escape, TOP_LEVEL)) + r")(?:/[a-z0-9_-]+)*)/(?:#(?P<anchor>[\w-]+))?(?=[.,;:]?[\"'\s)]|$)"
+)
+HEADING = re.compile(r"^#{1,6}\s+(?P<text>.*?)\s*(?:\{\s*#(?P<id>[\w-]+)[^}]*\})?\s*$")
+
+
+def _slug(text: str) -> str:
+    """Python-Markdown's default ``toc`` slug of a heading."""
+    import unicodedata
+
+    text = re.sub(r"`|\*|_(?=\w)|(?<=\w)_", "", text)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def docs_anchors(page: Path) -> set[str]:
+    anchors: set[str] = set()
+    in_fence = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+            continue
+        match = None if in_fence else HEADING.match(line)
+        if match:
+            anchors.add(match["id"] or _slug(match["text"]))
+    return anchors
+
+
+def test_slug_matches_markdown() -> None:
+    assert _slug("1. A's winning ticket by IMP") == "1-as-winning-ticket-by-imp"
+    assert _slug("Bring a `torch.nn.utils.prune` checkpoint") == "bring-a-torchnnutilsprune-checkpoint"
+    assert _slug("When capture fails: `TraceError`") == "when-capture-fails-traceerror"
+
+
+def test_error_messages_link_to_existing_docs() -> None:
+    links = []
+    for source in sorted((ROOT / "src" / "maskalign").glob("*.py")):
+        for match in DOCS_LINK.finditer(source.read_text(encoding="utf-8")):
+            links.append((source.name, match["page"], match["anchor"]))
+    if not links:
+        pytest.skip("no docs links in the package's messages yet")
+    broken = []
+    for source, page, anchor in links:
+        candidates = [DOCS / f"{page}.md", DOCS / page / "index.md"] if page else [DOCS / "index.md"]
+        md = next((c for c in candidates if c.is_file()), None)
+        if md is None or (anchor and anchor not in docs_anchors(md)):
+            broken.append(f"{source}: {page}/#{anchor}")
+    assert not broken, f"links to missing docs pages or anchors: {broken}"
