@@ -181,3 +181,19 @@ def test_error_messages_link_to_existing_docs() -> None:
         if md is None or (anchor and anchor not in docs_anchors(md)):
             broken.append(f"{source}: {page}/#{anchor}")
     assert not broken, f"links to missing docs pages or anchors: {broken}"
+
+
+def test_docstring_extension_rewrites_rst_idioms() -> None:
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        import sphinx_roles
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    assert sphinx_roles.strip_roles("see :func:`validate_masks` and :class:`~maskalign.spec.Group`") == (
+        "see `validate_masks` and `Group`"
+    )
+    assert sphinx_roles.strip_roles(":mod:`axis tree <maskalign.axes>`") == "`axis tree`"
+    text = "Levels.\n\n>>> f([0.5])\n[0.2, 0.5]\n\nExamples:\n    >>> 1 + 1\n    2\n"
+    assert sphinx_roles.fence_doctests(text) == (
+        "Levels.\n\n```pycon\n>>> f([0.5])\n[0.2, 0.5]\n```\n\nExamples:\n    >>> 1 + 1\n    2\n"
+    )
