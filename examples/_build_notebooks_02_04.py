@@ -94,7 +94,8 @@ LR, BATCH = 0.05, 64
 
 splits = load_digits()
 test_batches = list(batches(splits.test, 512))
-print(f"digits: {len(splits.train)} training and {len(splits.test)} test images of {tuple(splits.train.tensors[0].shape[1:])}")
+image_shape = tuple(splits.train.tensors[0].shape[1:])
+print(f"digits: {len(splits.train)} training and {len(splits.test)} test images of {image_shape}")
 """,
     ),
     (
@@ -479,6 +480,7 @@ else:
 """,
     ),
 ]
+
 
 def _coalesce_streams(outputs: list[NotebookNode]) -> list[NotebookNode]:
     """Merge consecutive outputs of one stream (how prints are split into

@@ -100,11 +100,18 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_fence_parser(tmp_path: Path) -> None:
-    text = '# t\n\n```python\nx = 1\n```\n\n<!-- skip -->\n```python\nraise SystemExit\n```\n\n```bash\nls\n```\n\n!!! note\n    ```python\n    y = x + 1\n    ```\n'
+    text = (
+        "# t\n\n```python\nx = 1\n```\n\n<!-- skip -->\n```python\nraise SystemExit\n```\n\n"
+        "```bash\nls\n```\n\n!!! note\n    ```python\n    y = x + 1\n    ```\n"
+    )
     path = tmp_path / "page.md"
     path.write_text(text, encoding="utf-8")
     blocks = python_blocks(path, tmp_path)
-    assert [(b.code, b.skip) for b in blocks] == [("x = 1\n", False), ("raise SystemExit\n", True), ("y = x + 1\n", False)]
+    assert [(b.code, b.skip) for b in blocks] == [
+        ("x = 1\n", False),
+        ("raise SystemExit\n", True),
+        ("y = x + 1\n", False),
+    ]
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
@@ -114,7 +121,17 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material 9.7+ prints a notice about MkDocs 2
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site), "--config-file", str(ROOT / "mkdocs.yml")],
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--site-dir",
+            str(site),
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -133,7 +150,9 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
 # name an existing page and heading, so a message never sends a user to a 404.
 TOP_LEVEL = sorted({p.relative_to(DOCS).parts[0].removesuffix(".md") for p in PAGES} - {"index"})
 DOCS_LINK = re.compile(
-    r"(?<![\w.-])(?P<page>(?:" + "|".join(map(re.escape, TOP_LEVEL)) + r")(?:/[a-z0-9_-]+)*)/(?:#(?P<anchor>[\w-]+))?(?=[.,;:]?[\"'\s)]|$)"
+    r"(?<![\w.-])(?P<page>(?:"
+    + "|".join(map(re.escape, TOP_LEVEL))
+    + r")(?:/[a-z0-9_-]+)*)/(?:#(?P<anchor>[\w-]+))?(?=[.,;:]?[\"'\s)]|$)"
 )
 HEADING = re.compile(r"^#{1,6}\s+(?P<text>.*?)\s*(?:\{\s*#(?P<id>[\w-]+)[^}]*\})?\s*$")
 
