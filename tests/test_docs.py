@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -216,3 +217,60 @@ def test_docstring_extension_rewrites_rst_idioms() -> None:
     assert sphinx_roles.fence_doctests(text) == (
         "Levels.\n\n```pycon\n>>> f([0.5])\n[0.2, 0.5]\n```\n\nExamples:\n    >>> 1 + 1\n    2\n"
     )
+
+
+# Shell commands of the docs (```bash blocks) are not run (installs, hour-long
+# experiments), but they must stay valid: `maskalign` command lines parse with
+# the real CLI, benchmark scripts exist and accept the flags shown, and every
+# `pip install ".[extra]"` names an extra of pyproject.toml.
+def shell_commands() -> list[tuple[str, str]]:
+    commands = []
+    for page in PAGES:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        inside = False
+        for line in lines:
+            fence = FENCE.match(line)
+            if fence and not inside:
+                inside = (fence["info"].strip().split() or [""])[0] in ("bash", "sh", "console", "shell")
+                continue
+            if fence and inside:
+                inside = False
+                continue
+            if inside:
+                code = line.split(" #", 1)[0].strip()
+                for part in filter(None, (p.strip() for p in code.split("&&"))):
+                    commands.append((str(page.relative_to(DOCS)), part))
+    return commands
+
+
+def test_shell_commands_in_docs_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    from maskalign.cli import main
+
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover (Python 3.10)
+        tomllib = pytest.importorskip("tomli")
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    seen = {"maskalign": 0, "benchmark": 0, "pip": 0}
+    for page, command in shell_commands():
+        words = shlex.split(command)
+        if words[0] == "maskalign":
+            seen["maskalign"] += 1
+            with pytest.raises(SystemExit) as exit_info:
+                main([*words[1:], "--help"])  # parses every flag before --help, runs nothing
+            assert exit_info.value.code == 0, f"{page}: `{command}` does not parse: {capsys.readouterr().err}"
+        elif words[0] == "python" and len(words) > 1 and words[1].startswith("benchmarks/"):
+            seen["benchmark"] += 1
+            script = ROOT / words[1]
+            assert script.is_file(), f"{page}: `{command}`: no {words[1]}"
+            source = script.read_text(encoding="utf-8")
+            for flag in (w for w in words[2:] if w.startswith("--")):
+                assert f'"{flag}"' in source, f"{page}: `{command}`: {words[1]} has no flag {flag}"
+        elif words[:2] == ["pip", "install"]:
+            seen["pip"] += 1
+            for word in words[2:]:
+                match = re.fullmatch(r"\.\[(?P<extras>[\w,-]+)\]", word)
+                if match:
+                    unknown = set(match["extras"].split(",")) - extras
+                    assert not unknown, f"{page}: `{command}`: no extra(s) {unknown} in pyproject.toml"
+    assert all(seen.values()), seen
