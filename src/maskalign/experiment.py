@@ -96,7 +96,7 @@ _MATCH_BATCH = 256
 _SAME_LEVEL = 1e-9
 
 #: The reference model of the ``reference`` diversity mode.
-REFERENCE = "dense A_T of the same seed"
+_REFERENCE = "dense A_T of the same seed"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,17 +176,18 @@ class _Run:
             hidden=self.config.hidden,
         )
 
-    def load_model(self, stage: str, key: str, name: str) -> nn.Module:
-        model = self.build()
-        model.load_state_dict(self.store.load_tensors(stage, key, name))
-        return model.to(self.device)
-
     def from_state(self, state: Mapping[str, Tensor]) -> nn.Module:
+        """A model of the run's architecture holding ``state``, on the device."""
         model = self.build()
         model.load_state_dict(state)
         return model.to(self.device)
 
+    def load_model(self, stage: str, key: str, name: str) -> nn.Module:
+        """The model whose ``state_dict`` is artifact ``name`` of a stage."""
+        return self.from_state(self.store.load_tensors(stage, key, name))
+
     def test(self, model: nn.Module) -> tuple[float, float]:
+        """Mean test loss (nats) and test accuracy (fraction)."""
         return evaluate(model, self.test_data)
 
     def spec(self, model: nn.Module) -> PermutationSpec:
@@ -516,7 +517,7 @@ class _Run:
             {
                 **base,
                 "mode": "reference",
-                "reference": REFERENCE,
+                "reference": _REFERENCE,
                 "disagreement": sum(r.disagreement for r in per_seed) / n,
                 "kl": sum(r.kl for r in per_seed) / n,
                 "js": sum(r.js for r in per_seed) / n,
