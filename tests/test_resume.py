@@ -91,3 +91,16 @@ def test_changed_setting_is_reported_by_stage_and_field(tmp_path: Path) -> None:
     restarted: list[tuple[str, str]] = []
     reproduce(small, out=tmp_path, restart=True, on_stage_end=lambda s, k: restarted.append((s, k)))
     assert ("dense", "seed0-A") in restarted
+
+
+def test_cli_reports_a_mismatch_and_force_recomputes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from maskalign.cli import main
+
+    tiny = ["reproduce", "--epochs", "2", "-k", "1", "--seeds", "1", "--sparsities", "0.5", "--hidden", "8", "8"]
+    tiny += ["--imp-epochs", "1", "--methods", "lth", "--barrier-points", "2", "--out", str(tmp_path), "--quiet"]
+    assert main(tiny) == 0
+    capsys.readouterr()
+    assert main([*tiny, "--imp-lr", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'imp/seed0'" in err and "imp_lr: 0.01 -> 0.02" in err
+    assert main([*tiny, "--imp-lr", "0.02", "--force"]) == 0

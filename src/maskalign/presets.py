@@ -69,7 +69,7 @@ class ReproduceConfig:
     width: int = 1
     hidden: tuple[int, ...] = (128, 128)
     epochs: int = 20
-    rewind_epochs: tuple[int, ...] = (0, 2, 5)
+    rewind_epochs: tuple[int, ...] = (0, 1, 2, 5, 10)
     sparsities: tuple[float, ...] = (0.9, 0.95, 0.98, 0.99)
     seeds: int = 3
     batch_size: int = 64
