@@ -315,6 +315,8 @@ def plot_lmc(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
         ("dense A-B", [("A-B", None, None), ("pi(A)-B", None, None)])
     ]
     panels += [(f"sparsity {t:g}, k={k}", [(p, k, t) for p in _SPARSE_PAIRS]) for t in config["sparsities"]]
+    present = {(c["pair"], c["k"], c["sparsity"]) for c in results["lmc"]}
+    panels = [(title, keys) for title, keys in panels if present.intersection(keys)]
     fig, axes = _grid(plt, len(panels))
     for ax, (title, keys) in zip(axes, panels):
         for pair, kk, target in keys:
