@@ -605,9 +605,10 @@ def reproduce(
     splits = splits or load_dataset(config.dataset, config.data_root)
     fingerprint = splits_fingerprint(splits)
     splits = splits_to_device(splits, device)
-    threads = torch.get_num_threads()
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     if config.threads:
         torch.set_num_threads(config.threads)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick the fastest kernels
     try:
         with tempfile.TemporaryDirectory(prefix="maskalign-") if out is None else nullcontext(out) as folder:
             store = StageStore(Path(folder), force=force)
@@ -619,6 +620,7 @@ def reproduce(
             body = run.run()
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
     return {
         "config": config.to_dict(),
         "preset": preset,
