@@ -104,3 +104,36 @@ def test_cli_reports_a_mismatch_and_force_recomputes(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert "stage 'imp/seed0'" in err and "imp_lr: 0.01 -> 0.02" in err
     assert main([*tiny, "--imp-lr", "0.02", "--force"]) == 0
+
+
+def test_killed_fake_cifar_resnet_run_resumes_to_identical_results(tmp_path: Path) -> None:
+    """The same with BatchNorm (running statistics in every checkpoint) and
+    augmentation, on the cifar10-resnet20x1 preset and a tiny fake CIFAR."""
+    from maskalign.data import write_fake_cifar
+    from maskalign.presets import get_preset
+
+    write_fake_cifar(tmp_path / "data", n_train=32, n_test=16)
+    config = get_preset(
+        "cifar10-resnet20x1",
+        data_root=str(tmp_path / "data"),
+        epochs=2,
+        rewind_epochs=(1,),
+        sparsities=(0.2, 0.36),
+        imp_epochs=1,
+        seeds=1,
+        methods=("lth", "permuted"),
+        barrier_points=2,
+        bn_batches=1,
+        batch_size=16,
+        device="cpu",
+        threads=1,
+    )
+    full = reproduce(config, out=tmp_path / "full")
+
+    def kill(stage: str, key: str) -> None:
+        if (stage, key) == ("sparse", "seed0/k1/s0.2/permuted"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        reproduce(config, out=tmp_path / "killed", on_stage_end=kill)
+    assert _numbers(reproduce(config, out=tmp_path / "killed")) == _numbers(full)
