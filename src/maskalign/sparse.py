@@ -8,10 +8,13 @@
 
 Two mechanisms cooperate:
 
-1. a gradient hook per masked parameter replaces the gradient at pruned
-   entries by exactly ``0`` (a bitwise AND on the gradient's bits, so a NaN
-   or infinite gradient there becomes ``0`` too, where ``grad * mask`` would
-   keep NaN);
+1. a post-accumulate-grad hook per masked parameter sets ``param.grad`` to
+   exactly ``0`` at pruned entries, in place, as soon as the gradient is
+   accumulated: before DDP reduces it, before clipping and before the
+   optimiser reads it. It works on the gradient's bits (a bitwise AND), so a
+   NaN or infinite gradient there becomes ``0`` too, where ``grad * mask``
+   would keep NaN. Gradients returned by ``torch.autograd.grad`` are never
+   accumulated into ``param.grad`` and are not masked;
 2. with an optimiser, a step post-hook re-zeros the pruned weights and every
    optimiser-state tensor of the parameter's shape after each
    ``optimizer.step()``. This removes leaks that gradient masking cannot
@@ -103,7 +106,7 @@ class _BitMask:
     (``benchmarks/bench_sparse_training.py``). The pattern costs one integer
     per entry of each element size in use. Tensors that cannot be viewed as
     same-size integers (sparse layouts, 16-byte dtypes) fall back to
-    ``torch.where``.
+    ``masked_fill_``.
     """
 
     def __init__(self, mask: Tensor) -> None:
@@ -120,12 +123,10 @@ class _BitMask:
             self._patterns[value.element_size()] = pattern
         return pattern
 
-    def masked(self, value: Tensor) -> Tensor:
-        """A new tensor: ``value`` with pruned entries ``+0.0``."""
-        pattern = self._pattern(value)
-        if pattern is None:
-            return torch.where(self.mask.to(value.device), value, value.new_zeros(()))
-        return torch.bitwise_and(value.view(pattern.dtype), pattern).view(value.dtype)
+    def grad_hook(self, param: Tensor) -> None:
+        """Post-accumulate-grad hook: mask ``param.grad`` in place."""
+        if param.grad is not None:
+            self.mask_(param.grad)
 
     def mask_(self, value: Tensor) -> None:
         """Set the pruned entries of ``value`` to ``+0.0`` in place."""
@@ -196,7 +197,9 @@ def enforce_masks(
     device_masks = {name: mask.detach().to(device=named[name].device, copy=True) for name, mask in masks.items()}
     pairs = [(named[name], _BitMask(mask)) for name, mask in device_masks.items()]
     _rezero(pairs, optimizer)
-    hooks = [param.register_hook(bitmask.masked) for param, bitmask in pairs if param.requires_grad]
+    hooks = [
+        param.register_post_accumulate_grad_hook(bitmask.grad_hook) for param, bitmask in pairs if param.requires_grad
+    ]
     if optimizer is not None:
 
         def step_post_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
