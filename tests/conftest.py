@@ -185,3 +185,19 @@ def aliased(model: nn.Module) -> set[str]:
         if t.numel():
             seen.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
     return {n for names in seen.values() if len(names) > 1 for n in names}
+
+
+def run_workers(fn: Callable[..., None], args: tuple[object, ...], nprocs: int, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` forked processes and wait at most
+    ``timeout`` seconds: a hung collective fails the test instead of CI."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{nprocs} worker processes did not finish within {timeout:.0f} s")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import make_inputs, make_model, spec_for
+from conftest import make_inputs, make_model, run_workers, spec_for
 
 import maskalign as ma
 
@@ -39,7 +38,7 @@ def test_two_gloo_ranks_match_like_one_process(tmp_path) -> None:
     a, b = _models()
     single = ma.match_activations(a, b, _batches(), spec_for("resnet20_w1"), progress=False)
     out = str(tmp_path / "perm")
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True, start_method="fork")
+    run_workers(_worker, (str(tmp_path / "init"), out), WORLD)
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         assert set(got) == set(single)

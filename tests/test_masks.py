@@ -91,7 +91,7 @@ def test_validate_masks_unknown_key_suggests_close_names() -> None:
 
 
 def test_validate_masks_unknown_key_without_close_names() -> None:
-    with pytest.raises(MaskError, match=r"'zzz' is not a parameter of the model\.$"):
+    with pytest.raises(MaskError, match=r"'zzz' is not a parameter of the model\.\nSee https://"):
         validate_masks(mlp(), {"zzz": torch.ones(1, dtype=torch.bool)})
 
 

@@ -379,6 +379,9 @@ def test_permutation_save_load_round_trip_and_rejects_other_spec(tmp_path) -> No
     torch.save({"not": "a permutation"}, tmp_path / "other.pt")
     with pytest.raises(ma.SpecError, match="not a permutation"):
         ma.Permutation.load(tmp_path / "other.pt", spec)
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(ma.SpecError, match=r"text\.pt is not a permutation saved by maskalign \(\w+\)"):
+        ma.Permutation.load(tmp_path / "text.pt", spec)
 
 
 def test_match_weights_restarts_keep_the_best_run() -> None:

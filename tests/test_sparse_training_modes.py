@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_workers
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -202,6 +202,9 @@ def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
             ma.assert_masked(ddp, masks)
             ok = pruned_state_is_zero(ddp, opt, masks)
         torch.save({"state": model.state_dict(), "state_zero": ok}, f"{out_file}.{rank}")
+        # Free DDP (and its gloo work) before the group goes: a DDP object
+        # collected after destroy_process_group() can hang in gloo's destructor.
+        del ddp, opt, model
     finally:
         dist.destroy_process_group()
 
@@ -209,7 +212,7 @@ def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_gloo_ranks_stay_masked_and_in_sync(tmp_path) -> None:
     out = str(tmp_path / "ddp")
-    mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True, start_method="fork")
+    run_workers(_ddp_worker, (str(tmp_path / "init"), out), WORLD)
     results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD)]
     assert all(r["state_zero"] for r in results)
     masks = ma.global_magnitude_prune(mlp(seed=0), 0.8)

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size, unit_positions
 from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
-from .errors import DataError, SpecError, SpecMismatchError, TraceError
+from .errors import DOCS_URL, DataError, SpecError, SpecMismatchError, TraceError
 from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import ActivationPoint, PermutationSpec, build_spec
@@ -422,7 +422,7 @@ def match_activations(
                 if plan.skipped:
                     warnings.warn(
                         f"activation matching skips nodes {plan.skipped[:3]}: their joint axis has more than "
-                        f"max_joint={max_joint} units",
+                        f"max_joint={max_joint} units. See {DOCS_URL}/troubleshooting/#warning-max-joint",
                         stacklevel=2,
                     )
                 prober = _Prober(spec, model_a, sorted({p.node for p in plan.points}))

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from maskalign.errors import MaskError
+from maskalign.errors import DOCS_URL, MaskError
 from maskalign.masks import apply_masks, default_prunable, global_magnitude_prune, validate_masks
 from maskalign.sparse import enforce_masks
 
@@ -342,7 +342,8 @@ def _rezero_leaks(model: nn.Module, masks: Mapping[str, Tensor], index: int) -> 
         warnings.warn(
             f"IMP round {index}: train_fn left pruned weights non-zero ({leaked}); they were zeroed. "
             "Call ma.enforce_masks(model, round.masks, optimizer) in train_fn so that optimiser state "
-            "(momentum, Adam moments) carried into the round cannot move them.",
+            f"(momentum, Adam moments) carried into the round cannot move them. "
+            f"See {DOCS_URL}/troubleshooting/#warning-imp-leak",
             UserWarning,
             stacklevel=3,
         )

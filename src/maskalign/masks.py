@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from maskalign.errors import MaskError
+from maskalign.errors import DOCS_URL, MaskError
 
 __all__ = [
     "SparsityReport",
@@ -94,7 +94,8 @@ def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             )
         if mask.numel() > 0 and not bool(mask.any()):
             warnings.warn(
-                f"Mask for {name!r} prunes every entry of the parameter (shape {tuple(param.shape)}).",
+                f"Mask for {name!r} prunes every entry of the parameter (shape {tuple(param.shape)}). "
+                f"See {DOCS_URL}/troubleshooting/#warning-empty-mask",
                 UserWarning,
                 stacklevel=2,
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -126,9 +127,14 @@ class Permutation(Mapping[str, Tensor]):
         Raises:
             SpecMismatchError: the file was saved for another spec (its
                 fingerprint differs).
-            SpecError: the file is not a saved permutation.
+            SpecError: the file is not a saved permutation (not a torch
+                file, or one holding something else).
+            FileNotFoundError: ``path`` does not exist.
         """
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise SpecError(f"{path} is not a permutation saved by maskalign ({type(exc).__name__}).") from exc
         if not isinstance(payload, dict) or payload.get("format") != "maskalign.Permutation/1":
             raise SpecError(f"{path} is not a permutation saved by maskalign")
         if payload["fingerprint"] != spec.fingerprint:

@@ -40,6 +40,8 @@ class StageMismatchError(MaskAlignError):
     """A finished stage in the output folder was computed with other settings
     than the current run's (so its artifacts must not be mixed in)."""
 
+    docs_page = "troubleshooting/#stagemismatcherror"
+
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
     """SHA-256 (hex, 16 digits) of ``settings`` serialised as sorted JSON."""
