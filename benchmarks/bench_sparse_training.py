@@ -14,8 +14,8 @@ MLP 784-1024-1024-10 (batch 128), each linear/conv weight pruned to 90 %.
   forward pre-hook recomputes ``weight = weight_orig * weight_mask`` every
   forward.
 
-The variants run interleaved (A B C A B C ...) so that drift of a noisy
-machine hits them alike; each ratio is the median over rounds of the
+The variants run interleaved, in an order rotated every round (A B C, B C A,
+...), so that drift of a noisy machine and position effects hit them alike; each ratio is the median over rounds of the
 per-round ratio. Targets (issue 5): enforce_masks / dense <= 1.05, and
 enforce_masks no slower than prune.
 
@@ -97,8 +97,10 @@ def measure(
             run()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in steppers}
-    for _ in range(rounds):
-        for name, run in steppers.items():
+    names = list(steppers)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no variant always runs first
+            run = steppers[name]
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
