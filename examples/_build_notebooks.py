@@ -1,6 +1,7 @@
-"""Regenerate the example notebooks 01 and 03 (sources below), executed, with outputs.
+"""Regenerate the example notebooks, executed, with outputs: 01 and 03 from
+the sources below, 02 and 04 from ``_notebooks_02_04.py``.
 
-    python examples/_build_notebooks.py          # both
+    python examples/_build_notebooks.py          # all four
     python examples/_build_notebooks.py 03       # only 03_*.ipynb
 
 Each notebook is written with ``nbformat`` (fixed cell ids), executed with
@@ -24,6 +25,8 @@ from nbclient import NotebookClient
 from nbformat.notebooknode import NotebookNode
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _notebooks_02_04 import CIFAR, TRANSFER  # noqa: E402
 
 
 def _notebook(cells: list[tuple[str, str]]) -> NotebookNode:
@@ -472,7 +475,9 @@ that names the line and suggests `torch.where` / `torch.cond`.
 
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
+    "02_lottery_ticket_transfer.ipynb": TRANSFER,
     "03_your_own_architecture.ipynb": YOUR_OWN,
+    "04_cifar10_resnet20.ipynb": CIFAR,
 }
 
 

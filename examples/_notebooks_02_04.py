@@ -1,43 +1,14 @@
-"""Regenerate example notebooks 02 and 04 (sources below), executed, with outputs.
+"""Cell sources of example notebooks 02 (lottery-ticket transfer on digits)
+and 04 (CIFAR-10 with ResNet20); ``examples/_build_notebooks.py`` writes and
+executes them with 01 and 03:
 
-    python examples/_build_notebooks_02_04.py          # both
-    python examples/_build_notebooks_02_04.py 02       # only 02_*.ipynb
+    python examples/_build_notebooks.py 02 04
 
 02 runs on a CPU in well under a minute and is executed by
-``tests/test_notebooks.py``. 04 needs a CUDA GPU and a local CIFAR-10 copy;
-it is executed here too, and on a machine without them it stores the output
-of its first cell, which says how to run it. Needs nbformat, nbclient and
-ipykernel (all in the ``test`` extra).
+``tests/test_notebooks.py``. 04 needs a CUDA GPU and a local CIFAR-10 copy; on
+a machine without them it stores the output of its first cell, which says how
+to run it.
 """
-
-from __future__ import annotations
-
-import os
-import sys
-import time
-from pathlib import Path
-
-import nbformat
-from nbclient import NotebookClient
-from nbformat.notebooknode import NotebookNode
-
-HERE = Path(__file__).resolve().parent
-
-
-def _notebook(cells: list[tuple[str, str]]) -> NotebookNode:
-    """A notebook of ``(kind, source)`` cells (kind ``"md"`` or ``"code"``) with stable ids."""
-    nb = nbformat.v4.new_notebook()
-    for i, (kind, source) in enumerate(cells):
-        source = source.strip("\n")
-        cell = nbformat.v4.new_markdown_cell(source) if kind == "md" else nbformat.v4.new_code_cell(source)
-        cell.id = f"cell-{i:02d}"
-        nb.cells.append(cell)
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
-    return nb
-
 
 # ------------------------------------------------------ 02 lottery-ticket transfer
 TRANSFER = [
@@ -480,61 +451,3 @@ else:
 """,
     ),
 ]
-
-
-def _coalesce_streams(outputs: list[NotebookNode]) -> list[NotebookNode]:
-    """Merge consecutive outputs of one stream (how prints are split into
-    messages depends on timing, not on the notebook)."""
-    merged: list[NotebookNode] = []
-    for output in outputs:
-        last = merged[-1] if merged else None
-        if last is not None and output.output_type == last.output_type == "stream" and last.name == output.name:
-            last.text += output.text
-        else:
-            merged.append(output)
-    return merged
-
-
-NOTEBOOKS = {
-    "02_lottery_ticket_transfer.ipynb": TRANSFER,
-    "04_cifar10_resnet20.ipynb": CIFAR,
-}
-
-
-def build(name: str, *, timeout: int = 600) -> float:
-    """Write, execute and save ``examples/<name>``; returns the execution time in seconds."""
-    nb = _notebook(NOTEBOOKS[name])
-    client = NotebookClient(
-        nb,
-        timeout=timeout,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(HERE)}},
-        record_timing=False,
-    )
-    start = time.perf_counter()
-    client.execute()
-    seconds = time.perf_counter() - start
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
-        "language_info": {"name": "python", "version": ".".join(map(str, sys.version_info[:3]))},
-    }
-    for cell in nb.cells:
-        cell.metadata = {}
-        if cell.cell_type == "code":
-            cell.outputs = _coalesce_streams(cell.outputs)
-    nbformat.validate(nb)
-    nbformat.write(nb, HERE / name)
-    return seconds
-
-
-def main(argv: list[str]) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as in tests/test_notebooks.py
-    names = [n for n in NOTEBOOKS if not argv or any(n.startswith(a) for a in argv)]
-    if not names:
-        raise SystemExit(f"no notebook matches {argv}; known: {list(NOTEBOOKS)}")
-    for name in names:
-        print(f"{name}: executed in {build(name):.1f} s")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
