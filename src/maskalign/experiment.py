@@ -99,6 +99,15 @@ _SAME_LEVEL = 1e-9
 _REFERENCE = "dense A_T of the same seed"
 
 
+# LMC curves between sparse solutions: (label, run a, run b, map a to B's
+# units by pi). LTH's solution lives in A's units, so pi(lth) meets permuted.
+_SPARSE_PAIRS: tuple[tuple[str, str, str, bool], ...] = (
+    ("lth-naive", "lth", "naive", False),
+    ("pi(lth)-permuted", "lth", "permuted", True),
+    ("naive-permuted", "naive", "permuted", False),
+)
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; any other name as given.
 
@@ -422,42 +431,19 @@ class _Run:
                 masks = self.method_masks(seed, target, perm)
                 for k in c.rewind_epochs:
                     models = {m: self.sparse_model(seed, k, target, m) for m in c.methods if m != "random"}
-                    if "lth" in models and "naive" in models:
-                        curves.append(
-                            curve(
-                                "lth-naive",
-                                models["lth"],
-                                models["naive"],
-                                k,
-                                target,
-                                masks_a=masks["lth"],
-                                masks_b=masks["naive"],
+                    for label, a, b, align in _SPARSE_PAIRS:
+                        if a in models and b in models:
+                            curves.append(
+                                curve(
+                                    label,
+                                    apply_permutation(models[a], perm) if align else models[a],
+                                    models[b],
+                                    k,
+                                    target,
+                                    masks_a=masks["permuted"] if align else masks[a],
+                                    masks_b=masks[b],
+                                )
                             )
-                        )
-                    if "lth" in models and "permuted" in models:
-                        curves.append(
-                            curve(
-                                "pi(lth)-permuted",
-                                apply_permutation(models["lth"], perm),
-                                models["permuted"],
-                                k,
-                                target,
-                                masks_a=masks["permuted"],
-                                masks_b=masks["permuted"],
-                            )
-                        )
-                    if "naive" in models and "permuted" in models:
-                        curves.append(
-                            curve(
-                                "naive-permuted",
-                                models["naive"],
-                                models["permuted"],
-                                k,
-                                target,
-                                masks_a=masks["naive"],
-                                masks_b=masks["permuted"],
-                            )
-                        )
             record = self.store.finish("lmc", key, settings, {"curves": curves})
         return record["curves"]
 
