@@ -335,7 +335,9 @@ def plot_lmc(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 def _title(results: dict[str, Any]) -> str:
     config = results["config"]
-    return f"{results.get('preset') or 'custom'}: {config['model']} on {config['dataset']}"
+    model = config["model"] if config["model"] == "mlp" else f"{config['model']}x{config['width']}"
+    preset = f"preset {results['preset']!r}" if results.get("preset") else "custom settings"
+    return f"{model} on {config['dataset']}, T={config['epochs']}, {config['seeds']} seeds ({preset})"
 
 
 def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
