@@ -365,9 +365,11 @@ def match_activations(
     refined by coordinate ascent over the groups.
 
     Args:
-        model_a, model_b: two models of one architecture, on one device. Both
-            are switched to eval mode for the pass and restored afterwards;
-            neither is modified.
+        model_a: the model to align (the permutation applies to it).
+            Switched to eval mode for the pass and restored afterwards; not
+            modified.
+        model_b: the reference model, of the same architecture and on the
+            same device as ``model_a``; treated like it.
         data: a DataLoader or any iterable of batches: a tensor, or a tuple/list
             whose first element is the input (``(inputs, target)`` pairs), or
             anything that ``input_fn`` maps to forward's positional inputs.

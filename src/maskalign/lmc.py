@@ -155,7 +155,9 @@ def repair(
 
     Args:
         interpolated: e.g. ``interpolate(model_a, model_b, alpha)``; modified.
-        model_a, model_b: the endpoints (not modified).
+        model_a: the endpoint at ``alpha = 0`` (not modified).
+        model_b: the endpoint at ``alpha = 1``, same architecture (not
+            modified).
         data: batches (a list: it is read once per layer plus twice).
 
     Returns:

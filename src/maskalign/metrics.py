@@ -161,7 +161,9 @@ def disagreement(a: Tensor, b: Tensor) -> float:
     Ties are broken towards the lowest class index.
 
     Args:
-        a, b: ``(N, C)`` logits or log-probabilities of two models on the same samples.
+        a: ``(N, C)`` logits or log-probabilities of one model.
+        b: ``(N, C)`` logits or log-probabilities of another model on the
+            same samples.
 
     Returns:
         A fraction in ``[0, 1]`` (symmetric in ``a`` and ``b``).
@@ -182,8 +184,11 @@ def kl_divergence(p: Tensor, q: Tensor) -> float:
     the expectation is taken under.
 
     Args:
-        p, q: ``(N, C)`` logits or log-probabilities; each row is normalised
-            with ``log_softmax`` in float64.
+        p: ``(N, C)`` logits or log-probabilities of the distribution the
+            expectation is taken under; each row is normalised with
+            ``log_softmax`` in float64.
+        q: ``(N, C)`` logits or log-probabilities of the other distribution,
+            normalised the same way.
 
     Returns:
         A non-negative float (0 exactly when every row of ``p`` equals that of ``q``).
@@ -205,7 +210,9 @@ def js_divergence(a: Tensor, b: Tensor) -> float:
     ``logaddexp(log a, log b) - ln 2``.
 
     Args:
-        a, b: ``(N, C)`` logits or log-probabilities.
+        a: ``(N, C)`` logits or log-probabilities of one model.
+        b: ``(N, C)`` logits or log-probabilities of another model on the
+            same samples.
 
     Returns:
         A float in ``[0, ln 2]``, symmetric in ``a`` and ``b``.

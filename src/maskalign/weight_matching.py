@@ -96,7 +96,9 @@ def match_weights(
     """Find the permutation aligning ``model_a`` to ``model_b`` by weight matching.
 
     Args:
-        model_a, model_b: two models of one architecture (not modified).
+        model_a: the model to align (the permutation applies to it); not
+            modified.
+        model_b: the reference model, same architecture; not modified.
         spec: the permutation spec; built from ``model_a`` and
             ``example_inputs`` when omitted.
         example_inputs: forward's inputs, needed only without ``spec``.
