@@ -274,3 +274,20 @@ def test_shell_commands_in_docs_are_valid(capsys: pytest.CaptureFixture[str]) ->
                     unknown = set(match["extras"].split(",")) - extras
                     assert not unknown, f"{page}: `{command}`: no extra(s) {unknown} in pyproject.toml"
     assert all(seen.values()), seen
+
+
+def test_docstring_examples_run() -> None:
+    """The ``>>>`` examples in the package's docstrings (shown in the API reference)."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    import maskalign
+
+    attempted = 0
+    for info in pkgutil.iter_modules(maskalign.__path__):
+        module = importlib.import_module(f"maskalign.{info.name}")
+        result = doctest.testmod(module)
+        assert result.failed == 0, info.name
+        attempted += result.attempted
+    assert attempted >= 1

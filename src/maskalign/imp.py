@@ -58,9 +58,6 @@ def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[fl
     would reach or pass the next target lands exactly on it, so every target
     is one of the levels.
 
-    >>> [round(s, 4) for s in imp_schedule([0.5], 0.2)]
-    [0.2, 0.36, 0.488, 0.5]
-
     Args:
         targets: one target sparsity or several, each in ``(0, 1)``.
         rate: fraction of the remaining weights pruned per round, in
@@ -72,6 +69,10 @@ def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[fl
     Raises:
         ValueError: if a target or ``rate`` is outside ``(0, 1)`` or there is
             no target.
+
+    Examples:
+        >>> [round(s, 4) for s in imp_schedule([0.5], 0.2)]
+        [0.2, 0.36, 0.488, 0.5]
     """
     levels = _check_targets(targets)
     if not 0.0 < rate < 1.0:
