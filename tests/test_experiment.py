@@ -4,13 +4,15 @@ diversity), the fake-CIFAR preset run through the CLI, reports, devices."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from maskalign.activation_matching import match_activations
 from maskalign.cli import main
-from maskalign.data import write_fake_cifar
+from maskalign.data import load_dataset, write_fake_cifar
 from maskalign.experiment import reproduce, resolve_device
 from maskalign.fileio import atomic_write
 from maskalign.imp import imp_schedule
@@ -20,6 +22,7 @@ from maskalign.permutation import Permutation, permute_mask
 from maskalign.presets import METHODS, ReproduceConfig
 from maskalign.report import markdown_table, render, summarize
 from maskalign.spec import build_spec
+from maskalign.training import batches
 
 TINY = ReproduceConfig(
     epochs=3,
@@ -102,6 +105,121 @@ def test_diversity_rows_in_both_modes(tiny: tuple[dict, Path]) -> None:
     for r in rows:
         assert 0 <= r["disagreement"] <= 1 and r["kl"] >= 0 and 0 <= r["js"] <= 0.6932
         assert (r["reference"] is None) == (r["mode"] == "pairwise")
+
+
+SHARED = TINY.replace(seeds=3, rewind_epochs=(0, 1), sparsities=(0.5, 0.8), methods=("lth", "naive", "permuted"))
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch) -> tuple:
+    """A 3-seed run that records the starting weights, mask and data-order
+    seed of every sparse-training stage (wrapping ``train``)."""
+    import maskalign.experiment as experiment
+
+    pending: list[tuple[dict, dict, int]] = []
+    starts: dict[tuple[str, str], tuple[dict, dict, int]] = {}
+
+    def recording_train(model: torch.nn.Module, *args, generator: torch.Generator, masks=None, **kwargs):
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        pending.append((state, {k: v.clone() for k, v in (masks or {}).items()}, generator.initial_seed()))
+        return train(model, *args, generator=generator, masks=masks, **kwargs)
+
+    def on_stage_end(stage: str, key: str) -> None:
+        if stage in ("sparse", "shared-sparse"):
+            assert len(pending) == 1, (stage, key)
+            starts[(stage, key)] = pending[0]
+        pending.clear()
+
+    train = experiment.train
+    monkeypatch_module.setattr(experiment, "train", recording_train)
+    out = tmp_path_factory.mktemp("shared")
+    return reproduce(SHARED, out=out, on_stage_end=on_stage_end), out, starts
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _member(starts: dict, seed: int, method: str) -> tuple[dict, dict, int]:
+    """Starting weights, mask and data-order seed of a shared-mask member
+    (table1 level: 0.5 is the smallest sparsity, k = 1 the largest)."""
+    stage = "sparse" if seed == 0 else "shared-sparse"
+    return starts[(stage, f"seed{seed}/k1/s0.5/{method}")]
+
+
+def test_shared_mask_lth_members_share_init_and_mask(shared_run: tuple) -> None:
+    """ICML Table 1 / Evci et al. 2022: every LTH member starts from A_0,k
+    with the one mask m_A0; only the data order differs."""
+    results, out, starts = shared_run
+    shared = results["shared_mask"]
+    assert (shared["protocol"], shared["sparsity"], shared["k"]) == ("shared-mask", 0.5, 1)
+    assert SHARED.table1_level() == (0.5, 1)
+    stages = out / "stages"
+    m_a0 = torch.load(stages / "imp/seed0/target_0.5.pt", weights_only=True)["masks"]
+    a0_k = torch.load(stages / "dense/seed0-A/rewind_k1.pt", weights_only=True)
+    data_orders = set()
+    for seed in range(3):
+        state, masks, data_order = _member(starts, seed, "lth")
+        assert masks.keys() == m_a0.keys() and all(torch.equal(masks[n], m_a0[n]) for n in m_a0)
+        assert all(torch.equal(state[n], a0_k[n]) for n in a0_k)
+        data_orders.add(data_order)
+    assert len(data_orders) == 3  # different data orders
+    # naive members: B_s,k with m_A0
+    for seed in range(3):
+        state, masks, _ = _member(starts, seed, "naive")
+        b_k = torch.load(stages / f"dense/seed{seed}-B/rewind_k1.pt", weights_only=True)
+        assert all(torch.equal(masks[n], m_a0[n]) for n in m_a0)
+        assert all(torch.equal(state[n], b_k[n]) for n in b_k)
+    assert {(r["seed"], r["method"]) for r in shared["sparse"]} == {
+        (s, m) for s in range(3) for m in ("lth", "naive", "permuted")
+    }
+    # member 0 is the across-seed seed-0 run itself, not a second copy
+    assert not (stages / "shared-sparse/seed0").exists()
+    assert {(r["method"], r["members"]) for r in shared["diversity"]} == {
+        (m, 3) for m in ("dense", "imp", "lth", "naive", "permuted")
+    }
+
+
+def test_shared_mask_permuted_members_use_the_matching_from_a0(shared_run: tuple) -> None:
+    """Permuted member s starts from B_s,k with pi'_s(m_A0), where pi'_s is
+    activation matching A_0 -> B_s (pi'_0 = pi_0 of the across-seed run)."""
+    results, out, starts = shared_run
+    stages = out / "stages"
+    m_a0 = torch.load(stages / "imp/seed0/target_0.5.pt", weights_only=True)["masks"]
+    model = build_model("mlp", num_classes=10, in_channels=1, image_size=8, hidden=(32, 32))
+    spec = build_spec(model, torch.zeros(2, 1, 8, 8))
+    splits = load_dataset("digits")
+    model_a0 = build_model("mlp", num_classes=10, in_channels=1, image_size=8, hidden=(32, 32))
+    model_a0.load_state_dict(torch.load(stages / "dense/seed0-A/final.pt", weights_only=True))
+    assert [r["seed"] for r in results["shared_mask"]["matching"]] == [1, 2]
+    for seed in range(3):
+        path = stages / ("match/seed0/perm.pt" if seed == 0 else f"shared-match/A0-B{seed}/perm.pt")
+        perm = Permutation.load(path, spec)
+        model_b = build_model("mlp", num_classes=10, in_channels=1, image_size=8, hidden=(32, 32))
+        model_b.load_state_dict(torch.load(stages / f"dense/seed{seed}-B/final.pt", weights_only=True))
+        assert perm == match_activations(model_a0, model_b, batches(splits.train, 256), spec, progress=False)
+        if seed > 0:  # not pi_s, the matching A_s -> B_s of the seed's own pair
+            assert perm != Permutation.load(stages / f"match/seed{seed}/perm.pt", spec)
+        state, masks, _ = _member(starts, seed, "permuted")
+        expected = permute_mask(m_a0, perm)
+        assert all(torch.equal(masks[n], expected[n]) for n in expected)
+        b_k = torch.load(stages / f"dense/seed{seed}-B/rewind_k1.pt", weights_only=True)
+        assert all(torch.equal(state[n], b_k[n]) for n in b_k)
+
+
+def test_shared_mask_table_in_markdown(shared_run: tuple) -> None:
+    results, _, _ = shared_run
+    table = markdown_table(results)
+    assert "shared-mask protocol (ICML paper Table 1) at sparsity 50%, k=1" in table
+    assert "Protocol **shared-mask**" in table
+    lines = table[table.rindex("\n| solution | test acc.") + 1 :].splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:7]] == ["| dense", "| IMP", "| LTH", "| perm.", "| naive"]
+    lth = next(r for r in results["shared_mask"]["diversity"] if r["method"] == "lth")
+    members = [r["test_acc"] for r in results["shared_mask"]["sparse"] if r["method"] == "lth"]
+    assert lth["member_accuracies"] == pytest.approx(members)
+    assert reproduce(TINY.replace(seeds=1, rewind_epochs=(1,), sparsities=(0.5,)))["shared_mask"] is None
 
 
 def test_markdown_lays_out_tables_like_the_paper(tiny: tuple[dict, Path]) -> None:

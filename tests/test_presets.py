@@ -53,11 +53,22 @@ def test_overrides_apply_and_validate() -> None:
         {"methods": ("lth", "magic")},
         {"amp": "fp8"},
         {"barrier_points": 1},
+        {"table1_sparsity": 0.5},  # not among the sparsities
+        {"table1_k": 3},  # not among the rewind points
     ],
 )
 def test_config_rejects_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         ReproduceConfig(**kwargs)
+
+
+def test_table1_level_defaults_to_the_papers_sparsity_and_the_largest_k() -> None:
+    assert ReproduceConfig().table1_level() == (0.9, 10)  # ICML Sec. 4.2: 90% sparsity
+    assert ReproduceConfig(sparsities=(0.8, 0.5)).table1_level() == (0.5, 10)  # 0.9 absent: the smallest
+    assert get_preset("cifar10-resnet20x1").table1_level() == (0.9, 100)
+    config = ReproduceConfig(table1_sparsity=0.95, table1_k=2)
+    assert config.table1_level() == (0.95, 2)
+    assert config.replace(table1_k=None).table1_level() == (0.95, 10)
 
 
 def test_list_presets_prints_every_resolved_setting(capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,7 +41,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.parametrize(
     "kill_at",
-    [("imp-round", "seed0/round2"), ("match", "seed0"), ("sparse", "seed1/k1/s0.5/naive"), ("lmc", "seed1")],
+    [
+        ("imp-round", "seed0/round2"),
+        ("match", "seed0"),
+        ("sparse", "seed1/k1/s0.5/naive"),
+        ("lmc", "seed1"),
+        ("shared-match", "A0-B1"),  # the shared-mask protocol's stages (table1 level 0.5, k=1)
+        ("shared-sparse", "seed1/k1/s0.5/permuted"),
+    ],
 )
 def test_killed_run_resumes_to_identical_results(uninterrupted: dict, tmp_path: Path, kill_at: tuple) -> None:
     computed: list[tuple[str, str]] = []

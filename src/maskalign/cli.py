@@ -44,6 +44,8 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--imp-epochs", type=int, default=keep, help="fine-tuning epochs per IMP round")
     add("--imp-lr", type=float, default=keep, help="IMP fine-tuning peak learning rate")
     add("--methods", nargs="+", choices=METHODS, default=keep)
+    add("--table1-sparsity", type=float, default=keep, help="sparsity of the shared-mask diversity table")
+    add("--table1-k", type=int, default=keep, help="rewind point of the shared-mask diversity table")
     add("--barrier-points", type=int, default=keep, help="interpolation points per LMC curve")
     add("--bn-batches", type=int, default=keep, help="training batches for BatchNorm re-estimation in LMC")
     add("--device", default=keep, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

@@ -24,7 +24,22 @@ and ensemble accuracy (averaged probabilities) of the dense, IMP, LTH, naive,
 permuted and random solutions, from float64 log-probabilities on the test set
 (ICML paper, Table 1), in two modes: ``pairwise`` (mean over pairs of seeds)
 and ``reference`` (each seed's model against the dense A_T of the same seed,
-averaged over seeds).
+averaged over seeds). Every member there has its own A_s and its own mask.
+
+Then the ICML paper's own Table-1 protocol (Sec. 4.2, after Evci et al. 2022),
+``shared-mask``, at one (sparsity, k) (``table1_sparsity``, ``table1_k``;
+default 0.9 and the largest k): ONE pruned model A_0 and ONE mask m_{A_0}
+shared by every member s = 0 .. seeds - 1:
+
+* LTH: A_0,k with m_{A_0}, trained with the data order of seed s;
+* naive: B_s,k with m_{A_0};
+* permuted: B_s,k with pi'_s(m_{A_0}), pi'_s the activation matching
+  A_0,T -> B_s,T (stage ``shared-match``; pi'_0 = pi_0);
+* dense and IMP: the independently trained A_s,T and IMP solutions.
+
+Member 0 of each method is the seed-0 run of ``sparse`` (same start, mask
+and data order); members s >= 1 are stage ``shared-sparse``, and the pairwise
+diversity of each ensemble is stage ``shared-diversity``.
 
 Every stage writes its artifacts and a manifest atomically under
 ``OUT/stages`` (:mod:`maskalign.stages`); a re-run with the same output folder
@@ -36,6 +51,7 @@ bitwise deterministic).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -55,7 +71,7 @@ from .fileio import atomic_write
 from .imp import IMPRound, imp_schedule, iterative_magnitude_pruning
 from .lmc import LMCResult, evaluate, lmc_barrier
 from .masks import random_masks_like, sparsity
-from .metrics import diversity
+from .metrics import diversity, ensemble_accuracy
 from .models import build_model
 from .permutation import Permutation, apply_permutation, permute_mask
 from .presets import METHODS, PRESETS, ReproduceConfig
@@ -63,10 +79,27 @@ from .spec import PermutationSpec, build_spec
 from .stages import StageStore, settings_hash
 from .training import TrainConfig, batches, train
 
-__all__ = ["METHODS", "STAGES", "ReproduceConfig", "resolve_device", "reproduce"]
+__all__ = ["METHODS", "SHARED_MASK", "SHARED_MASK_METHODS", "STAGES", "ReproduceConfig", "resolve_device", "reproduce"]
 
 #: Stages in the order they run; ``on_stage_end`` receives these names.
-STAGES: tuple[str, ...] = ("dense", "imp", "match", "sparse", "lmc", "diversity")
+STAGES: tuple[str, ...] = (
+    "dense",
+    "imp",
+    "match",
+    "sparse",
+    "lmc",
+    "diversity",
+    "shared-match",
+    "shared-sparse",
+    "shared-diversity",
+)
+
+#: Name (the rows' ``protocol``) of the ICML paper's Table-1 protocol: one
+#: pruned A_0 and one mask m_{A_0} shared by every ensemble member.
+SHARED_MASK = "shared-mask"
+
+#: The methods of the shared-mask protocol (those of ``config.methods`` are run).
+SHARED_MASK_METHODS: tuple[str, ...] = ("lth", "naive", "permuted")
 
 # The settings each stage depends on (besides the data fingerprint and the
 # instance's seed / k / sparsity / method). Device and output folder are not
@@ -137,6 +170,11 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 
 def _level_key(value: float) -> str:
     return f"{value:g}"
+
+
+def _sparse_key(seed: int, k: int, target: float, method: str) -> str:
+    """Key of a sparse-training stage instance, e.g. ``seed0/k1/s0.9/lth``."""
+    return f"seed{seed}/k{k}/s{_level_key(target)}/{method}"
 
 
 class _Run:
@@ -328,21 +366,34 @@ class _Run:
 
     def match(self, seed: int) -> tuple[dict[str, Any], Permutation]:
         """Activation matching A_T -> B_T of ``seed`` on the training data."""
-        key = f"seed{seed}"
-        settings = self.settings(_MATCH, seed=seed)
-        model_a = self.load_model("dense", f"seed{seed}-A", "final.pt")
+        return self._match("match", f"seed{seed}", self.settings(_MATCH, seed=seed), seed, seed)
+
+    def shared_match(self, seed: int) -> tuple[dict[str, Any], Permutation]:
+        """pi'_s of the shared-mask protocol: activation matching A_0,T ->
+        B_s,T. For ``seed`` 0 this is pi_0 (stage ``match``); otherwise stage
+        ``shared-match``, key ``A0-B<s>``."""
+        if seed == 0:
+            return self.match(0)
+        settings = self.settings(_MATCH, seed=seed, mask_seed=0)
+        return self._match("shared-match", f"A0-B{seed}", settings, 0, seed)
+
+    def _match(
+        self, stage: str, key: str, settings: Mapping[str, Any], seed_a: int, seed_b: int
+    ) -> tuple[dict[str, Any], Permutation]:
+        """Activation matching A_T of ``seed_a`` -> B_T of ``seed_b`` as
+        stage instance ``stage/key`` (the permutation in ``perm.pt``)."""
+        model_a = self.load_model("dense", f"seed{seed_a}-A", "final.pt")
         spec = self.spec(model_a)
-        record = self.store.finished("match", key, settings)
+        record = self.store.finished(stage, key, settings)
         if record is None:
-            with self.stage("match", key):
-                model_b = self.load_model("dense", f"seed{seed}-B", "final.pt")
+            with self.stage(stage, key):
+                model_b = self.load_model("dense", f"seed{seed_b}-B", "final.pt")
                 data = batches(self.splits.train, _MATCH_BATCH, device=self.device)
                 perm = match_activations(model_a, model_b, data, spec, progress=False)
-                perm.save(self.store.path("match", key, "perm.pt"))
-                record = self.store.finish(
-                    "match", key, settings, {"seed": seed, "groups": perm.report.get("groups", {})}
-                )
-        return record, Permutation.load(self.store.path("match", key, "perm.pt"), spec)
+                perm.save(self.store.path(stage, key, "perm.pt"))
+                identity = {"seed": seed_b} if seed_a == seed_b else {"seed": seed_b, "seed_a": seed_a}
+                record = self.store.finish(stage, key, settings, {**identity, "groups": perm.report.get("groups", {})})
+        return record, Permutation.load(self.store.path(stage, key, "perm.pt"), spec)
 
     def method_masks(self, seed: int, target: float, perm: Permutation) -> dict[str, dict[str, Tensor]]:
         """The mask of each method at ``target`` (on the device)."""
@@ -356,15 +407,51 @@ class _Run:
         return {m: {k: v.to(self.device) for k, v in candidates[m].items()} for m in self.config.methods}
 
     def sparse(self, seed: int, k: int, target: float, method: str, masks: Mapping[str, Tensor]) -> dict[str, Any]:
-        """Sparse-train ``method`` of ``seed`` from rewind point ``k`` at ``target``."""
-        key = f"seed{seed}/k{k}/s{_level_key(target)}/{method}"
+        """Sparse-train ``method`` of ``seed`` from rewind point ``k`` at ``target``
+        (LTH from A_k, the others from B_k of the same seed)."""
+        start = f"seed{seed}-{'A' if method == 'lth' else 'B'}"
         settings = self.settings(_SPARSE, seed=seed, k=k, sparsity=target, method=method)
-        record = self.store.finished("sparse", key, settings)
+        return self._train_sparse("sparse", settings, start, seed, k, target, method, masks)
+
+    def shared_sparse(self, seed: int, k: int, target: float, method: str) -> dict[str, Any]:
+        """Member ``seed`` of ``method`` in the shared-mask protocol: LTH
+        from A_0,k with m_{A_0}, naive from B_s,k with m_{A_0}, permuted from
+        B_s,k with pi'_s(m_{A_0}), each trained with the data order of the
+        seed-``seed`` run of ``method``. Member 0 is therefore the seed-0 run
+        of stage ``sparse`` itself (same start, mask and data order); the
+        others are stage ``shared-sparse``."""
+        if seed == 0:
+            return self.sparse(0, k, target, method, self.method_masks(0, target, self.match(0)[1])[method])
+        masks = self.method_masks(0, target, self.shared_match(seed)[1])[method]
+        start = "seed0-A" if method == "lth" else f"seed{seed}-B"
+        settings = self.settings(_SPARSE, seed=seed, k=k, sparsity=target, method=method, mask_seed=0)
+        return self._train_sparse("shared-sparse", settings, start, seed, k, target, method, masks)
+
+    def shared_model(self, seed: int, k: int, target: float, method: str) -> nn.Module:
+        """The trained member ``seed`` of ``method`` in the shared-mask protocol."""
+        return self.sparse_model(seed, k, target, method, stage="sparse" if seed == 0 else "shared-sparse")
+
+    def _train_sparse(
+        self,
+        stage: str,
+        settings: Mapping[str, Any],
+        start: str,
+        seed: int,
+        k: int,
+        target: float,
+        method: str,
+        masks: Mapping[str, Tensor],
+    ) -> dict[str, Any]:
+        """Train the rewind checkpoint k of dense stage ``start`` under
+        ``masks`` for T - k epochs at ``sparse_lr`` with the data order of
+        (``seed``, k, ``target``, ``method``), as stage instance
+        ``stage/<seed, k, target, method key>``."""
+        key = _sparse_key(seed, k, target, method)
+        record = self.store.finished(stage, key, settings)
         if record is not None:
             return record
-        with self.stage("sparse", key):
-            role = "A" if method == "lth" else "B"
-            model = self.load_model("dense", f"seed{seed}-{role}", f"rewind_k{k}.pt")
+        with self.stage(stage, key):
+            model = self.load_model("dense", start, f"rewind_k{k}.pt")
             train(
                 model,
                 self.splits.train,
@@ -372,7 +459,7 @@ class _Run:
                 generator=_generator(seed, "sparse", k, _level_key(target), method),
                 masks=masks,
             )
-            self.store.save_tensors("sparse", key, "model.pt", _cpu_state(model))
+            self.store.save_tensors(stage, key, "model.pt", _cpu_state(model))
             loss, acc = self.test(model)
             data = {
                 "seed": seed,
@@ -383,11 +470,12 @@ class _Run:
                 "test_acc": acc,
                 "mask_sparsity": sparsity(masks).global_,
             }
-            record = self.store.finish("sparse", key, settings, data)
+            record = self.store.finish(stage, key, settings, data)
         return record
 
-    def sparse_model(self, seed: int, k: int, target: float, method: str) -> nn.Module:
-        return self.load_model("sparse", f"seed{seed}/k{k}/s{_level_key(target)}/{method}", "model.pt")
+    def sparse_model(self, seed: int, k: int, target: float, method: str, stage: str = "sparse") -> nn.Module:
+        """The trained sparse model of a ``sparse`` (or ``shared-sparse``) stage."""
+        return self.load_model(stage, _sparse_key(seed, k, target, method), "model.pt")
 
     def lmc(self, seed: int, perm: Permutation) -> list[dict[str, Any]]:
         """LMC curves of ``seed``: A-B before and after matching, and between
@@ -467,17 +555,76 @@ class _Run:
             dense_b = [self.log_probs(self.load_model("dense", f"seed{s}-B", "final.pt")) for s in seeds]
             rows = [*self._diversity_rows("dense", None, None, dense_a, dense_b, dense_a)]
             for target in c.sparsities:
-                name = f"target_{_level_key(target)}.pt"
-                imp = [
-                    self.log_probs(self.from_state(self.store.load_tensors("imp", f"seed{s}", name)["state"]))
-                    for s in seeds
-                ]
+                imp = [self.log_probs(self.imp_model(s, target)) for s in seeds]
                 rows += self._diversity_rows("imp", None, target, imp, imp, dense_a)
                 for k in c.rewind_epochs:
                     for method in c.methods:
                         members = [self.log_probs(self.sparse_model(s, k, target, method)) for s in seeds]
                         rows += self._diversity_rows(method, k, target, members, members, dense_a)
             record = self.store.finish("diversity", "all", settings, {"rows": rows})
+        return record["rows"]
+
+    def imp_model(self, seed: int, target: float) -> nn.Module:
+        """The pruned IMP solution of ``seed`` at ``target``."""
+        saved = self.store.load_tensors("imp", f"seed{seed}", f"target_{_level_key(target)}.pt")
+        return self.from_state(saved["state"])
+
+    def shared_mask(self) -> dict[str, Any] | None:
+        """The shared-mask protocol of the ICML paper's Table 1 (Sec. 4.2,
+        after Evci et al. 2022) at one (sparsity, k) (:meth:`ReproduceConfig.table1_level`):
+        matchings pi'_s (A_0 -> B_s), the members of LTH / naive / permuted
+        (:meth:`shared_sparse`) and their diversity; ``None`` with one seed
+        (an ensemble needs two members).
+
+        Returns:
+            ``{"protocol", "sparsity", "k", "matching", "sparse", "diversity"}``:
+            the ``shared-match`` records (s >= 1; none without ``permuted``), every member's sparse
+            record (member s = its ``seed``) and :meth:`shared_diversity`'s rows.
+        """
+        c = self.config
+        if c.seeds < 2:
+            return None
+        target, k = c.table1_level()
+        methods = tuple(m for m in SHARED_MASK_METHODS if m in c.methods)
+        seeds = range(c.seeds)
+        matching = [self.shared_match(s)[0] for s in seeds if s > 0] if "permuted" in methods else []
+        sparse = [self.shared_sparse(s, k, target, m) for m in methods for s in seeds]
+        return {
+            "protocol": SHARED_MASK,
+            "sparsity": target,
+            "k": k,
+            "matching": matching,
+            "sparse": sparse,
+            "diversity": self.shared_diversity(target, k, methods),
+        }
+
+    def shared_diversity(self, target: float, k: int, methods: Sequence[str]) -> list[dict[str, Any]]:
+        """Pairwise diversity of the shared-mask protocol's ensembles (ICML
+        Table 1): dense (A_s,T) and IMP (of each A_s) over independent seeds,
+        then the members of each of ``methods`` at (``target``, k). Each row:
+        :meth:`~maskalign.metrics.DiversityReport.to_dict` plus ``protocol``,
+        ``method``, ``k``, ``sparsity`` and ``member_accuracies`` (in seed order)."""
+        key = f"k{k}/s{_level_key(target)}"
+        settings = self.settings(_DIVERSITY, k=k, sparsity=target)
+        record = self.store.finished("shared-diversity", key, settings)
+        if record is not None:
+            return record["rows"]
+        with self.stage("shared-diversity", key):
+            ensembles: list[tuple[str, int | None, float | None, Callable[[int], nn.Module]]] = [
+                ("dense", None, None, lambda s: self.load_model("dense", f"seed{s}-A", "final.pt")),
+                ("imp", None, target, lambda s: self.imp_model(s, target)),
+            ]
+            ensembles += [
+                (m, k, target, functools.partial(self.shared_model, k=k, target=target, method=m)) for m in methods
+            ]
+            rows = []
+            for method, kk, level, load in ensembles:
+                members = [self.log_probs(load(s)) for s in range(self.config.seeds)]
+                report = diversity(members, self.targets).to_dict()
+                accuracies = [ensemble_accuracy([m], self.targets) for m in members]
+                base = {"protocol": SHARED_MASK, "method": method, "k": kk, "sparsity": level}
+                rows.append({**base, **report, "member_accuracies": accuracies})
+            record = self.store.finish("shared-diversity", key, settings, {"rows": rows})
         return record["rows"]
 
     def _diversity_rows(
@@ -540,6 +687,7 @@ class _Run:
                         results["sparse"].append(self.sparse(seed, k, target, method, masks[method]))
             results["lmc"] += self.lmc(seed, perm)
         results["diversity"] = self.diversity()
+        results["shared_mask"] = self.shared_mask()
         return results
 
 
@@ -575,8 +723,10 @@ def reproduce(
     Returns:
         ``{"config", "preset", "device", "data_fingerprint", "imp_schedule",
         "dense", "imp", "imp_history", "matching", "sparse", "lmc",
-        "diversity", "timing"}``; accuracies are fractions, losses mean
-        cross-entropy (nats), diversity divergences in nats.
+        "diversity", "shared_mask", "timing"}``; ``shared_mask`` is the
+        Table-1 protocol (``_Run.shared_mask``; ``None`` with one seed);
+        accuracies are fractions, losses mean cross-entropy (nats),
+        diversity divergences in nats.
 
     Raises:
         StageMismatchError: a stored stage was computed with other settings.

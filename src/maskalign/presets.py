@@ -29,6 +29,9 @@ __all__ = ["AMP_MODES", "METHODS", "PRESETS", "ReproduceConfig", "get_preset", "
 #: (B_k, pi(m_A)) and random (B_k, a random mask with m_A's per-layer density).
 METHODS: tuple[str, ...] = ("lth", "naive", "permuted", "random")
 
+#: The sparsity of the ICML paper's Table 1 (Sec. 4.2: "sparse models trained at 90% sparsity").
+_TABLE1_SPARSITY = 0.9
+
 #: Mixed-precision modes of ``ReproduceConfig.amp`` (CUDA only).
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 
@@ -53,6 +56,12 @@ class ReproduceConfig:
             remaining weights per round and fine-tunes ``imp_epochs`` at
             ``imp_lr`` (no rewinding between rounds).
         methods: subset of :data:`METHODS` to sparse-train.
+        table1_sparsity, table1_k: the one (sparsity, rewind point) of the
+            shared-mask diversity protocol (ICML paper, Table 1 and Sec. 4.2,
+            after Evci et al. 2022: one pruned A_0 and one mask m_{A_0}
+            shared by every member); ``None``: 0.9 (the paper's level) when
+            it is among ``sparsities``, else the smallest sparsity, and the
+            largest rewind point. See :meth:`table1_level`.
         barrier_points: interpolation points of each LMC curve.
         bn_batches: training batches used to re-estimate BatchNorm statistics
             at each interpolation point (models with BatchNorm only).
@@ -82,6 +91,8 @@ class ReproduceConfig:
     imp_epochs: int = 5
     imp_lr: float = 0.01
     methods: tuple[str, ...] = METHODS
+    table1_sparsity: float | None = None
+    table1_k: int | None = None
     barrier_points: int = 11
     bn_batches: int = 20
     device: str = "auto"
@@ -101,6 +112,10 @@ class ReproduceConfig:
         set_(self, "rewind_epochs", tuple(sorted({int(k) for k in self.rewind_epochs})))
         set_(self, "sparsities", tuple(sorted({float(s) for s in self.sparsities})))
         set_(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.table1_sparsity is not None:
+            set_(self, "table1_sparsity", float(self.table1_sparsity))
+        if self.table1_k is not None:
+            set_(self, "table1_k", int(self.table1_k))
         set_(self, "methods", tuple(m for m in METHODS if m in set(self.methods)))
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
@@ -108,6 +123,12 @@ class ReproduceConfig:
             raise ValueError(f"rewind epochs k={list(self.rewind_epochs)} must lie in [0, epochs={self.epochs})")
         if not self.sparsities or any(not 0 < s < 1 for s in self.sparsities):
             raise ValueError(f"sparsities must lie in (0, 1), got {list(self.sparsities)}")
+        if self.table1_sparsity is not None and self.table1_sparsity not in self.sparsities:
+            raise ValueError(
+                f"table1_sparsity must be one of sparsities {list(self.sparsities)}, got {self.table1_sparsity}"
+            )
+        if self.table1_k is not None and self.table1_k not in self.rewind_epochs:
+            raise ValueError(f"table1_k must be one of rewind epochs {list(self.rewind_epochs)}, got {self.table1_k}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if not 0 < self.prune_rate < 1:
@@ -125,6 +146,18 @@ class ReproduceConfig:
         for name in ("batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def table1_level(self) -> tuple[float, int]:
+        """The (sparsity, rewind point k) of the shared-mask diversity
+        protocol: ``table1_sparsity`` / ``table1_k`` when set, else 0.9 (the
+        ICML paper's Table 1 level, Sec. 4.2) if it is among ``sparsities``
+        (else the smallest one) and the largest rewind point."""
+        if self.table1_sparsity is not None:
+            target = self.table1_sparsity
+        else:
+            target = _TABLE1_SPARSITY if _TABLE1_SPARSITY in self.sparsities else self.sparsities[0]
+        k = self.table1_k if self.table1_k is not None else max(self.rewind_epochs)
+        return target, k
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every setting (tuples as lists)."""

@@ -2,8 +2,9 @@
 
 ``results.md`` lays the accuracies out like Tables 3-5 of the workshop paper
 (rows: sparsity x method, columns: rewind point k, mean +- sample std over
-seeds), then the IMP accuracies, the LMC barriers and the ensemble-diversity
-table of the ICML paper's Table 1 (its mode stated). Plots follow the papers'
+seeds), then the IMP accuracies, the LMC barriers, the ensemble diversity over
+seeds (its mode stated) and the ICML paper's Table 1 itself (the shared-mask
+protocol: one mask m_A0 shared by every member). Plots follow the papers'
 figures: accuracy vs rewind point per sparsity (dense accuracy dashed),
 accuracy vs sparsity per rewind point, and LMC curves. Everything is rendered
 from the results dict alone, so :func:`render` re-draws a finished run from
@@ -103,8 +104,9 @@ def _settings_line(config: dict[str, Any]) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The whole ``results.md``: accuracy by rewind point (Tables 3-5 of the
-    workshop paper), IMP accuracy, LMC barriers, and ensemble diversity
-    (ICML Table 1) at the largest rewind point."""
+    workshop paper), IMP accuracy, LMC barriers, ensemble diversity over seeds
+    at the largest rewind point, and the shared-mask protocol's diversity laid
+    out like the ICML paper's Table 1."""
     config = results["config"]
     summary = summarize(results)
     ks = config["rewind_epochs"]
@@ -153,18 +155,57 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells = [_fmt(summary["barrier"].get((p, k, target)), 4) for p in _SPARSE_PAIRS]
             if any(c != "-" for c in cells):
                 lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(cells) + " |")
-    lines += ["", *_diversity_section(results)]
+    lines += ["", *_diversity_section(results), *_shared_mask_section(results)]
     return "\n".join(lines)
 
 
+#: Row order of the ICML paper's Table 1.
+_TABLE1_ORDER = ("dense", "imp", "lth", "permuted", "naive")
+
+
+def _shared_mask_section(results: dict[str, Any]) -> list[str]:
+    """The shared-mask protocol laid out like the ICML paper's Table 1: member
+    test accuracy (mean +- sample std over the members), ensemble accuracy,
+    pairwise disagreement, KL and JS. Empty when the run has none (one seed,
+    or results written before the protocol existed)."""
+    shared = results.get("shared_mask")
+    if not shared:
+        return []
+    seeds = results["config"]["seeds"]
+    rows = {r["method"]: r for r in shared["diversity"]}
+    lines = [
+        "",
+        f"## Ensemble diversity, shared-mask protocol (ICML paper Table 1) at sparsity "
+        f"{100 * shared['sparsity']:g}%, k={shared['k']}",
+        "",
+        f"Protocol **{shared['protocol']}** (ICML Sec. 4.2, after Evci et al. 2022): one pruned model A_0 and one "
+        f"mask m_A0 shared by all {seeds} members s = 0..{seeds - 1}. LTH: A_0,k with m_A0, trained with "
+        "data-order seed s; naive: B_s,k with m_A0; perm.: B_s,k with pi'_s(m_A0), pi'_s the activation matching "
+        "A_0 -> B_s; dense: the independently trained A_s,T; IMP: the pruned solution of each A_s. "
+        "Metrics are means over the pairs of members (KL over both orders); ensemble accuracy from the averaged "
+        "probabilities of all members.",
+        "",
+        "| solution | test acc. (%) | ensemble acc. (%) | disagreement | KL | JS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in (m for m in _TABLE1_ORDER if m in rows):
+        r = rows[method]
+        acc = _mean_std([100 * a for a in r["member_accuracies"]])
+        lines.append(
+            f"| {_LABELS[method]} | {_fmt(acc)} | {100 * r['ensemble_accuracy']:.2f} | "
+            f"{r['disagreement']:.4f} | {r['kl']:.4f} | {r['js']:.4f} |"
+        )
+    return lines
+
+
 def _diversity_section(results: dict[str, Any]) -> list[str]:
-    """Diversity tables (ICML Table 1) at the largest rewind point, one per mode."""
+    """Diversity tables over seeds (the metrics of ICML Table 1) at the largest rewind point, one per mode."""
     config = results["config"]
     k = max(config["rewind_epochs"])
     rows = [r for r in results.get("diversity", []) if r["k"] in (None, k)]
     summary = summarize(results)
     lines = [
-        f"## Ensemble diversity (ICML paper Table 1) at k={k}, on the test set",
+        f"## Ensemble diversity over seeds (the metrics of ICML paper Table 1) at k={k}, on the test set",
         "",
         "Disagreement: fraction of test samples whose top-1 predictions differ; KL, JS: divergences of the "
         "predictive distributions in nats (float64, from log-probabilities); ensemble accuracy: argmax of the "
@@ -174,7 +215,8 @@ def _diversity_section(results: dict[str, Any]) -> list[str]:
         (
             "pairwise",
             f"Mode **pairwise**: mean over the pairs of the {config['seeds']} seeds' models (each seed has its "
-            "own A, B and mask m_A; the ICML paper's Table 1 ensembles runs that share one mask m_A).",
+            "own A, B and mask m_A; the ICML paper's Table 1 ensembles runs that share one mask m_A: see the "
+            "shared-mask table below).",
         ),
         (
             "reference",
