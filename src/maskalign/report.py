@@ -265,6 +265,11 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> None:
     _pyplot().close(fig)
 
 
+def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[tuple[float, float]], **style: Any) -> None:
+    """One line of ``(mean, std)`` points with std error bars on ``ax``."""
+    ax.errorbar(xs, [m for m, _ in stats], yerr=[e for _, e in stats], capsize=3, **style)
+
+
 def _grid(plt: Any, count: int) -> tuple[Any, list[Any]]:
     cols = min(count, 4)
     rows = -(-count // cols)
@@ -287,14 +292,7 @@ def plot_accuracy_vs_rewind(results: dict[str, Any], path: str | os.PathLike[str
         for method, row in summary["accuracy"][target].items():
             if row:
                 ks = sorted(row)
-                ax.errorbar(
-                    ks,
-                    [row[k][0] for k in ks],
-                    yerr=[row[k][1] for k in ks],
-                    marker="o",
-                    capsize=3,
-                    label=_LABELS[method],
-                )
+                _errorbar(ax, ks, [row[k] for k in ks], marker="o", label=_LABELS[method])
         ax.axhline(summary["dense"][0], linestyle="--", color="gray", label="dense")
         ax.set_title(f"sparsity = {target:g}")
         ax.set_xlabel("rewind point k (epochs)")
@@ -319,22 +317,9 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike[str]) -> None
             points = [(t, summary["accuracy"][t].get(method, {}).get(k)) for t in targets]
             points = [(t, v) for t, v in points if v is not None]
             if points:
-                ax.errorbar(
-                    [100 * t for t, _ in points],
-                    [v[0] for _, v in points],
-                    yerr=[v[1] for _, v in points],
-                    marker="o",
-                    capsize=3,
-                    label=_LABELS[method],
-                )
-        ax.errorbar(
-            [100 * t for t in targets],
-            [summary["imp"][t][0] for t in targets],
-            yerr=[summary["imp"][t][1] for t in targets],
-            marker="s",
-            capsize=3,
-            label="IMP",
-            color="black",
+                _errorbar(ax, [100 * t for t, _ in points], [v for _, v in points], marker="o", label=_LABELS[method])
+        _errorbar(
+            ax, [100 * t for t in targets], [summary["imp"][t] for t in targets], marker="s", label="IMP", color="black"
         )
         ax.axhline(summary["dense"][0], linestyle="--", color="gray", label="dense")
         ax.set_title(f"k = {k}")
