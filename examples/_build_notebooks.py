@@ -343,7 +343,7 @@ Reading the summary:
 * `...mlp.c_fc.weight:1` (256) is each block's MLP hidden layer.
 * Frozen: the vocabulary and position axes of the embeddings (their rows are looked up by index).
 
-`spec.coverage` is the fraction of linear/conv output channels that can be permuted:
+`spec.coverage` is the fraction of the hidden units of the parameters that can be permuted:
 """,
     ),
     (

@@ -480,9 +480,17 @@ def test_property_random_conv_nets(
     for residual in model.residual:
         stream = stream if residual else stream + 1
         stream_of_block.append(stream)
-    covered = sum(c.out_channels for c, s in zip(model.convs, stream_of_block) if s >= 0)
-    total = sum(c.out_channels for c in model.convs)
-    assert spec.coverage == pytest.approx(covered / total)
+    # a stream tied to the model input is not a hidden axis (structural), and
+    # every other stream is one group: all hidden units are covered
+    assert spec.coverage == 1.0 and not spec.frozen_share
+    frozen = {(a.tensor, a.dim): a for a in spec.frozen}
+    for conv, s in zip(model.convs, stream_of_block):
+        name = next(n for n, m in model.named_modules() if m is conv)
+        if s < 0:
+            assert frozen[(f"{name}.weight", 0)].structural
+            assert "model input" in frozen[(f"{name}.weight", 0)].reason
+        else:
+            assert (f"{name}.weight", 0) not in frozen
     # the classifier's input axis factors as (channels, H, W): channels in the
     # last stream's group (if any), spatial factors frozen
     fc_in = axis_factors(spec, "fc.weight", 1)

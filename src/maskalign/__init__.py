@@ -25,6 +25,7 @@ from .permutation import (
     random_permutation,
 )
 from .prune_interop import masks_from_prune, state_dict_from_prune, to_prune
+from .rules import RuleContext, register_rule
 from .sparse import MaskHandle, assert_masked, enforce_masks
 from .spec import PermutationSpec, build_spec
 from .weight_matching import match_weights
@@ -42,6 +43,7 @@ __all__ = [
     "MaskHandle",
     "Permutation",
     "PermutationSpec",
+    "RuleContext",
     "SpecError",
     "SpecMismatchError",
     "TraceError",
@@ -64,6 +66,7 @@ __all__ = [
     "permute_state_dict",
     "random_masks_like",
     "random_permutation",
+    "register_rule",
     "repair",
     "reset_bn_stats",
     "sparsity",

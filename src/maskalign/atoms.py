@@ -16,9 +16,34 @@ member axis by one permutation keeps the model's function.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import gcd
 
-__all__ = ["AtomTable"]
+__all__ = ["AtomTable", "Freeze"]
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Why a class of atoms is not permutable.
+
+    ``reason``: a sentence naming the op, node and module (the first freeze
+    that reached the class). ``op``: the op that froze it (``"aten::roll"``),
+    or a category for freezes that come from no op (``"model input"``,
+    ``"constant"``). ``structural``: the axis is not a hidden axis at all (a
+    model input or output, a kernel's spatial axis, a vocabulary, the index
+    of stacked tensors): coverage leaves it out instead of counting it as lost.
+    A class frozen once structurally stays structural.
+    """
+
+    reason: str
+    op: str | None = None
+    structural: bool = False
+
+    def merged(self, other: Freeze) -> Freeze:
+        """This freeze, structural if either is."""
+        if other.structural and not self.structural:
+            return Freeze(self.reason, self.op, True)
+        return self
 
 
 class AtomTable:
@@ -39,7 +64,7 @@ class AtomTable:
         self._parent: list[int] = []
         self._expansion: dict[int, list[int]] = {}
         self._concat: dict[int, list[int]] = {}
-        self._frozen: dict[int, str] = {}
+        self._frozen: dict[int, Freeze] = {}
 
     # ------------------------------------------------------------------ atoms
     def new(self, size: int) -> int:
@@ -90,30 +115,41 @@ class AtomTable:
         return out
 
     # --------------------------------------------------------------- freezing
-    def freeze(self, atoms: list[int], reason: str) -> None:
-        """Mark every leaf class below ``atoms`` as not permutable."""
+    def freeze(self, atoms: list[int], reason: str, *, op: str | None = None, structural: bool = False) -> None:
+        """Mark every leaf class below ``atoms`` as not permutable (see :class:`Freeze`)."""
+        record = Freeze(reason, op, structural)
         for leaf in self.leaves(atoms):
-            self._frozen.setdefault(leaf, reason)
+            self._mark(leaf, record)
+
+    def _mark(self, root: int, record: Freeze) -> None:
+        old = self._frozen.get(root)
+        self._frozen[root] = record if old is None else old.merged(record)
+
+    def frozen(self, atom: int) -> Freeze | None:
+        """The :class:`Freeze` of the leaf class of ``atom``, or None if it is free."""
+        return self._frozen.get(self.find(atom))
 
     def frozen_reason(self, atom: int) -> str | None:
         """Why the leaf class of ``atom`` is frozen, or None if it is free."""
-        return self._frozen.get(self.find(atom))
+        record = self.frozen(atom)
+        return None if record is None else record.reason
 
     def finalize(self) -> None:
         """Push freezes of refined classes down to their leaves."""
         changed = True
         while changed:
             changed = False
-            for root, reason in list(self._frozen.items()):
+            for root, record in list(self._frozen.items()):
                 if self.find(root) != root:
                     self._frozen.pop(root)
-                    self._frozen.setdefault(self.find(root), reason)
+                    self._mark(self.find(root), record)
                     changed = True
                 elif root in self._expansion or root in self._concat:
                     children = self._expansion.get(root) or self._concat[root]
                     for leaf in self.leaves(children):
-                        if leaf not in self._frozen:
-                            self._frozen[leaf] = reason
+                        old = self._frozen.get(leaf)
+                        if old is None or (record.structural and not old.structural):
+                            self._mark(leaf, record)
                             changed = True
 
     # ---------------------------------------------------------------- merging
@@ -121,10 +157,10 @@ class AtomTable:
         """Refine leaf class ``root`` into ``[first, size // first]``."""
         children = [self.new(first), self.new(self._size[root] // first)]
         self._expansion[root] = children
-        reason = self._frozen.get(root)
-        if reason is not None:
+        record = self._frozen.get(root)
+        if record is not None:
             for child in children:
-                self._frozen[child] = reason
+                self._frozen[child] = record
         return children[0], children[1]
 
     def _union_roots(self, a: int, b: int) -> bool:
@@ -144,9 +180,9 @@ class AtomTable:
         if cat_a and cat_b and [self._size[c] for c in cat_a] != [self._size[c] for c in cat_b]:
             return False
         self._parent[b] = a
-        reason = self._frozen.pop(b, None)
-        if reason is not None:
-            self._frozen.setdefault(a, reason)
+        record = self._frozen.pop(b, None)
+        if record is not None:
+            self._mark(a, record)
         for structure, mine, theirs in ((self._concat, cat_a, cat_b), (self._expansion, exp_a, exp_b)):
             if theirs is None:
                 continue

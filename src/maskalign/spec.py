@@ -19,39 +19,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from .atoms import AtomTable
-from .axes import AxisTree, Concat, Leaf, Product, covered_size, groups_of, tree_size
+from .atoms import AtomTable, Freeze
+from .axes import AxisTree, Concat, Leaf, Product, groups_of, tree_size
 from .capture import CapturedGraph, capture
 from .errors import SpecError
 from .rules import Analysis, analyze
 
 __all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec"]
-
-NONLINEAR_OPS = frozenset(
-    f"aten::{name}"
-    for name in (
-        "relu relu_ relu6 gelu gelu_ silu silu_ sigmoid tanh hardtanh hardtanh_ leaky_relu "
-        "leaky_relu_ elu elu_ selu mish hardswish hardswish_ softplus prelu"
-    ).split()
-)
-# op -> (argument index of the weight, dim of the weight that indexes output channels)
-_LAYER_OPS = {
-    "aten::linear": (1, 0),
-    "aten::conv1d": (1, 0),
-    "aten::conv2d": (1, 0),
-    "aten::conv3d": (1, 0),
-    "aten::conv_transpose1d": (1, 1),
-    "aten::conv_transpose2d": (1, 1),
-    "aten::conv_transpose3d": (1, 1),
-    "aten::addmm": (2, 1),  # x @ W + b with W[in, out] (e.g. GPT-2's Conv1D)
-}
-_VIEW_OPS = frozenset(
-    f"aten::{n}"
-    for n in "view reshape _unsafe_view flatten unflatten squeeze unsqueeze permute transpose t expand "
-    "clone contiguous alias detach dropout".split()
-)
-
-_SELECT_OPS = frozenset({"aten::slice", "aten::select", "aten::_to_copy", "aten::to"})
 
 
 @dataclass(frozen=True)
@@ -71,11 +45,19 @@ class Group:
 
 @dataclass(frozen=True)
 class FrozenAxis:
-    """A parameter/buffer axis left unpermuted, and why."""
+    """A parameter/buffer axis left unpermuted, and why.
+
+    ``op``: the op (``"aten::roll"``) or category (``"model input"``,
+    ``"constant"``) that froze it; ``structural``: the axis is not a hidden
+    axis at all (model input or output, spatial, vocabulary), so it does not
+    count against :attr:`PermutationSpec.coverage`.
+    """
 
     tensor: str
     dim: int
     reason: str
+    op: str | None = None
+    structural: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,8 +93,16 @@ class PermutationSpec:
         logical: logical parameter names of modules in ``torch.nn.utils.prune``
             form (``"conv.weight"`` -> ``"conv.weight_orig"``), so that masks
             keyed by the usual names can be permuted.
-        coverage: fraction of the output channels of linear/conv layers (those
-            that feed a model output excluded) that lie in permutable groups.
+        coverage: the fraction of hidden-axis units of the model's parameters
+            that lie in permutation groups. Every dim of every parameter (each
+            factor of a product dim, each slice of a concatenated one) of size
+            > 1 counts with its size, except *structural* axes, which are not
+            hidden units at all: axes tied to a model input or output (a first
+            layer's inputs, a classifier's classes), spatial axes of kernels,
+            vocabularies, the index of stacked or unbound tensors, parameters
+            forward never reads. 1.0 means every hidden unit can be permuted.
+        frozen_share: op (or category) -> the fraction of the same hidden-axis
+            units that it froze; ``coverage + sum(frozen_share.values()) == 1``.
         activations: group name -> graph values that carry it, used by
             activation matching.
     """
@@ -125,6 +115,7 @@ class PermutationSpec:
     nonpersistent: frozenset[str] = frozenset()
     logical: dict[str, str] = field(default_factory=dict)
     coverage: float = 1.0
+    frozen_share: dict[str, float] = field(default_factory=dict)
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -141,6 +132,11 @@ class PermutationSpec:
         """A readable table of groups, members and frozen axes."""
         count = len(self.groups)
         lines = [f"PermutationSpec: {count} group{'' if count == 1 else 's'}, coverage {self.coverage:.3f}"]
+        if self.frozen_share:
+            shares = sorted(self.frozen_share.items(), key=lambda item: -item[1])
+            listed = ", ".join(f"{op.replace('::', '.')} {share:.0%}" for op, share in shares[:6])
+            more = f", ... (+{len(shares) - 6} more)" if len(shares) > 6 else ""
+            lines.append(f"  {sum(self.frozen_share.values()):.0%} of hidden axes frozen: {listed}{more}")
         width = max((len(n) for n in self.groups), default=5)
         lines.append(f"  {'group':<{width}}  size  members")
         for group in self.groups.values():
@@ -215,23 +211,35 @@ def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> Permutati
             for name in names:
                 members.setdefault(name, []).append((tensor, d))
             if not names and tree_size(tree) > 1:
-                frozen.append(FrozenAxis(tensor, d, trees.reason(dim)))
+                record = trees.freeze(dim)
+                frozen.append(
+                    FrozenAxis(
+                        tensor,
+                        d,
+                        record.reason if record else "part of a concatenated axis",
+                        record.op if record else None,
+                        record.structural if record else False,
+                    )
+                )
         axes[tensor] = tensor_axes
         shapes[tensor] = tuple(tree_size(t) for t in tensor_axes)
     groups = {name: Group(name, size, tuple(dict.fromkeys(members[name]))) for name, size in trees.sizes.items()}
+    parameters = _parameter_names(captured)
+    coverage, frozen_share = _coverage(analysis, parameters)
     return PermutationSpec(
         groups=groups,
         axes=axes,
         shapes=shapes,
         frozen=frozen,
-        parameters=_parameter_names(captured),
+        parameters=parameters,
         nonpersistent=frozenset(n for n in axes if n in captured.constants),
         logical={
             name[: -len("_orig")]: name
             for name in axes
             if name.endswith("_orig") and name[: -len("_orig")] + "_mask" in axes
         },
-        coverage=_coverage(analysis, captured, trees),
+        coverage=coverage,
+        frozen_share=frozen_share,
         activations=_activation_points(analysis, trees, captured),
         captured=captured,
     )
@@ -283,12 +291,10 @@ class _TreeBuilder:
             self.sizes[name] = size
         return Leaf(self.names[root], size)
 
-    def reason(self, dim: list[int]) -> str:
-        for leaf in self.atoms.leaves(dim):
-            reason = self.atoms.frozen_reason(leaf)
-            if reason is not None:
-                return reason
-        return "part of a concatenated axis"
+    def freeze(self, dim: list[int]) -> Freeze | None:
+        """The freeze of a frozen dim: its first non-structural one, if any."""
+        records = [r for r in (self.atoms.frozen(leaf) for leaf in self.atoms.leaves(dim)) if r is not None]
+        return next((r for r in records if not r.structural), records[0] if records else None)
 
 
 def _activation_points(
@@ -305,13 +311,13 @@ def _activation_points(
     those of post+pre pooling within noise, at half the statistics cost."""
     preferred_nodes: set[str] = set()
     for node in captured.graph.nodes:
-        if analysis.node_ops.get(node.name) in NONLINEAR_OPS and isinstance(node.args[0], torch.fx.Node):
+        if analysis.node_roles.get(node.name) == "nonlinearity" and isinstance(node.args[0], torch.fx.Node):
             preferred_nodes.add(node.args[0].name)
     preferred: dict[str, list[ActivationPoint]] = {}
     other: dict[str, list[ActivationPoint]] = {}
     for node, dims in analysis.node_dims.items():
-        op = analysis.node_ops.get(node)
-        if op is None or op in _VIEW_OPS:
+        role = analysis.node_roles.get(node)
+        if role is None or role == "view":
             continue
         target = preferred if node in preferred_nodes else other
         carrying = [(d, trees.dim(dim)) for d, dim in enumerate(dims)]
@@ -324,49 +330,35 @@ def _activation_points(
     return {name: preferred.get(name) or other.get(name, []) for name in trees.sizes}
 
 
-def _is_parameter(node: Any, captured: CapturedGraph) -> bool:
-    """Whether ``node`` is a parameter, possibly behind a few unary ops (the
-    ``weight_orig * weight_mask`` of ``torch.nn.utils.prune``, a transpose)."""
-    for _ in range(4):
-        if not isinstance(node, torch.fx.Node):
-            return False
-        if node.op == "placeholder":
-            role = captured.roles.get(node.name)
-            return role is not None and role.kind == "parameter"
-        if node.op != "call_function" or not node.all_input_nodes:
-            return False
-        node = node.all_input_nodes[0]
-    return False
-
-
-def _feeds_output(node: torch.fx.Node, analysis: Analysis) -> bool:
-    """Whether ``node``'s value reaches a model output through views only
-    (a classifier head, whose output channels are the model's outputs)."""
-    frontier = [node]
-    while frontier:
-        current = frontier.pop()
-        for user in current.users:
-            if user.op == "output":
-                return True
-            if analysis.node_ops.get(user.name) in _VIEW_OPS or analysis.node_ops.get(user.name) in _SELECT_OPS:
-                frontier.append(user)
-    return False
-
-
-def _coverage(analysis: Analysis, captured: CapturedGraph, trees: _TreeBuilder) -> float:
+def _coverage(analysis: Analysis, parameters: frozenset[str]) -> tuple[float, dict[str, float]]:
+    """``(coverage, frozen_share)`` as defined on :class:`PermutationSpec`."""
+    atoms = analysis.atoms
     covered = total = 0
-    for node in captured.graph.nodes:
-        if node.op != "call_function" or analysis.node_ops.get(node.name) not in _LAYER_OPS:
-            continue
-        weight_arg, out_axis = _LAYER_OPS[analysis.node_ops[node.name]]
-        weight = node.args[weight_arg]
-        dims = analysis.node_dims.get(getattr(weight, "name", ""))
-        if not dims or not _is_parameter(weight, captured):
-            continue  # a product of two activations, not a layer
-        if _feeds_output(node, analysis):
-            continue
-        out_dim = dims[out_axis]
-        tree = trees.dim(out_dim)
-        total += tree_size(tree)
-        covered += covered_size(tree)
-    return covered / total if total else 1.0
+    lost: dict[str, int] = {}
+
+    def visit(atom: int) -> None:
+        nonlocal covered, total
+        kind, children = atoms.structure(atom)
+        if kind != "leaf":
+            for child in children:
+                visit(child)
+            return
+        size = atoms.size(atoms.find(atom))
+        record = atoms.frozen(atom)
+        if size <= 1 or (record is not None and record.structural):
+            return
+        total += size
+        if record is None:
+            covered += size
+        else:
+            op = record.op or "other"
+            lost[op] = lost.get(op, 0) + size
+
+    for name, dims in analysis.tensor_dims.items():
+        if name in parameters:
+            for dim in dims:
+                for atom in dim:
+                    visit(atom)
+    if not total:
+        return 1.0, {}
+    return covered / total, {op: units / total for op, units in lost.items()}

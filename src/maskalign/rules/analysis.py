@@ -1,0 +1,185 @@
+"""One pass of axis propagation over a captured graph.
+
+:func:`analyze` walks the graph once, like ``torch.fx.passes.shape_prop`` but
+over axis atoms instead of shapes. Each node's value gets one atom list per
+dimension; the rule of the node's op (:mod:`maskalign.rules.registry`) unifies
+the atoms that must carry one permutation so that the op commutes with it, and
+freezes the atoms that no permutation may touch. An op without a rule freezes
+every atom it touches, so an unknown op can only make the spec smaller, never
+wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..atoms import AtomTable
+from ..capture import CapturedGraph
+from .registry import Dims, Role, RuleContext, Value, describe, flatten_value, is_dims, lookup
+
+__all__ = ["Analysis", "analyze"]
+
+
+@dataclass
+class Analysis:
+    """Result of :func:`analyze`: the atom table, the atoms and role of every
+    graph value (by node name), and the atoms of every parameter/buffer (by
+    ``state_dict`` key)."""
+
+    atoms: AtomTable
+    node_dims: dict[str, Dims] = field(default_factory=dict)
+    tensor_dims: dict[str, Dims] = field(default_factory=dict)
+    node_roles: dict[str, Role] = field(default_factory=dict)
+
+
+def _fresh_from_meta(ctx: RuleContext, meta: Any) -> Value:
+    if isinstance(meta, torch.Tensor):
+        return ctx.fresh(meta.shape)
+    if isinstance(meta, (tuple, list)):
+        return tuple(_fresh_from_meta(ctx, m) for m in meta)
+    return None
+
+
+def _is_mutating(node: torch.fx.Node) -> bool:
+    target = node.target
+    return not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable
+
+
+def _only_metadata_uses(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value only feeds shape reads and asserts (or
+    nothing): then its op constrains no axis (BART reads ``x[:, :, -1]``
+    only for its dtype)."""
+    for user in node.users:
+        if user.op != "call_function":
+            return False
+        info = lookup(user.target)
+        if info is None or info.role != "metadata":
+            return False
+    return True
+
+
+def analyze(captured: CapturedGraph, permutable_buffers: Collection[str] = ()) -> Analysis:
+    """Propagate axis atoms through ``captured.graph`` (one pass, linear in its size).
+
+    ``permutable_buffers`` names non-persistent buffers (or lifted constants)
+    that may be permuted along with the axes they meet instead of freezing them.
+    """
+    atoms = AtomTable()
+    values: dict[torch.fx.Node, Value] = {}
+    ctx = RuleContext(atoms, values)
+    result = Analysis(atoms)
+    for node in captured.graph.nodes:
+        ctx.node = None
+        if node.op == "placeholder":
+            _placeholder(ctx, node, captured, permutable_buffers, result)
+        elif node.op == "call_function":
+            _call(ctx, node, result)
+        elif node.op == "output":
+            _output(ctx, node, captured, result)
+        else:  # get_attr (subgraphs of higher-order ops): consumed by the op that uses it
+            values[node] = None
+    _tie_aliases(ctx, captured, result)
+    atoms.finalize()
+    return result
+
+
+def _placeholder(
+    ctx: RuleContext,
+    node: torch.fx.Node,
+    captured: CapturedGraph,
+    permutable_buffers: Collection[str],
+    result: Analysis,
+) -> None:
+    meta = node.meta.get("val")
+    value = ctx.fresh(meta.shape) if isinstance(meta, torch.Tensor) else None
+    ctx.values[node] = value
+    role = captured.roles[node.name]
+    if value is None:
+        return
+    result.node_dims[node.name] = value
+    if role.kind in ("parameter", "buffer"):
+        result.tensor_dims[role.target] = value
+    elif role.kind == "constant" and role.target in permutable_buffers:
+        result.tensor_dims[role.target] = value
+    elif role.kind == "constant":
+        reason = (
+            f"constant tensor '{role.target}' (not in the state_dict; pass "
+            f"permutable_buffers=['{role.target}'] if it should be permuted)"
+        )
+        for dim in value:
+            ctx.atoms.freeze(dim, reason, op="constant")
+    else:
+        for dim in value:
+            ctx.atoms.freeze(dim, f"model input '{node.name}'", op="model input", structural=True)
+
+
+def _call(ctx: RuleContext, node: torch.fx.Node, result: Analysis) -> None:
+    out = _fresh_from_meta(ctx, node.meta.get("val"))
+    ctx.values[node] = out
+    info = lookup(node.target)
+    if info is not None and info.role == "metadata":
+        return
+    if info is not None and not _is_mutating(node) and _only_metadata_uses(node):
+        return
+    ctx.node = node
+    if info is None:
+        reason = f"unsupported op {describe(node)}"
+        for arg in node.all_input_nodes:
+            ctx.freeze(ctx.values.get(arg), reason)
+        ctx.freeze(out, reason)
+        return
+    info.rule(ctx, node, out)
+    if is_dims(out):
+        result.node_dims[node.name] = out  # type: ignore[assignment]
+        result.node_roles[node.name] = info.role
+
+
+def _output(ctx: RuleContext, node: torch.fx.Node, captured: CapturedGraph, result: Analysis) -> None:
+    outputs = node.args[0]
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for arg in outputs:
+        if not isinstance(arg, torch.fx.Node):
+            continue
+        if arg.name in captured.mutated_buffers:
+            target = captured.mutated_buffers[arg.name]
+            for a, b in zip(flatten_value(ctx.values.get(arg)), [result.tensor_dims.get(target, [])]):
+                for da, db in zip(a, b):
+                    ctx.unify(da, db, f"buffer mutation of '{target}'")
+        else:
+            for dims in flatten_value(ctx.values.get(arg)):
+                for dim in dims:
+                    ctx.atoms.freeze(dim, f"model output '{arg.name}'", op="model output", structural=True)
+
+
+def _tie_aliases(ctx: RuleContext, captured: CapturedGraph, result: Analysis) -> None:
+    """Tied tensors (one storage under several names) share every axis; a
+    parameter or buffer that forward never reads, and that is tied to none
+    that it does, is frozen rather than left free."""
+    used = {
+        captured.roles[node.name].target
+        for node in captured.graph.nodes
+        if node.op == "placeholder" and node.users and node.name in captured.roles
+    }
+    tied: set[str] = set()
+    for names in captured.aliases:
+        present = [n for n in names if n in result.tensor_dims]
+        if not present:
+            continue
+        anchor = next((n for n in present if n in used), present[0])
+        for name in names:
+            if name not in result.tensor_dims:  # deduplicated by the exporter
+                result.tensor_dims[name] = result.tensor_dims[anchor]
+                continue
+            for a, b in zip(result.tensor_dims[anchor], result.tensor_dims[name]):
+                ctx.unify(a, b, f"tied tensors '{anchor}' and '{name}'")
+        if anchor in used:
+            tied.update(names)
+    for name, dims in result.tensor_dims.items():
+        if name not in used and name not in tied:
+            for dim in dims:
+                ctx.atoms.freeze(dim, f"'{name}' is not used by forward", op="unused", structural=True)

@@ -1,0 +1,298 @@
+"""The op table: for every op, the rule that propagates axes through it and the
+role it plays, and :class:`RuleContext`, the interface every rule is written
+against. Built-in rules register through :func:`register_rule` like a user's.
+
+A *rule* is a function ``rule(ctx, node, out) -> None`` called once per graph
+node of its op. ``node`` is the ``torch.fx`` node (its ``args``/``kwargs`` are
+other nodes or constants; ``node.meta["val"]`` is its fake-tensor output);
+``out`` is the output value: one *atom list* per output dim (a tensor), or a
+tuple of such values (an op with several outputs). The rule declares which
+dims of the inputs and the output index the same units (:meth:`RuleContext.unify`)
+and which may never be permuted (:meth:`RuleContext.freeze`). Anything it
+does not unify stays independent, so a rule that forgets a constraint is
+caught by :func:`maskalign.check_equivalence` on a random permutation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+import torch.fx
+
+from ..atoms import AtomTable
+from ..errors import SpecError
+
+__all__ = ["Dims", "OpInfo", "Role", "Rule", "RuleContext", "Value", "lookup", "op_key", "register_rule"]
+
+Dims = list[list[int]]
+"""One atom list (an ordered product of atoms) per tensor dimension."""
+Value = Union[Dims, tuple["Value", ...], None]  # noqa: UP007 (recursive alias)
+"""The atoms of a graph value: ``Dims`` for a tensor, a tuple for several outputs, None otherwise."""
+Role = Literal["op", "nonlinearity", "view", "metadata"]
+"""What an op is to the rest of maskalign:
+
+* ``"op"``: an ordinary op; its output is an activation-matching candidate.
+* ``"nonlinearity"``: an elementwise activation (ReLU, GELU...); activation
+  matching correlates the values that flow into it (pre-activations).
+* ``"view"``: reshapes, transposes, copies: same values in another layout,
+  never an activation-matching point of its own.
+* ``"metadata"``: reads shapes, asserts: no constraint, its rule is not run.
+"""
+
+
+Rule = Callable[["RuleContext", torch.fx.Node, Value], None]
+"""``rule(ctx, node, out)``: see the module docstring."""
+
+_ROLES = ("op", "nonlinearity", "view", "metadata")
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One entry of the op table."""
+
+    rule: Rule
+    role: Role = "op"
+
+
+_TABLE: dict[Any, OpInfo] = {}
+
+
+def op_key(op: Any) -> Any:
+    """The table key of an op: ``"namespace::name"`` for ATen, ``torch.library``
+    and higher-order ops (every overload shares its packet's rule); a plain
+    Python callable (``operator.getitem``) is its own key.
+
+    Raises:
+        SpecError: ``op`` is neither an op, a ``"namespace::name"`` string, nor a callable.
+    """
+    if isinstance(op, torch._ops.OpOverload):
+        return op._schema.name
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op._qualified_op_name
+    if isinstance(op, torch._ops.HigherOrderOperator):
+        return f"higher_order::{op.name()}"
+    if isinstance(op, str):
+        if "::" in op:
+            return op
+        namespace, dot, name = op.partition(".")
+        if dot and namespace and name:
+            return f"{namespace}::{name.split('.')[0]}"
+        raise SpecError(
+            f"register_rule op {op!r} is not a qualified op name; write 'namespace::name' "
+            "(e.g. 'aten::roll' or 'mylib::fused_gelu') or pass the op itself (torch.ops.mylib.fused_gelu)"
+        )
+    if callable(op):
+        return op
+    raise SpecError(f"register_rule op {op!r} is not an op; pass torch.ops.<namespace>.<name> or 'namespace::name'")
+
+
+def register_rule(op: Any, rule: Rule, *, role: Role = "op", replace: bool = False) -> None:
+    """Teach :func:`maskalign.build_spec` how permutations pass through ``op``.
+
+    Args:
+        op: the op: an ATen or ``torch.library`` op (``torch.ops.aten.roll``,
+            ``torch.ops.mylib.squash``, any overload of it), its qualified
+            name (``"mylib::squash"``), a higher-order op, or a Python callable
+            that appears as a graph target.
+        rule: ``rule(ctx, node, out)``, written against :class:`RuleContext`
+            (see :mod:`maskalign.rules.registry`). It is called for every node
+            of ``op`` in the captured graph. Every in-place variant
+            (``squash_``) shares the rule unless it has its own.
+        role: what the op is to activation matching: ``"op"``,
+            ``"nonlinearity"``, ``"view"`` or ``"metadata"`` (see :data:`Role`).
+        replace: allow replacing an existing entry (a built-in rule included).
+
+    Raises:
+        SpecError: ``op`` already has a rule and ``replace`` is False, the
+            role is unknown, or ``rule`` is not callable.
+
+    Example:
+        >>> import torch, maskalign as ma
+        >>> def roll_rule(ctx, node, out):                  # torch.roll along non-permuted axes
+        ...     x = ctx.dims(node.args[0])
+        ...     rolled = ctx.arg(node, "dims", [])
+        ...     for k, (dim, res) in enumerate(zip(x, out)):
+        ...         if k in [d % len(x) for d in rolled] or not rolled:
+        ...             ctx.freeze_dim(dim, f"rolled axis of {ctx.describe(node)}")
+        ...             ctx.freeze_dim(res, f"rolled axis of {ctx.describe(node)}")
+        ...         else:
+        ...             ctx.unify(dim, res, ctx.describe(node))
+        >>> ma.register_rule(torch.ops.aten.roll, roll_rule, replace=True)
+    """
+    if role not in _ROLES:
+        raise SpecError(f"register_rule role {role!r} is unknown; use one of {', '.join(map(repr, _ROLES))}")
+    if not callable(rule):
+        raise SpecError(f"register_rule rule {rule!r} is not callable; pass a function rule(ctx, node, out)")
+    key = op_key(op)
+    if key in _TABLE and not replace:
+        raise SpecError(
+            f"{key} already has a rule ({getattr(_TABLE[key].rule, '__qualname__', _TABLE[key].rule)}); "
+            "pass replace=True to override it"
+        )
+    _TABLE[key] = OpInfo(rule, role)
+
+
+def lookup(target: Any) -> OpInfo | None:
+    """The table entry of a graph node's target (in-place variants share the
+    entry of the out-of-place op), or None."""
+    try:
+        key = op_key(target)
+    except SpecError:
+        return None
+    info = _TABLE.get(key)
+    if info is None and isinstance(key, str) and key.endswith("_") and not key.endswith("__"):
+        info = _TABLE.get(key[:-1])
+    return info
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """``"aten::linear"`` for an ATen node, the callable's name otherwise."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"higher_order::{target.name()}"
+    return getattr(target, "__name__", str(target))
+
+
+def describe(node: torch.fx.Node) -> str:
+    """``"aten::linear at node 'linear_1' in module 'fc1' (Linear)"``."""
+    stack = node.meta.get("nn_module_stack")
+    where = ""
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+        where = f" in module '{path}' ({cls_name})" if path else f" in the root module ({cls_name})"
+    return f"{op_name(node)} at node '{node.name}'{where}"
+
+
+def is_dims(value: Value) -> bool:
+    """Whether ``value`` is the atoms of one tensor."""
+    return isinstance(value, list)
+
+
+def flatten_value(value: Value) -> list[Dims]:
+    """Every tensor's ``Dims`` inside a (nested) value."""
+    if value is None:
+        return []
+    if is_dims(value):
+        return [value]  # type: ignore[list-item]
+    out: list[Dims] = []
+    for item in value:  # type: ignore[union-attr]
+        out.extend(flatten_value(item))
+    return out
+
+
+class RuleContext:
+    """What a rule sees and does: the atoms of graph values, and the two
+    operations of the analysis, unify and freeze.
+
+    An *atom list* (one per tensor dim) is an ordered product of atoms whose
+    sizes multiply to the dim's size; ``[]`` is a dim of size 1. Every method
+    that takes a graph argument accepts anything found in ``node.args`` (a
+    node, a constant, None).
+    """
+
+    def __init__(self, atoms: AtomTable, values: dict[torch.fx.Node, Value]) -> None:
+        self.atoms = atoms
+        self.values = values
+        self.node: torch.fx.Node | None = None
+
+    # ------------------------------------------------------------- reading
+    def value(self, arg: Any) -> Value:
+        """The atoms of ``arg`` (a tensor's ``Dims``, a tuple for multi-output nodes), or None."""
+        return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    def dims(self, arg: Any) -> Dims | None:
+        """The atom lists of a tensor argument (one per dim), or None if it is not a tensor."""
+        value = self.value(arg)
+        return value if is_dims(value) else None  # type: ignore[return-value]
+
+    def meta(self, arg: Any) -> Any:
+        """The fake-tensor metadata of ``arg`` (shape, dtype, device), or None for a constant."""
+        return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+
+    def shape(self, arg: Any) -> tuple[int, ...]:
+        """The shape of a tensor argument (``()`` for a non-tensor)."""
+        meta = self.meta(arg)
+        return tuple(int(s) for s in meta.shape) if isinstance(meta, torch.Tensor) else ()
+
+    @staticmethod
+    def arg(node: torch.fx.Node, name: str, default: Any = None) -> Any:
+        """The argument called ``name`` in the op's schema, positional or keyword."""
+        if name in node.kwargs:
+            return node.kwargs[name]
+        if isinstance(node.target, torch._ops.OpOverload):
+            for index, argument in enumerate(node.target._schema.arguments):
+                if argument.name == name:
+                    return node.args[index] if index < len(node.args) else default
+        return default
+
+    @staticmethod
+    def describe(node: torch.fx.Node) -> str:
+        """The op, node and module of ``node``, for reasons and messages."""
+        return describe(node)
+
+    # ------------------------------------------------------------- atoms
+    def new(self, size: int) -> list[int]:
+        """A fresh atom list for a dim of ``size`` (``[]`` for size 1)."""
+        return [self.atoms.new(int(size))] if int(size) > 1 else []
+
+    def fresh(self, shape: Sequence[int]) -> Dims:
+        """Fresh atoms for every dim of ``shape``."""
+        return [self.new(s) for s in shape]
+
+    def refine(self, dim: list[int], sizes: Sequence[int], reason: str) -> list[list[int]]:
+        """Split ``dim`` into an ordered product of factors of ``sizes``
+        (row-major, like a view ``(a*b) -> (a, b)``) and return one atom list
+        per factor. If ``dim`` cannot be factored so (an incompatible earlier
+        factorisation), it is frozen with ``reason`` and fresh, unrelated
+        factors are returned."""
+        factors = [self.new(s) for s in sizes]
+        self.unify(dim, [a for f in factors for a in f], reason)
+        return factors
+
+    def concat(self, parts: Sequence[list[int]]) -> list[int]:
+        """An atom list for a dim that is the concatenation of ``parts``
+        (``torch.cat`` along it): each part keeps its own permutation."""
+        segments = []
+        for part in parts:
+            size = 1
+            for a in part:
+                size *= self.atoms.size(self.atoms.find(a))
+            segment = self.atoms.new(size)
+            self.unify([segment], part, "concatenation")
+            segments.append(segment)
+        return [self.atoms.concat(segments)]
+
+    # ------------------------------------------------------------- constraints
+    def unify(self, left: list[int], right: list[int], reason: str) -> None:
+        """Declare that two dims index the same units in the same order (an
+        op's input and output channels, a weight axis and the activation it
+        contracts with). Dims of equal size but incompatible factorisations
+        are frozen with ``reason`` instead."""
+        if not self.atoms.unify(left, right):
+            self.freeze_dim(left + right, reason)
+
+    def unify_dims(self, left: Dims, right: Dims, reason: str) -> None:
+        """:meth:`unify` dim by dim (two values of the same rank)."""
+        for a, b in zip(left, right):
+            self.unify(a, b, reason)
+
+    def freeze_dim(self, dim: list[int], reason: str, *, structural: bool = False) -> None:
+        """Forbid permuting ``dim``. ``structural``: the axis is not a hidden
+        axis at all (spatial, vocabulary, stacked index), so coverage leaves
+        it out; otherwise it counts as a hidden axis lost to this op."""
+        self.atoms.freeze(dim, reason, op=self._op(), structural=structural)
+
+    def freeze(self, value: Value, reason: str, *, structural: bool = False) -> None:
+        """:meth:`freeze_dim` for every dim of a (nested) value."""
+        for dims in flatten_value(value):
+            for dim in dims:
+                self.freeze_dim(dim, reason, structural=structural)
+
+    def _op(self) -> str | None:
+        return op_name(self.node) if self.node is not None else None
