@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .registry import Dims, RuleContext, Value, describe, op_name, register_rule
+from .registry import Dims, RuleContext, Value, describe, is_dims, op_name, register_rule
 
 
 def _contract(ctx: RuleContext, node: torch.fx.Node, a: Dims, b: Dims, y: Dims) -> None:
@@ -48,27 +48,64 @@ def _matmul(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
                     ctx.unify(dim, y[offset + k], f"bias of {describe(node)}")
 
 
+def _einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]] | None:
+    """The label of every dim of every operand and of the output of an einsum
+    equation (explicit ``->`` or implicit: the letters used exactly once, in
+    alphabetical order). Ellipsis dims are labelled ``"...k"``, counted from the
+    right, so that they broadcast right-aligned. None if the equation does not
+    match the operand ranks."""
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    labels: list[list[str]] = []
+    ellipsis = 0
+    for term, rank in zip(terms, ranks):
+        head, dots, tail = term.partition("...")
+        width = rank - len(head) - len(tail)
+        if (not dots and width) or width < 0:
+            return None
+        ellipsis = max(ellipsis, width)
+        labels.append([*head, *(f"...{k}" for k in range(width, 0, -1)), *tail])
+    if not arrow:
+        counts: dict[str, int] = {}
+        for term in terms:
+            for letter in term.replace("...", ""):
+                counts[letter] = counts.get(letter, 0) + 1
+        output = "..." + "".join(sorted(letter for letter, n in counts.items() if n == 1))
+    head, dots, tail = output.partition("...")
+    return labels, [*head, *(f"...{k}" for k in range(ellipsis if dots else 0, 0, -1)), *tail]
+
+
 def _einsum(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """einsum without ellipsis: every subscript letter is one axis."""
+    """einsum: every label (letter or ellipsis position) is one axis, shared by
+    every operand and the output that carry it at full size (size-1 dims
+    broadcast). A summed label is invariant to permuting all its occurrences
+    alike; a kept one (a diagonal ``ii->i`` included) moves with them."""
     equation = str(node.args[0]).replace(" ", "")
     operands = [ctx.dims(x) for x in node.args[1]]
     y: Dims = out  # type: ignore[assignment]
-    if "..." in equation or any(o is None for o in operands):
+    where = describe(node)
+    parsed = None
+    if all(o is not None for o in operands) and is_dims(out):
+        parsed = _einsum_labels(equation, [len(o) for o in operands])  # type: ignore[arg-type]
+    if parsed is None:
         for operand in operands:
-            ctx.freeze(operand, f"einsum with ellipsis in {describe(node)}")
-        ctx.freeze(out, f"einsum with ellipsis in {describe(node)}")
+            ctx.freeze(operand, f"einsum equation not understood in {where}")
+        ctx.freeze(out, f"einsum equation not understood in {where}")
         return
-    inputs, _, output = equation.partition("->")
-    letters: dict[str, list[int]] = {}
-    for subscripts, dims in zip(inputs.split(","), operands):
-        for letter, dim in zip(subscripts, dims):  # type: ignore[arg-type]
-            if letter in letters:
-                ctx.unify(letters[letter], dim, f"einsum axis '{letter}' in {describe(node)}")
-            elif dim:
-                letters[letter] = dim
-    for letter, dim in zip(output, y):
-        if letter in letters:
-            ctx.unify(letters[letter], dim, f"einsum axis '{letter}' in {describe(node)}")
+    labels, output = parsed
+    shapes = [ctx.shape(x) for x in node.args[1]] + [ctx.shape(node)]
+    occurrences: dict[str, list[tuple[list[int], int]]] = {}
+    for term, dims, shape in zip([*labels, output], [*operands, y], shapes):
+        for label, dim, size in zip(term, dims, shape):  # type: ignore[arg-type]
+            occurrences.setdefault(label, []).append((dim, size))
+    for label, dims in occurrences.items():
+        full = max(size for _, size in dims)
+        first = next(dim for dim, size in dims if size == full)
+        for dim, size in dims:
+            if size == full:
+                ctx.unify(first, dim, f"einsum axis '{label}' in {where}")
 
 
 def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:

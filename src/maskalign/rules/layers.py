@@ -3,6 +3,8 @@ pooling, embeddings."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
@@ -177,6 +179,124 @@ def _prelu(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.unify(w[0], x[1] if len(x) > 1 else x[0], f"channel slopes of {describe(node)}")
 
 
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+_CONSTANT_FILLS = frozenset(f"aten::{n}" for n in "zeros ones full new_zeros new_ones new_full".split())
+
+
+def _constant_fill(arg: object) -> bool:
+    """Whether ``arg`` is a tensor made by a constant-fill factory (an RNN's
+    default zero state): equal everywhere, so any permutation leaves it alone."""
+    return isinstance(arg, torch.fx.Node) and arg.op == "call_function" and op_name(arg) in _CONSTANT_FILLS
+
+
+def _used_outputs(node: torch.fx.Node) -> set[int]:
+    """Indices of the outputs of a multi-output node that something reads."""
+    return {int(u.args[1]) for u in node.users if u.target is operator.getitem and u.users}
+
+
+class _Cell:
+    """The atoms of one recurrent cell (one layer and direction): the gate
+    blocks (structural: the row blocks i, f, g, o of an LSTM, never mixed), the
+    hidden (cell) units, and the units of the recurrent state and output (the
+    projection's when ``proj_size`` is set, the hidden units otherwise)."""
+
+    def __init__(self, ctx: RuleContext, gates: int, hidden: int, state: int, where: str) -> None:
+        self.gate = ctx.new(gates)
+        ctx.freeze_dim(self.gate, f"gate blocks of {where}", structural=True)
+        self.hidden = ctx.new(hidden)
+        self.state = ctx.new(state) if state != hidden else self.hidden
+
+    def bind(self, ctx: RuleContext, weights: list[Dims | None], inputs: list[int], where: str) -> None:
+        """Unify w_ih, w_hh (b_ih, b_hh) (w_hr) with the cell's atoms and w_ih's columns with ``inputs``."""
+        w_ih, w_hh, *rest = weights
+        rows = self.gate + self.hidden
+        assert w_ih is not None and w_hh is not None
+        ctx.unify(w_ih[0], rows, f"input weight rows of {where}")
+        ctx.unify(w_ih[1], inputs, f"input weight columns of {where}")
+        ctx.unify(w_hh[0], rows, f"recurrent weight rows of {where}")
+        ctx.unify(w_hh[1], self.state, f"recurrent weight columns of {where}")
+        for extra in rest:
+            assert extra is not None
+            if len(extra) == 1:  # b_ih, b_hh
+                ctx.unify(extra[0], rows, f"gate bias of {where}")
+            else:  # w_hr: the LSTM's output projection
+                ctx.unify(extra[0], self.state, f"projection rows of {where}")
+                ctx.unify(extra[1], self.hidden, f"projection columns of {where}")
+
+
+def _recurrent(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """lstm / gru / rnn_tanh / rnn_relu (flat weight list): per layer and direction,
+    weight rows are [gates, hidden]; permuting the hidden (and projection) units
+    of one cell alike in its gate rows, recurrent columns, biases and the next
+    layer's input columns commutes with every step, because the gates act
+    elementwise on those units and every matrix meets them on both sides."""
+    where = describe(node)
+    gates = _GATES[op_name(node).removeprefix("aten::")]
+    x = ctx.dims(node.args[0])
+    outs: tuple[Dims, ...] = out  # type: ignore[assignment]
+    y = outs[0]
+    assert x is not None
+    params = [ctx.dims(p) for p in ctx.arg(node, "params")]
+    layers, bidirectional = int(ctx.arg(node, "num_layers")), bool(ctx.arg(node, "bidirectional"))
+    directions = 2 if bidirectional else 1
+    per = len(params) // (layers * directions)
+    shapes = [ctx.shape(p) for p in ctx.arg(node, "params")]
+    packed = "batch_sizes" in [a.name for a in node.target._schema.arguments]  # type: ignore[union-attr]
+    time = 0 if packed or len(x) == 2 or not bool(ctx.arg(node, "batch_first")) else 1
+    batch = None if packed or len(x) == 2 else 1 - time
+    for dims in (x, y):
+        ctx.freeze_dim(dims[time], f"sequence axis of {where}", structural=True)
+    if batch is not None:
+        ctx.unify(x[batch], y[batch], f"batch axis of {where}")
+    cells: list[_Cell] = []
+    features = x[-1]
+    for layer in range(layers):
+        outputs = []
+        for direction in range(directions):
+            first = (layer * directions + direction) * per
+            w_ih, w_hh = shapes[first], shapes[first + 1]
+            cell = _Cell(ctx, gates, w_ih[0] // gates, w_hh[1], where)
+            cell.bind(ctx, params[first : first + per], features, where)
+            cells.append(cell)
+            outputs.append(cell.state)
+        features = ctx.concat(outputs) if bidirectional else outputs[0]
+    ctx.unify(features, y[-1], f"output features of {where}")
+    hx = ctx.arg(node, "hx")
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    used = _used_outputs(node)
+    for k, state in enumerate(states):  # (h0, h_n), (c0, c_n): one tensor for every layer and direction
+        pairs = [ctx.dims(state)] if not _constant_fill(state) else []
+        pairs += [outs[k + 1]] if k + 1 in used else []
+        for dims in pairs:
+            assert dims is not None
+            ctx.freeze_dim(dims[0], f"stacked layers of the state of {where}", structural=True)
+            if batch is not None and len(dims) == 3:
+                ctx.unify(dims[1], x[batch], f"batch axis of the state of {where}")
+            for cell in cells:  # all layers share the state's feature axis: one permutation for all
+                ctx.unify(dims[-1], cell.state if k == 0 else cell.hidden, f"state of {where}")
+
+
+def _recurrent_cell(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell: one step of a cell,
+    hidden units permuted alike in gate rows, recurrent columns, biases, state and output."""
+    where = describe(node)
+    gates = _GATES[op_name(node).removeprefix("aten::").removesuffix("_cell")]
+    x = ctx.dims(node.args[0])
+    assert x is not None
+    weights = [ctx.dims(ctx.arg(node, name)) for name in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    shape = ctx.shape(ctx.arg(node, "w_ih"))
+    cell = _Cell(ctx, gates, shape[0] // gates, shape[0] // gates, where)
+    cell.bind(ctx, [w for w in weights if w is not None], x[-1], where)
+    hx = ctx.arg(node, "hx")
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    outs = out if isinstance(out, tuple) else (out,)
+    for dims in [ctx.dims(s) for s in states if not _constant_fill(s)] + list(outs):  # type: ignore[operator]
+        assert dims is not None
+        ctx.unify(dims[-1], cell.hidden, f"state of {where}")
+        if len(dims) == 2 and len(x) == 2:
+            ctx.unify(dims[0], x[0], f"batch axis of {where}")
+
+
 def _register() -> None:
     register_rule("aten::linear", _linear)
     for name in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution".split():
@@ -191,6 +311,9 @@ def _register() -> None:
     for name in "group_norm native_group_norm".split():
         register_rule(f"aten::{name}", _group_norm)
     register_rule("aten::embedding", _embedding)
+    for name in _GATES:
+        register_rule(f"aten::{name}", _recurrent)
+        register_rule(f"aten::{name}_cell", _recurrent_cell)
     register_rule("aten::prelu", _prelu, role="nonlinearity")
     register_rule("aten::_prelu_kernel", _prelu, role="nonlinearity")
     for n in (1, 2, 3):

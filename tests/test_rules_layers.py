@@ -1,0 +1,289 @@
+"""Rules of layers and contractions (maskalign.rules.layers / .contraction) on
+models that put each op between real layers.
+
+Every model is float64 with scaled-up random weights (so that attention is far
+from uniform and gates far from saturation or linearity), and for each op we
+check
+
+* the coverage, worked out by hand from its definition (hidden-axis units of
+  parameters in groups / all non-structural hidden-axis units);
+* a random permutation of the spec keeps the function in eval mode
+  (``check_equivalence``, relative error <= 1e-10) and, where the op differs
+  in training, in train mode (dropout 0);
+* a NEGATIVE CONTROL: one member axis permuted alone moves the output by
+  >= 1e-3 relative, so the positive checks can fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import relative_error
+from torch import Tensor, nn
+
+import maskalign as ma
+from maskalign.axes import index_vector
+
+KEEP_TOL = 1e-10
+BREAK_TOL = 1e-3
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Small models run fastest single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ helpers
+def randomize(model: nn.Module, seed: int = 0, gain: float = 1.5) -> nn.Module:
+    """float64, eval, every parameter and buffer redrawn: matrices and kernels
+    N(0, gain^2 / fan_in), vectors N(0, 0.25) (plus 1 for ``weight``)."""
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if p.dim() >= 2:
+                p.copy_(noise * gain / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(noise * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def randn(*shape: int, seed: int = 0) -> Tensor:
+    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+def first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def check(
+    model: nn.Module, inputs: tuple[Any, ...], coverage: float, *, train: bool = False, seed: int = 0
+) -> ma.PermutationSpec:
+    """build_spec has ``coverage``; a random permutation keeps the function in
+    eval mode (and in train mode when ``train``)."""
+    spec = ma.build_spec(model, inputs)
+    assert spec.coverage == pytest.approx(coverage), spec.summary()
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(seed))
+    report = ma.check_equivalence(model, perm, inputs, rtol=KEEP_TOL)
+    assert report.ok and report.max_rel <= KEEP_TOL, f"{report}\n{spec.summary()}"
+    if train:
+        a, b = copy.deepcopy(model).train(), ma.apply_permutation(model, perm).train()
+        with torch.no_grad():
+            torch.manual_seed(0)
+            expected = first(a(*inputs))
+            torch.manual_seed(0)
+            assert relative_error(first(b(*inputs)), expected) <= KEEP_TOL
+        moved = ma.apply_permutation(a, perm)
+        for name, buffer in b.named_buffers():  # in-place updates (spectral norm's u, v) stay consistent
+            assert relative_error(buffer.double(), moved.get_buffer(name).double()) <= KEEP_TOL, name
+    return spec
+
+
+def permuted_alone(model: nn.Module, spec: ma.PermutationSpec, tensor: str, dim: int) -> nn.Module:
+    """``model`` with only ``tensor``'s axis ``dim`` permuted (a cyclic shift of
+    each of its groups), every other member of those groups left alone."""
+    shifts = {name: torch.arange(spec.groups[name].size).roll(1) for name in spec.groups}
+    idx = index_vector(spec.axes[tensor][dim], shifts)
+    assert not torch.equal(idx, torch.arange(len(idx))), f"{tensor}[{dim}] carries no group"
+    out = copy.deepcopy(model)
+    state = out.state_dict()
+    state[tensor] = state[tensor].index_select(dim, idx)
+    out.load_state_dict(state)
+    return out
+
+
+def assert_breaks(model: nn.Module, spec: ma.PermutationSpec, inputs: tuple[Any, ...], tensor: str, dim: int) -> None:
+    """Negative control: ``tensor[dim]`` permuted on its own moves the output."""
+    with torch.no_grad():
+        expected = first(model(*inputs))
+        change = relative_error(first(permuted_alone(model, spec, tensor, dim)(*inputs)), expected)
+    assert change >= BREAK_TOL, f"permuting {tensor}[{dim}] alone kept the output ({change:.2e})"
+
+
+def groups_of(spec: ma.PermutationSpec, tensor: str, dim: int) -> list[str]:
+    """The groups on ``tensor``'s axis ``dim``, in row-major order."""
+
+    def leaves(node: Any) -> list[str]:
+        if hasattr(node, "parts"):
+            return [g for part in node.parts for g in leaves(part)]
+        return [node.group] if node.group is not None else []
+
+    return leaves(spec.axes[tensor][dim])
+
+
+# ------------------------------------------------------------------ einsum
+class Einsum(nn.Module):
+    """Linear -> einsum with a weight -> (transpose) -> Linear."""
+
+    def __init__(self, equation: str, weight: tuple[int, ...], transpose: bool = False) -> None:
+        super().__init__()
+        self.equation, self.transpose = equation, transpose
+        self.fc1 = nn.Linear(5, 7)
+        self.w = nn.Parameter(torch.empty(weight))
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.einsum(self.equation, torch.tanh(self.fc1(x)), self.w)
+        return self.fc2(y.transpose(1, 2) if self.transpose else y)
+
+
+@pytest.mark.parametrize(
+    ("equation", "weight", "shape", "transpose"),
+    [
+        ("bi,oi", (6, 7), (4, 5), False),  # implicit output "bo": the silent-wrong-answer regression
+        ("bti,io", (7, 6), (2, 4, 5), True),  # implicit output "bot" (alphabetical), not "bto"
+        ("...i,oi", (6, 7), (2, 4, 5), False),  # implicit with ellipsis: "...o"
+        ("...i,...io->...o", (1, 7, 6), (2, 4, 5), False),  # ellipsis broadcast against a size-1 dim
+    ],
+)
+def test_einsum_output_subscripts(
+    equation: str, weight: tuple[int, ...], shape: tuple[int, ...], transpose: bool
+) -> None:
+    model = randomize(Einsum(equation, weight, transpose))
+    x = randn(*shape)
+    # hidden units: fc1 rows + bias (7 + 7), w's 7 and 6, fc2 columns 6: all grouped
+    spec = check(model, (x,), 1.0)
+    assert len(spec.groups) == 2
+    w_in = 0 if equation.endswith(",io") else weight.index(7)
+    assert groups_of(spec, "w", w_in) == groups_of(spec, "fc1.weight", 0)
+    assert groups_of(spec, "w", len(weight) - 1 - w_in if len(weight) == 2 else 2) == groups_of(spec, "fc2.weight", 1)
+    assert_breaks(model, spec, (x,), "w", w_in)
+    assert_breaks(model, spec, (x,), "fc2.weight", 1)
+
+
+class Diagonal(nn.Module):
+    """A diagonal (``ii->i``) and a trace (``ii``) of one square weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.w = nn.Parameter(torch.empty(7, 7))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)) * torch.einsum("ii->i", self.w)) + torch.einsum("ii", self.w)
+
+
+def test_einsum_repeated_letter_permutes_both_axes_alike() -> None:
+    model = randomize(Diagonal())
+    x = randn(4, 5)
+    spec = check(model, (x,), 1.0)
+    assert groups_of(spec, "w", 0) == groups_of(spec, "w", 1) == groups_of(spec, "fc1.weight", 0)
+    assert_breaks(model, spec, (x,), "w", 0)
+
+
+# ------------------------------------------------------------------ recurrent layers
+class Recurrent(nn.Module):
+    """Linear -> RNN / LSTM / GRU -> Linear on the outputs; with
+    ``given_state``, the initial state comes from another Linear (one tensor
+    for every layer and direction)."""
+
+    def __init__(self, cls: type[nn.RNNBase], given_state: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.rnn = cls(7, 6, **kwargs)
+        self.stacked = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+        self.h0 = nn.Linear(5, 6) if given_state else None
+        self.fc2 = nn.Linear((self.rnn.proj_size or 6) * (2 if self.rnn.bidirectional else 1), 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = None
+        if self.h0 is not None:
+            h0 = torch.tanh(self.h0(x[:, 0] if self.rnn.batch_first else x[0])).expand(self.stacked, -1, -1)
+            state = (h0, 0.5 * h0) if isinstance(self.rnn, nn.LSTM) else h0
+        return self.fc2(self.rnn(self.fc1(x), state)[0])
+
+
+RECURRENT = [
+    (nn.LSTM, {}),
+    (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+    (nn.LSTM, {"num_layers": 2, "bidirectional": True, "proj_size": 4, "batch_first": True}),
+    (nn.GRU, {"num_layers": 2, "batch_first": True}),
+    (nn.GRU, {"bidirectional": True}),
+    (nn.RNN, {"num_layers": 2, "nonlinearity": "relu"}),
+    (nn.RNN, {"bidirectional": True, "bias": False}),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), RECURRENT, ids=lambda v: str(v) if isinstance(v, dict) else v.__name__)
+def test_recurrent_hidden_units_are_permutable(cls: type[nn.RNNBase], kwargs: dict[str, Any]) -> None:
+    model = randomize(Recurrent(cls, **kwargs))
+    x = randn(4, 3, 5)
+    # every hidden axis is grouped (gate blocks are structural): coverage 1.0 (was 0.0: aten::lstm froze all)
+    spec = check(model, (x,), 1.0, train=True)
+    rnn = model.rnn
+    cells = rnn.num_layers * (2 if rnn.bidirectional else 1)
+    assert len(spec.groups) == 1 + cells * (2 if rnn.proj_size else 1)
+    assert groups_of(spec, "rnn.weight_ih_l0", 1) == groups_of(spec, "fc1.weight", 0)
+    hidden = groups_of(spec, "rnn.weight_hh_l0", 0)
+    assert len(hidden) == 1 and spec.groups[hidden[0]].size == 6
+    if rnn.bias:
+        assert groups_of(spec, "rnn.bias_ih_l0", 0) == groups_of(spec, "rnn.bias_hh_l0", 0) == hidden
+    state = groups_of(spec, "rnn.weight_hh_l0", 1)
+    assert state == (groups_of(spec, "rnn.weight_hr_l0", 0) if rnn.proj_size else hidden)
+    last = rnn.num_layers - 1
+    outputs = [groups_of(spec, f"rnn.weight_hh_l{last}{s}", 1)[0] for s in ("", "_reverse")[: 1 + rnn.bidirectional]]
+    assert groups_of(spec, "fc2.weight", 1) == outputs  # bidirectional: Concat(forward, backward)
+    if last:
+        assert groups_of(spec, "rnn.weight_ih_l1", 1) == [
+            groups_of(spec, f"rnn.weight_hh_l0{s}", 1)[0] for s in ("", "_reverse")[: 1 + rnn.bidirectional]
+        ]
+    for tensor, dim in [("rnn.weight_hh_l0", 1), ("rnn.weight_hh_l0", 0), ("rnn.weight_ih_l0", 1), ("fc2.weight", 1)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+    if rnn.proj_size:
+        assert_breaks(model, spec, (x,), "rnn.weight_hr_l0", 1)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_recurrent_given_initial_state_ties_every_layer(cls: type[nn.RNNBase], stacked: bool) -> None:
+    kwargs: dict[str, Any] = {"num_layers": 2, "bidirectional": True} if stacked else {}
+    model = randomize(Recurrent(cls, given_state=True, **kwargs))
+    x = randn(4, 3, 5)
+    spec = check(model, (x,), 1.0, train=True)
+    # h0 has one feature axis for all layers and directions: every cell shares h0.weight's group
+    assert len(spec.groups) == 2
+    assert groups_of(spec, "rnn.weight_hh_l0", 1) == groups_of(spec, "h0.weight", 0)
+    assert_breaks(model, spec, (x,), "h0.weight", 0)
+    assert_breaks(model, spec, (x,), "rnn.weight_hh_l0", 0)
+
+
+class CellLoop(nn.Module):
+    """Linear -> an RNN/LSTM/GRU cell unrolled over time -> Linear on the last state."""
+
+    def __init__(self, cls: type[nn.RNNCellBase], given_state: bool) -> None:
+        super().__init__()
+        self.fc1, self.cell, self.fc2 = nn.Linear(5, 7), cls(7, 6), nn.Linear(6, 3)
+        self.h0 = nn.Linear(5, 6) if given_state else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        state: Any = None
+        if self.h0 is not None:
+            h0 = torch.tanh(self.h0(x[0]))
+            state = (h0, 0.5 * h0) if isinstance(self.cell, nn.LSTMCell) else h0
+        for t in range(x.shape[0]):
+            state = self.cell(self.fc1(x[t]), state)
+        return self.fc2(first(state))
+
+
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+@pytest.mark.parametrize("given_state", [False, True])
+def test_recurrent_cells(cls: type[nn.RNNCellBase], given_state: bool) -> None:
+    model = randomize(CellLoop(cls, given_state))
+    x = randn(4, 3, 5)
+    spec = check(model, (x,), 1.0, train=True)  # was 0.0 (aten::lstm_cell froze every axis)
+    hidden = groups_of(spec, "cell.weight_hh", 1)
+    assert groups_of(spec, "cell.weight_hh", 0) == groups_of(spec, "fc2.weight", 1) == hidden
+    assert len(spec.groups) == 2
+    for tensor, dim in [("cell.weight_hh", 1), ("cell.weight_ih", 0), ("cell.bias_hh", 0), ("fc2.weight", 1)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
