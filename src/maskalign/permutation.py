@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -192,13 +193,21 @@ def permute_state_dict(state: Mapping[str, Tensor], perm: Permutation) -> dict[s
     """A new ``state_dict`` with every tensor of ``perm.spec`` permuted.
 
     Entries that the spec does not know (e.g. ``num_batches_tracked``) are
-    copied unchanged. ``state`` is not modified.
+    copied unchanged. ``state`` is not modified. The per-module version
+    metadata of a ``Module.state_dict()`` (its ``_metadata`` attribute, which
+    ``_load_from_state_dict`` of e.g. torchvision's MNASNet reads) is kept.
 
     Raises:
         SpecMismatchError: a tensor of the spec is missing or has another shape.
     """
     check_same_architecture(state, perm.spec, "state_dict")
-    return {name: perm.permute_tensor(name, t) if name in perm.spec.axes else t.clone() for name, t in state.items()}
+    out: OrderedDict[str, Tensor] = OrderedDict(
+        (name, perm.permute_tensor(name, t) if name in perm.spec.axes else t.clone()) for name, t in state.items()
+    )
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+    return out
 
 
 def apply_permutation(model: nn.Module, perm: Permutation, *, inplace: bool = False) -> nn.Module:

@@ -1,0 +1,433 @@
+"""Capture robustness: higher-order ops, forward that mutates state or inputs,
+inputs that do not fit the model, errors that name the failing graph node, and
+state_dict version metadata through apply_permutation.
+
+Every model is float64 with random weights; a correct permutation must keep
+the outputs, and a deliberately wrong one (one member of a group left
+unpermuted) must move them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from typing import Any
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+import maskalign as ma
+from maskalign.capture import REGIONS_META, _GraphRunner, capture, flatten_wrappers
+
+NEEDS_FLAT_ANALYSIS = pytest.mark.xfail(reason="needs analyze() on CapturedGraph.flat_graph", strict=True)
+
+
+def randn(*shape: int, seed: int = 0) -> Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 and eval mode with random (non-default) parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=generator) * 0.5)
+    return model
+
+
+def snapshot(model: nn.Module, *inputs: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, [x.clone() for x in inputs]
+
+
+def assert_unchanged(model: nn.Module, before: tuple[dict[str, Tensor], list[Tensor]], *inputs: Tensor) -> None:
+    state, saved = before
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(now[key], value), f"build_spec changed {key}"
+    for x, x0 in zip(inputs, saved):
+        assert torch.equal(x, x0), "build_spec changed an input"
+
+
+def outputs_of(model: nn.Module, x: Tensor) -> Tensor:
+    """One forward of a fresh copy (stateful models start from the same state)."""
+    with torch.no_grad():
+        return copy.deepcopy(model)(x.clone())
+
+
+def break_one_member(model: nn.Module, spec: ma.PermutationSpec) -> nn.Module:
+    """A copy of ``model`` whose first group is permuted on its first member only."""
+    group = next(iter(spec.groups.values()))
+    tensor, dim = group.members[0]
+    state = model.state_dict()
+    swap = torch.arange(state[tensor].shape[dim])
+    swap[0], swap[1] = 1, 0
+    state[tensor] = state[tensor].index_select(dim, swap)
+    broken = copy.deepcopy(model)
+    broken.load_state_dict(state)
+    return broken
+
+
+def assert_keeps_function_and_wrong_one_breaks_it(model: nn.Module, spec: ma.PermutationSpec, x: Tensor) -> None:
+    assert spec.groups, "expected at least one permutable group"
+    expected = outputs_of(model, x)
+    generator = torch.Generator().manual_seed(7)
+    perm = ma.random_permutation(spec, generator)
+    assert not perm.is_identity()
+    permuted = ma.apply_permutation(model, perm)
+    assert (outputs_of(permuted, x) - expected).abs().max() <= 1e-10 * expected.abs().max()
+    assert (outputs_of(break_one_member(model, spec), x) - expected).abs().max() > 1e-6 * expected.abs().max()
+
+
+# ------------------------------------------------------- higher-order ops
+class CondNet(nn.Module):
+    """A permutable MLP stem, then a data-dependent ``torch.cond`` and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        h = torch.cond(h.sum() > 0, lambda t: torch.relu(t), lambda t: torch.tanh(t), (h,))
+        return self.head(h)
+
+
+class AutocastNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.relu(self.a(x))
+        return self.b(h.to(x.dtype))
+
+
+class GradRegionsNet(nn.Module):
+    """``enable_grad`` / ``no_grad`` / ``set_grad_enabled(False)`` regions in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            h = torch.relu(self.a(x))
+        with torch.no_grad():
+            h = torch.tanh(self.b(h))
+        with torch.set_grad_enabled(False):
+            h = h * 2.0
+        return self.c(h)
+
+
+class CheckpointNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.a(t)), x, use_reentrant=False)
+        return self.b(h)
+
+
+def test_torch_cond_builds_and_freezes_only_what_it_touches() -> None:
+    model, x = randomized(CondNet()), randn(5, 8)
+    before = snapshot(model, x)
+    spec = ma.build_spec(model, x)
+    assert_unchanged(model, before, x)
+    assert {m for g in spec.groups.values() for m in g.members} == {
+        ("stem.0.weight", 0),
+        ("stem.0.bias", 0),
+        ("stem.2.weight", 1),
+    }  # the cond operand (stem.2's output) is frozen
+    assert ma.check_equivalence(model, ma.random_permutation(spec), x)
+    assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
+    assert any(n.op == "get_attr" for n in spec.captured.flat_graph.nodes)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("exported_with_grad", [False, True])
+@pytest.mark.parametrize("net", [AutocastNet, GradRegionsNet, CheckpointNet])
+def test_context_regions_build_run_and_inline(net: type[nn.Module], exported_with_grad: bool) -> None:
+    model, x = randomized(net()), randn(5, 8)
+    before = snapshot(model, x)
+    if exported_with_grad:  # an ExportedProgram made with grad enabled keeps no_grad regions as wrappers
+        spec = ma.build_spec(torch.export.export(model, (x,), strict=False), (x,))
+    else:
+        spec = ma.build_spec(model, x)
+    assert_unchanged(model, before, x)
+    assert ma.check_equivalence(model, ma.random_permutation(spec), x)
+    captured = spec.captured
+    assert captured is not None
+    flat = captured.flat_graph
+    hops = [n for n in flat.nodes if n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload)]
+    assert all(n.target is operator.getitem for n in hops), hops  # no wrapper is left
+    assert sum(n.target is torch.ops.aten.linear.default for n in flat.nodes) == len(
+        [m for m in model.modules() if isinstance(m, nn.Linear)]
+    )
+    wrapped = any(n.op == "get_attr" for n in captured.graph.nodes)
+    assert (flat is not captured.graph) == wrapped
+    assert wrapped == any(REGIONS_META in n.meta for n in flat.nodes)
+    graph_names = {n.name for n in captured.graph.nodes}
+    kept = [n.name for n in flat.nodes if REGIONS_META not in n.meta]
+    assert all(name in graph_names for name in kept)  # nodes outside regions keep their names
+    assert len({n.name for n in flat.nodes}) == len(flat.nodes)
+
+
+@NEEDS_FLAT_ANALYSIS
+@pytest.mark.parametrize("net", [AutocastNet, GradRegionsNet])
+def test_context_regions_do_not_freeze_their_axes(net: type[nn.Module]) -> None:
+    model, x = randomized(net()), randn(5, 8)
+    spec = ma.build_spec(model, x)
+    assert ("a.weight", 0) in {m for g in spec.groups.values() for m in g.members}
+    assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
+
+
+def test_checkpoint_region_keeps_its_groups() -> None:
+    model, x = randomized(CheckpointNet()), randn(5, 8)
+    spec = ma.build_spec(model, x)
+    assert ("a.weight", 0) in {m for g in spec.groups.values() for m in g.members}
+    assert ma.check_equivalence(model, ma.random_permutation(spec), x)
+    assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
+
+
+def test_flatten_inlines_an_activation_checkpoint_wrapper() -> None:
+    # torch.export inlines checkpointing itself; a graph that keeps the wrapper
+    # (as dynamo makes it) is inlined by flatten_wrappers
+    body_graph = torch.fx.Graph()
+    t, w = body_graph.placeholder("t"), body_graph.placeholder("w")
+    body_graph.output(
+        (
+            body_graph.call_function(
+                torch.ops.aten.relu.default, (body_graph.call_function(torch.ops.aten.mm.default, (t, w)),)
+            ),
+        )
+    )
+    owner = nn.Module()
+    owner.body = torch.fx.GraphModule(nn.Module(), body_graph)
+    graph = torch.fx.Graph()
+    x, weight = graph.placeholder("x"), graph.placeholder("weight")
+    call = graph.call_function(
+        torch.ops.higher_order.tag_activation_checkpoint, (graph.get_attr("body"), x, weight), {"use_reentrant": False}
+    )
+    graph.output((graph.call_function(operator.getitem, (call, 0)),))
+    flat = flatten_wrappers(graph, owner)
+    assert [n.target for n in flat.nodes if n.op == "call_function"] == [
+        torch.ops.aten.mm.default,
+        torch.ops.aten.relu.default,
+    ]
+    assert [n.name for n in flat.nodes if n.op == "call_function"][
+        -1
+    ] == "getitem"  # the output keeps the getitem's name
+    a, b = randn(3, 4), randn(4, 5, seed=1)
+    (got,) = _GraphRunner(owner, flat).run(a, b, enable_io_processing=False)
+    torch.testing.assert_close(got, torch.relu(a @ b), rtol=0, atol=0)
+
+
+# ------------------------------------------------ forward with side effects
+class CountingNet(nn.Module):
+    """Counts its calls and keeps a running mean of its hidden units in buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("running", torch.zeros(16, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        self.running.mul_(0.5).add_(h.mean(0))
+        return self.b(h + self.running) * self.calls
+
+
+class InputWriter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x.add_(1.0)
+        return self.b(self.a(x).relu_())
+
+
+class HiddenWriter(nn.Module):
+    """Writes into a buffer only outside export: the graph cannot reproduce it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_exporting():
+            self.calls += 1
+        return self.a(x) * (self.calls + 1)
+
+
+def test_forward_that_mutates_buffers_is_accepted_and_left_unchanged() -> None:
+    model, x = randomized(CountingNet()), randn(5, 8)
+    with torch.no_grad():
+        model.running.copy_(randn(16, seed=3))
+    before = snapshot(model, x)
+    spec = ma.build_spec(model, x)
+    assert_unchanged(model, before, x)
+    group = next(g for g in spec.groups.values() if ("a.weight", 0) in g.members)
+    assert ("running", 0) in group.members  # the running mean follows the hidden units
+    assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
+
+
+def test_forward_that_writes_into_its_input_is_accepted_and_input_left_unchanged() -> None:
+    model, x = randomized(InputWriter()), randn(5, 8)
+    before = snapshot(model, x)
+    spec = ma.build_spec(model, x)
+    assert_unchanged(model, before, x)
+    assert spec.captured is not None and spec.captured.written == {"x"}
+    assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
+
+
+def test_mutation_the_graph_does_not_record_is_refused_naming_the_buffer() -> None:
+    model, x = randomized(HiddenWriter()), randn(5, 8)
+    before = snapshot(model, x)
+    with pytest.raises(ma.TraceError, match=r"^Buffer 'calls' of HiddenWriter is mutated by forward") as info:
+        ma.build_spec(model, x)
+    assert "control flow" not in str(info.value)
+    assert_unchanged(model, before, x)
+
+
+def test_functionalized_program_with_mutation_outputs_is_accepted() -> None:
+    # run_decompositions functionalizes: mutations become BUFFER_MUTATION /
+    # USER_INPUT_MUTATION outputs instead of in-place ops
+    for net in (CountingNet, InputWriter):
+        model, x = randomized(net()), randn(5, 8)
+        x0 = x.clone()
+        program = torch.export.export(model, (x.clone(),), strict=False).run_decompositions({})
+        kinds = {s.kind.name for s in program.graph_signature.output_specs}
+        assert kinds & {"BUFFER_MUTATION", "USER_INPUT_MUTATION"}
+        state = {k: v.clone() for k, v in program.state_dict.items()}
+        spec = ma.build_spec(program, (x,))
+        assert torch.equal(x, x0)
+        assert all(torch.equal(program.state_dict[k], v) for k, v in state.items())
+        assert spec.groups
+
+
+# --------------------------------------------------- inputs that do not fit
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def test_inputs_of_the_wrong_shape_say_so_quietly(capfd: pytest.CaptureFixture[str], caplog: Any) -> None:
+    model = randomized(Net())
+    with caplog.at_level(logging.DEBUG), pytest.raises(ma.TraceError) as info:
+        ma.build_spec(model, randn(4, 10))
+    message = str(info.value)
+    assert message.startswith("example_inputs of shapes [(4, 10)] do not fit Net")
+    assert "module 'body.0' (Linear)" in message and "aten.mm" in message
+    assert "control flow" not in message and "What to do" in message
+    out, err = capfd.readouterr()
+    assert "failed while attempting to run meta" not in out + err
+    assert not [r for r in caplog.records if r.name.startswith("torch")]
+
+
+def test_data_dependent_branch_still_gets_control_flow_advice(capfd: pytest.CaptureFixture[str]) -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            return h if h.mean() > 0 else -h
+
+    with pytest.raises(ma.TraceError, match="torch.cond") as info:
+        ma.build_spec(Branchy().double(), randn(2, 4))
+    assert "h.mean() > 0" in str(info.value)
+    out, err = capfd.readouterr()
+    assert "def forward" not in out + err and "Unable to find user code" not in out + err
+
+
+def test_logging_and_print_are_left_alone_after_a_successful_capture(capfd: pytest.CaptureFixture[str]) -> None:
+    class Chatty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            print("hello from forward")
+            return self.fc(x)
+
+    handlers = {id(h): list(h.filters) for h in logging.getLogger("torch._subclasses.fake_tensor").handlers}
+    ma.build_spec(Chatty().double(), randn(2, 4))
+    assert "hello from forward" in capfd.readouterr().out
+    assert {id(h): list(h.filters) for h in logging.getLogger("torch._subclasses.fake_tensor").handlers} == handlers
+
+
+# ---------------------------------------------- errors name the graph node
+def test_a_failing_node_is_named_with_its_module() -> None:
+    model, x = randomized(Net()), randn(3, 64)
+    spec = ma.build_spec(model, x)
+    captured = spec.captured
+    assert captured is not None
+    state = dict(model.state_dict())
+    state["head.weight"] = randn(4, 31)
+    with pytest.raises(ma.TraceError, match=r"^Graph node 'linear_1' \(aten.linear.default in module 'head', Linear\)"):
+        captured.run(state, [x])
+    with pytest.raises(ma.TraceError, match=r"^Graph node 'linear_1'"):
+        captured.run_pair(model.state_dict(), state, [x], {"linear_1"}, lambda *_: None)
+
+
+def test_run_pair_visits_points_inside_inlined_regions() -> None:
+    model, x = randomized(GradRegionsNet()), randn(5, 8)
+    other = randomized(GradRegionsNet(), seed=1)
+    captured = capture(model, x)
+    inner = [n.name for n in captured.flat_graph.nodes if REGIONS_META in n.meta]
+    assert inner
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    captured.run_pair(model.state_dict(), other.state_dict(), [x], set(inner), lambda n, a, b: seen.update({n: (a, b)}))
+    assert set(seen) == set(inner)
+    first = next(n for n in captured.flat_graph.nodes if n.target is torch.ops.aten.linear.default)
+    a, b = seen[first.name]
+    with torch.no_grad():
+        torch.testing.assert_close(a, model.a(x), rtol=0, atol=0)
+        torch.testing.assert_close(b, other.a(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------- state_dict version metadata
+class Versioned(nn.Module):
+    """Loads only state_dicts that carry its version (like torchvision's MNASNet)."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: dict[str, Any], *args: Any) -> None:
+        version = local_metadata.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_permuted_state_dict_keeps_version_metadata() -> None:
+    model, x = randomized(nn.Sequential(Versioned(), nn.ReLU(), nn.Linear(4, 3))), randn(5, 8)
+    spec = ma.build_spec(model, x)
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    assert ma.check_equivalence(model, perm, x)  # apply_permutation raised ValueError without the metadata
+    permuted_state = ma.permute_state_dict(model.state_dict(), perm)
+    assert permuted_state._metadata == model.state_dict()._metadata  # type: ignore[attr-defined]
+    assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
