@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .capture import eval_mode, normalize_inputs
+from .capture import normalize_inputs
+from .modes import run_in_mode
 from .permutation import Permutation, apply_permutation
 
 __all__ = ["EquivalenceReport", "check_equivalence"]
@@ -36,9 +37,8 @@ class EquivalenceReport:
         return self.ok
 
 
-def _outputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Tensor]:
-    with eval_mode(model), torch.no_grad():
-        out = model(*args, **kwargs)
+def _outputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], train: bool) -> list[Tensor]:
+    out = run_in_mode(model, args, kwargs, train=train, seed=0)  # the same random draws for both models
     return [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
 
 
@@ -55,8 +55,9 @@ def check_equivalence(
     kwargs: Mapping[str, Any] | None = None,
     *,
     rtol: float | None = None,
+    train: bool = False,
 ) -> EquivalenceReport:
-    """Compare ``model`` and ``apply_permutation(model, perm)`` on the inputs (eval mode).
+    """Compare ``model`` and ``apply_permutation(model, perm)`` on the inputs.
 
     Args:
         model: the model (not modified).
@@ -65,6 +66,10 @@ def check_equivalence(
         kwargs: keyword inputs of forward.
         rtol: bound on ``max_rel``; default ``1e-10`` for float64 outputs and
             ``1e-4`` otherwise.
+        train: compare in train mode (batch statistics in BatchNorm, train-only
+            branches) instead of eval mode. Neither model's buffers or flags
+            change. Dropout draws the same random numbers for both models but
+            at unpermuted positions, so set dropout rates to 0 to compare.
 
     Returns:
         An :class:`EquivalenceReport`; when it fails, groups are bisected
@@ -72,12 +77,12 @@ def check_equivalence(
     """
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
-    reference = _outputs(model, args, kwargs)
+    reference = _outputs(model, args, kwargs, train)
     if rtol is None:
         rtol = 1e-10 if all(r.dtype == torch.float64 for r in reference) else 1e-4
 
     def breaks(p: Permutation) -> tuple[bool, float, float]:
-        max_abs, max_rel = _difference(reference, _outputs(apply_permutation(model, p), args, kwargs))
+        max_abs, max_rel = _difference(reference, _outputs(apply_permutation(model, p), args, kwargs, train))
         return max_rel > rtol, max_abs, max_rel
 
     failed, max_abs, max_rel = breaks(perm)

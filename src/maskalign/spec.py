@@ -21,8 +21,9 @@ from torch import nn
 
 from .atoms import AtomTable, Freeze
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, tree_size
-from .capture import CapturedGraph, capture
+from .capture import CapturedGraph, capture, normalize_inputs
 from .errors import SpecError
+from .modes import mode_difference
 from .rules import Analysis, analyze
 
 __all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec"]
@@ -103,6 +104,11 @@ class PermutationSpec:
             forward never reads. 1.0 means every hidden unit can be permuted.
         frozen_share: op (or category) -> the fraction of the same hidden-axis
             units that it froze; ``coverage + sum(frozen_share.values()) == 1``.
+        train_mode: how train mode was covered: ``"same graph as eval mode"``
+            (the model runs the same calls on the same tensors in both modes,
+            see :mod:`maskalign.modes`), or ``"own graph analysed (...)"`` with
+            where the modes part: then the train-mode graph's constraints were
+            added, so that every permutation keeps both functions.
         activations: group name -> graph values that carry it, used by
             activation matching.
     """
@@ -116,6 +122,7 @@ class PermutationSpec:
     logical: dict[str, str] = field(default_factory=dict)
     coverage: float = 1.0
     frozen_share: dict[str, float] = field(default_factory=dict)
+    train_mode: str = "same graph as eval mode"
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -132,6 +139,8 @@ class PermutationSpec:
         """A readable table of groups, members and frozen axes."""
         count = len(self.groups)
         lines = [f"PermutationSpec: {count} group{'' if count == 1 else 's'}, coverage {self.coverage:.3f}"]
+        if self.train_mode != "same graph as eval mode":
+            lines.append(f"  train mode: {self.train_mode}")
         if self.frozen_share:
             shares = sorted(self.frozen_share.items(), key=lambda item: -item[1])
             listed = ", ".join(f"{op.replace('::', '.')} {share:.0%}" for op, share in shares[:6])
@@ -183,6 +192,12 @@ def build_spec(
     Returns:
         The :class:`PermutationSpec`.
 
+    Train mode: the model runs once per mode on the example inputs (no
+    gradients; buffers, flags and the random generator restored). When the two
+    modes run different calls (an auxiliary head, a ``self.training`` branch),
+    the train-mode graph is exported too and its constraints are added, so the
+    spec keeps both functions; ``spec.train_mode`` says which happened.
+
     Raises:
         TraceError: the model cannot be captured, or the capture does not
             reproduce the eager outputs.
@@ -194,7 +209,17 @@ def build_spec(
             f"permutable_buffers {unknown} are not non-persistent buffers or constants of the model; "
             f"candidates: {sorted(captured.constants)[:10]}"
         )
-    return spec_from_analysis(analyze(captured, permutable_buffers), captured)
+    train, difference = None, None
+    if isinstance(model, nn.Module):
+        args = normalize_inputs(example_inputs)
+        difference = mode_difference(model, args, dict(kwargs or {}))
+        if difference is not None:
+            train = capture(model, args, kwargs, train=True, check=False)
+    spec = spec_from_analysis(analyze(captured, permutable_buffers, train=train), captured)
+    spec.train_mode = "same graph as eval mode" if difference is None else f"own graph analysed ({difference})"
+    if not isinstance(model, nn.Module):
+        spec.train_mode = "not analysed (an ExportedProgram holds one graph)"
+    return spec
 
 
 def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> PermutationSpec:

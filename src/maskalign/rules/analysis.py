@@ -63,27 +63,41 @@ def _only_metadata_uses(node: torch.fx.Node) -> bool:
     return True
 
 
-def analyze(captured: CapturedGraph, permutable_buffers: Collection[str] = ()) -> Analysis:
+def analyze(
+    captured: CapturedGraph,
+    permutable_buffers: Collection[str] = (),
+    *,
+    train: CapturedGraph | None = None,
+) -> Analysis:
     """Propagate axis atoms through ``captured.graph`` (one pass, linear in its size).
 
-    ``permutable_buffers`` names non-persistent buffers (or lifted constants)
-    that may be permuted along with the axes they meet instead of freezing them.
+    Args:
+        captured: the model's graph (eval mode); its values become activation points.
+        permutable_buffers: non-persistent buffers (or lifted constants) that
+            may be permuted along with the axes they meet instead of freezing them.
+        train: the train-mode graph of the same model, when it differs from the
+            eval-mode one (an auxiliary head, a ``self.training`` branch). Its
+            constraints are added to the same atoms (a union: a permutation of
+            the result keeps both functions); its values are not activation points.
     """
     atoms = AtomTable()
     values: dict[torch.fx.Node, Value] = {}
     ctx = RuleContext(atoms, values)
     result = Analysis(atoms)
-    for node in captured.graph.nodes:
-        ctx.node = None
-        if node.op == "placeholder":
-            _placeholder(ctx, node, captured, permutable_buffers, result)
-        elif node.op == "call_function":
-            _call(ctx, node, result)
-        elif node.op == "output":
-            _output(ctx, node, captured, result)
-        else:  # get_attr (subgraphs of higher-order ops): consumed by the op that uses it
-            values[node] = None
-    _tie_aliases(ctx, captured, result)
+    graphs = [captured] if train is None else [captured, train]
+    for index, graph in enumerate(graphs):
+        record = result if index == 0 else Analysis(atoms, tensor_dims=result.tensor_dims)
+        for node in graph.graph.nodes:
+            ctx.node = None
+            if node.op == "placeholder":
+                _placeholder(ctx, node, graph, permutable_buffers, record)
+            elif node.op == "call_function":
+                _call(ctx, node, record)
+            elif node.op == "output":
+                _output(ctx, node, graph, record)
+            else:  # get_attr (subgraphs of higher-order ops): consumed by the op that uses it
+                values[node] = None
+    _tie_aliases(ctx, graphs, result)
     atoms.finalize()
     return result
 
@@ -96,15 +110,17 @@ def _placeholder(
     result: Analysis,
 ) -> None:
     meta = node.meta.get("val")
-    value = ctx.fresh(meta.shape) if isinstance(meta, torch.Tensor) else None
-    ctx.values[node] = value
     role = captured.roles[node.name]
+    shared = role.kind in ("parameter", "buffer") or (role.kind == "constant" and role.target in permutable_buffers)
+    if shared and role.target in result.tensor_dims:  # read by an earlier graph (train mode)
+        value: Dims | None = result.tensor_dims[role.target]
+    else:
+        value = ctx.fresh(meta.shape) if isinstance(meta, torch.Tensor) else None
+    ctx.values[node] = value
     if value is None:
         return
     result.node_dims[node.name] = value
-    if role.kind in ("parameter", "buffer"):
-        result.tensor_dims[role.target] = value
-    elif role.kind == "constant" and role.target in permutable_buffers:
+    if shared:
         result.tensor_dims[role.target] = value
     elif role.kind == "constant":
         reason = (
@@ -156,17 +172,18 @@ def _output(ctx: RuleContext, node: torch.fx.Node, captured: CapturedGraph, resu
                     ctx.atoms.freeze(dim, f"model output '{arg.name}'", op="model output", structural=True)
 
 
-def _tie_aliases(ctx: RuleContext, captured: CapturedGraph, result: Analysis) -> None:
+def _tie_aliases(ctx: RuleContext, graphs: list[CapturedGraph], result: Analysis) -> None:
     """Tied tensors (one storage under several names) share every axis; a
-    parameter or buffer that forward never reads, and that is tied to none
-    that it does, is frozen rather than left free."""
+    parameter or buffer that forward never reads (in any mode), and that is
+    tied to none that it does, is frozen rather than left free."""
     used = {
-        captured.roles[node.name].target
-        for node in captured.graph.nodes
-        if node.op == "placeholder" and node.users and node.name in captured.roles
+        graph.roles[node.name].target
+        for graph in graphs
+        for node in graph.graph.nodes
+        if node.op == "placeholder" and node.users and node.name in graph.roles
     }
     tied: set[str] = set()
-    for names in captured.aliases:
+    for names in graphs[0].aliases:
         present = [n for n in names if n in result.tensor_dims]
         if not present:
             continue
