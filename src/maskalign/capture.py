@@ -43,6 +43,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .modes import preserved_state
 
 __all__ = ["CapturedGraph", "TensorRole", "capture", "normalize_inputs"]
 
@@ -437,6 +438,16 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def _in_mode(model: nn.Module, train: bool) -> contextlib.AbstractContextManager[None]:
+    """Eval mode, or train mode with the model's buffers, flags and the random generator restored on exit."""
+    if not train:
+        return eval_mode(model)
+    stack = contextlib.ExitStack()
+    stack.enter_context(preserved_state(model))
+    model.train()
+    return stack
+
+
 def capture(
     model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Any = None,
@@ -446,6 +457,7 @@ def capture(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     dynamic_batch: bool = False,
+    train: bool = False,
 ) -> CapturedGraph:
     """Capture ``model`` (in eval mode) with ``torch.export.export(strict=False)``.
 
@@ -463,6 +475,8 @@ def capture(
             with the eager model's mutations of its buffers and inputs.
         dynamic_batch: mark dim 0 of every positional tensor input dynamic
             (``Dim.AUTO``), so that the graph runs for any batch size.
+        train: capture the train-mode graph (BatchNorm with batch statistics,
+            train-only branches) instead of the eval-mode one.
 
     Raises:
         TraceError: export failed (the message names the failing construct and
@@ -474,7 +488,7 @@ def capture(
         raise TraceError("build_spec needs example_inputs: a tensor or a tuple of forward's positional inputs")
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
-    with eval_mode(model), torch.no_grad():
+    with _in_mode(model, train), torch.no_grad():
         _check_signature(model, args, kwargs)
         try:
             with warnings.catch_warnings(), _quiet_export():
