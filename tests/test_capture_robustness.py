@@ -22,8 +22,6 @@ from torch import Tensor, nn
 import maskalign as ma
 from maskalign.capture import REGIONS_META, _GraphRunner, capture, flatten_wrappers
 
-NEEDS_FLAT_ANALYSIS = pytest.mark.xfail(reason="needs analyze() on CapturedGraph.flat_graph", strict=True)
-
 
 def randn(*shape: int, seed: int = 0) -> Tensor:
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -179,7 +177,6 @@ def test_context_regions_build_run_and_inline(net: type[nn.Module], exported_wit
     assert len({n.name for n in flat.nodes}) == len(flat.nodes)
 
 
-@NEEDS_FLAT_ANALYSIS
 @pytest.mark.parametrize("net", [AutocastNet, GradRegionsNet])
 def test_context_regions_do_not_freeze_their_axes(net: type[nn.Module]) -> None:
     model, x = randomized(net()), randn(5, 8)

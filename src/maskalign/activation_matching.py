@@ -222,7 +222,7 @@ class _Prober:
             return dynamic  # type: ignore[no-any-return]
         captured = capture(self.model, args, kwargs, check=False)
         if not self._has_nodes(captured):
-            missing = [n for n in self.nodes if n not in {m.name for m in captured.graph.nodes}]
+            missing = [n for n in self.nodes if n not in {m.name for m in captured.flat_graph.nodes}]
             raise TraceError(
                 f"inputs of shapes {shapes} trace to a different graph (nodes {missing[:3]} are "
                 "missing); use batches of one shape (e.g. DataLoader(drop_last=True))"
@@ -230,7 +230,7 @@ class _Prober:
         return captured
 
     def _has_nodes(self, captured: CapturedGraph) -> bool:
-        known = {n.name for n in captured.graph.nodes}
+        known = {n.name for n in captured.flat_graph.nodes}
         return all(n in known for n in self.nodes)
 
     def __call__(

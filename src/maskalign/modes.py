@@ -127,6 +127,8 @@ def run_in_mode(
 
 
 def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, train: bool) -> list[tuple[Any, ...]]:
+    # forward may write into its inputs: run on copies
+    args, kwargs = pytree.tree_map_only(Tensor, lambda t: t.clone(), (args, dict(kwargs)))
     labels = {id(t): f"'{name}'" for name, t in model.state_dict(keep_vars=True).items()}
     for k, leaf in enumerate(pytree.tree_leaves((args, dict(kwargs)))):
         if isinstance(leaf, Tensor):
@@ -151,11 +153,15 @@ def mode_difference(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
         model: the model (left unchanged).
         args, kwargs: example inputs of ``forward``.
 
-    Raises:
-        Whatever ``forward`` raises on the inputs in either mode.
+    When the eager runs fail (``torch.cond`` compiles its branches with
+    dynamo, which refuses to run under the recording mode), the modes count as
+    different, so the train-mode graph is analysed.
     """
-    eval_calls = _trace(model, args, kwargs, train=False)
-    train_calls = _trace(model, args, kwargs, train=True)
+    try:
+        eval_calls = _trace(model, args, kwargs, train=False)
+        train_calls = _trace(model, args, kwargs, train=True)
+    except Exception as exc:  # torch.cond compiles with dynamo, which refuses a function mode
+        return f"the modes could not be compared eagerly ({type(exc).__name__})"
     for index, (e, t) in enumerate(zip(eval_calls, train_calls)):
         if e != t:
             what = f"eval runs {e[0]}, train runs {t[0]}" if e[0] != t[0] else f"{e[0]} gets other arguments"

@@ -335,7 +335,7 @@ def _activation_points(
     (3 seeds), permuted-mask accuracy and the barrier after matching match
     those of post+pre pooling within noise, at half the statistics cost."""
     preferred_nodes: set[str] = set()
-    for node in captured.graph.nodes:
+    for node in captured.flat_graph.nodes:
         if analysis.node_roles.get(node.name) == "nonlinearity" and isinstance(node.args[0], torch.fx.Node):
             preferred_nodes.add(node.args[0].name)
     preferred: dict[str, list[ActivationPoint]] = {}

@@ -69,7 +69,7 @@ def analyze(
     *,
     train: CapturedGraph | None = None,
 ) -> Analysis:
-    """Propagate axis atoms through ``captured.graph`` (one pass, linear in its size).
+    """Propagate axis atoms through ``captured.flat_graph`` (one pass, linear in its size).
 
     Args:
         captured: the model's graph (eval mode); its values become activation points.
@@ -87,7 +87,7 @@ def analyze(
     graphs = [captured] if train is None else [captured, train]
     for index, graph in enumerate(graphs):
         record = result if index == 0 else Analysis(atoms, tensor_dims=result.tensor_dims)
-        for node in graph.graph.nodes:
+        for node in graph.flat_graph.nodes:  # higher-order wrappers (autocast, no_grad, checkpoint) inlined
             ctx.node = None
             if node.op == "placeholder":
                 _placeholder(ctx, node, graph, permutable_buffers, record)
@@ -179,7 +179,7 @@ def _tie_aliases(ctx: RuleContext, graphs: list[CapturedGraph], result: Analysis
     used = {
         graph.roles[node.name].target
         for graph in graphs
-        for node in graph.graph.nodes
+        for node in graph.flat_graph.nodes
         if node.op == "placeholder" and node.users and node.name in graph.roles
     }
     tied: set[str] = set()
