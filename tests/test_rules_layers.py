@@ -287,3 +287,254 @@ def test_recurrent_cells(cls: type[nn.RNNCellBase], given_state: bool) -> None:
     assert len(spec.groups) == 2
     for tensor, dim in [("cell.weight_hh", 1), ("cell.weight_ih", 0), ("cell.bias_hh", 0), ("fc2.weight", 1)]:
         assert_breaks(model, spec, (x,), tensor, dim)
+
+
+# ------------------------------------------------------------------ weight reparametrizations
+class Reparametrized(nn.Module):
+    """Linear -> reparametrized Linear -> Linear, or the same with Conv1d
+    (``groups`` for the middle conv, like WavLM's positional convolution)."""
+
+    def __init__(self, wrap: Any, conv: bool = False, groups: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        if conv:
+            self.fc1, self.fc2 = nn.Conv1d(3, 8, 3), nn.Conv1d(8, 2, 3)
+            self.mid = wrap(nn.Conv1d(8, 8, 3, padding=1, groups=groups), **kwargs)
+        else:
+            self.fc1, self.mid, self.fc2 = nn.Linear(5, 7), wrap(nn.Linear(7, 6), **kwargs), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.mid(torch.tanh(self.fc1(x)))))
+
+
+def _parametrized(name: str) -> Any:
+    from torch.nn.utils import parametrizations
+
+    return getattr(parametrizations, name)
+
+
+def _legacy_weight_norm(module: nn.Module, **kwargs: Any) -> nn.Module:
+    with pytest.warns(FutureWarning):
+        return torch.nn.utils.weight_norm(module, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attribute self.mid.weight was assigned during export")
+@pytest.mark.parametrize(
+    ("wrap", "conv", "kwargs", "g", "v"),
+    [
+        # g [6, 1] shares v's rows; coverage before: 0.0 (aten::_weight_norm froze every axis)
+        ("weight_norm", False, {}, "parametrizations.weight.original0", "parametrizations.weight.original1"),
+        ("legacy", False, {}, "weight_g", "weight_v"),
+        # WavLM's positional conv: grouped, norm over every axis but the kernel's (g [1, 1, 3])
+        (
+            "weight_norm",
+            True,
+            {"dim": 2, "groups": 2},
+            "parametrizations.weight.original0",
+            "parametrizations.weight.original1",
+        ),
+        ("legacy", True, {"dim": None}, "weight_g", "weight_v"),  # one norm of the whole weight: g is a scalar
+    ],
+)
+def test_weight_norm(wrap: str, conv: bool, kwargs: dict[str, Any], g: str, v: str) -> None:
+    fn = _legacy_weight_norm if wrap == "legacy" else _parametrized(wrap)
+    model = randomize(Reparametrized(fn, conv, **kwargs))
+    x = randn(4, 3, 9) if conv else randn(4, 5)
+    spec = check(model, (x,), 1.0, train=True)
+    g_shape = spec.shapes[f"mid.{g}"]
+    if len(g_shape) and g_shape[0] > 1:
+        assert groups_of(spec, f"mid.{g}", 0) == groups_of(spec, f"mid.{v}", 0) == groups_of(spec, "mid.bias", 0)
+        assert_breaks(model, spec, (x,), f"mid.{g}", 0)
+    assert groups_of(spec, f"mid.{v}", 1) and groups_of(spec, "fc2.weight", 1) == groups_of(spec, f"mid.{v}", 0)
+    assert_breaks(model, spec, (x,), f"mid.{v}", 0)
+    assert_breaks(model, spec, (x,), f"mid.{v}", 1)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_spectral_norm_permutes_u_and_v_with_the_weight(conv: bool) -> None:
+    model = randomize(Reparametrized(_parametrized("spectral_norm"), conv))
+    x = randn(4, 3, 9) if conv else randn(4, 5)
+    with torch.no_grad():  # u, v: converged power iteration of the random weight, as after training
+        model.mid.parametrizations.weight[0]._power_method(model.mid.parametrizations.weight.original.flatten(1), 50)
+    # linear: hidden units 7 + 7 (fc1) + 6 + 7 (W) + 6 (bias) + 6 (fc2 columns); before: vdot froze W's rows
+    # and everything they meet, 21 / 39 left
+    spec = check(model, (x,), 1.0, train=True)
+    w, u, v = (f"mid.parametrizations.weight.{n}" for n in ("original", "0._u", "0._v"))
+    assert groups_of(spec, u, 0) == groups_of(spec, w, 0) == groups_of(spec, "fc2.weight", 1)
+    assert groups_of(spec, v, 0) == groups_of(spec, w, 1)  # conv: v indexes Product(in, k)
+    for tensor, dim in [(u, 0), (v, 0), (w, 0), (w, 1)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+
+
+# ------------------------------------------------------------------ attention
+def scaled(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``randomize`` with gain 3 for matrices: attention far from uniform."""
+    return randomize(model, seed, gain=3.0)
+
+
+class EncoderLayer(nn.Module):
+    """Linear -> nn.TransformerEncoderLayer (packed in_proj_weight) -> Linear."""
+
+    def __init__(self, batch_first: bool, norm_first: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.layer(self.fc1(x)))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_transformer_encoder_layer_packed_in_proj(batch_first: bool, norm_first: bool) -> None:
+    model = scaled(EncoderLayer(batch_first, norm_first))
+    x = randn(2, 3, 5)
+    # hidden units: fc1 8 + 8; in_proj rows Product(3, heads 2, head_dim 4) = 9 (+ bias 9), columns 8;
+    # out_proj 8 + 6 (+ 8); linear1 16 + 8 (+ 16); linear2 8 + 16 (+ 8); norms 4 x 8; fc2 columns 8: 176.
+    # The slow path selects q, k, v off the 3-axis (aten::select): 3 + 3 lost unless select counts it
+    # as a stacked index (structural), then 170 / 170.
+    spec = ma.build_spec(model, (x,))
+    expected = 170 / 176 if "aten::select" in spec.frozen_share else 1.0
+    check(model, (x,), expected, train=True)
+    w = "layer.self_attn.in_proj_weight"
+    heads, head_dim = groups_of(spec, w, 0)[-2:]
+    assert (spec.groups[heads].size, spec.groups[head_dim].size) == (2, 4)
+    assert groups_of(spec, "layer.self_attn.out_proj.weight", 1) == [heads, head_dim]
+    assert groups_of(spec, w, 1) == groups_of(spec, "fc1.weight", 0) == groups_of(spec, "layer.linear2.weight", 0)
+    for tensor, dim in [(w, 0), (w, 1), ("layer.self_attn.out_proj.weight", 1), ("layer.self_attn.in_proj_bias", 0)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+
+
+class SeparateKV(nn.Module):
+    """nn.MultiheadAttention with kdim / vdim (separate q, k, v weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(5, 8), nn.Linear(5, 6), nn.Linear(5, 4), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.attn(self.q(x), self.k(x), self.v(x))[0])
+
+
+def test_multihead_attention_kdim_vdim() -> None:
+    model = scaled(SeparateKV())
+    x = randn(2, 3, 5)
+    spec = check(model, (x,), 1.0, train=True)
+    assert groups_of(spec, "attn.k_proj_weight", 1) == groups_of(spec, "k.weight", 0)
+    assert groups_of(spec, "attn.v_proj_weight", 1) == groups_of(spec, "v.weight", 0)
+    for tensor, dim in [("attn.k_proj_weight", 1), ("attn.q_proj_weight", 0), ("attn.out_proj.weight", 1)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+
+
+class NativeMHA(nn.Module):
+    """nn.MultiheadAttention's fast path, called explicitly (export never takes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, a = self.fc1(x), self.attn
+        y, _ = torch._native_multi_head_attention(
+            h, h, h, 8, 2, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, None, False
+        )
+        return self.fc2(y)
+
+
+def test_native_multi_head_attention_concat_of_q_k_v() -> None:
+    model = scaled(NativeMHA())
+    x = randn(2, 3, 5)
+    spec = check(model, (x,), 1.0)  # was 0.0: the op froze every axis it touches
+    rows = groups_of(spec, "attn.in_proj_weight", 0)
+    assert len(rows) == 6 and rows[:2] == rows[2:4] and rows[0] == rows[4] and rows[5] not in rows[:4]
+    assert groups_of(spec, "attn.out_proj.weight", 1) == rows[4:]
+    for tensor, dim in [("attn.in_proj_weight", 0), ("attn.in_proj_weight", 1), ("attn.out_proj.weight", 1)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+
+
+class GroupedQuery(nn.Module):
+    """6 query heads over 2 key/value heads (enable_gqa) with a custom scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(5, 24), nn.Linear(5, 8), nn.Linear(5, 6), nn.Linear(18, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 6, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 4).transpose(1, 2)
+        v = self.v(x).view(b, t, 2, 3).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.7)
+        return self.o(y.transpose(1, 2).reshape(b, t, 18))
+
+
+def test_grouped_query_attention_kv_heads_move_with_their_query_groups() -> None:
+    model = scaled(GroupedQuery())
+    x = randn(2, 3, 5)
+    # before, the heads froze; now q rows = [kv heads 2, group 3, head_dim 4], k rows = [2, 4]
+    spec = check(model, (x,), 1.0)
+    kv, group, head_dim = groups_of(spec, "q.weight", 0)
+    assert groups_of(spec, "k.weight", 0) == [kv, head_dim] and groups_of(spec, "v.weight", 0)[0] == kv
+    assert spec.groups[group].size == 3
+    for tensor, dim in [("k.weight", 0), ("q.weight", 0), ("v.weight", 0)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+
+
+# ------------------------------------------------------------------ other contractions
+class Contractions(nn.Module):
+    """bilinear, cosine_similarity, pairwise_distance, baddbmm (broadcast bias,
+    alpha, beta), bmm and addbmm over a stacked-experts axis, between Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.d, self.c = nn.Linear(5, 7), nn.Linear(5, 7), nn.Linear(5, 6)
+        self.bl, self.o = nn.Bilinear(7, 6, 4), nn.Linear(4, 3)
+        self.w1, self.b1, self.w2 = (nn.Parameter(torch.empty(s)) for s in ((3, 7, 4), (1, 1, 4), (3, 4, 2)))
+        self.bb, self.p = nn.Parameter(torch.empty(7, 2)), nn.Parameter(torch.empty(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, g, c = torch.tanh(self.a(x)), torch.tanh(self.d(x)), torch.tanh(self.c(x))
+        y = self.o(torch.tanh(self.bl(h, c)))
+        s = nn.functional.cosine_similarity(h, g, dim=-1)[:, None] + nn.functional.pairwise_distance(h, g, keepdim=True)
+        experts = torch.tanh(torch.baddbmm(self.b1, h.expand(3, -1, -1), self.w1, beta=2.0, alpha=0.5))
+        mixed = torch.bmm(experts, self.w2).sum(0) + h @ torch.addbmm(self.bb, self.w1, self.w2, alpha=0.3)
+        return y + s + mixed @ self.p
+
+
+def test_bilinear_similarities_and_batched_products() -> None:
+    model = randomize(Contractions())
+    x = randn(6, 5)
+    # every hidden axis is grouped (the experts axis too: experts are summed), coverage 1.0; before,
+    # bilinear / cosine_similarity / pairwise_distance / addbmm had no rule and froze what they touch
+    spec = check(model, (x,), 1.0)
+    assert groups_of(spec, "d.weight", 0) == groups_of(spec, "a.weight", 0) == groups_of(spec, "bl.weight", 1)
+    assert groups_of(spec, "w1", 0) == groups_of(spec, "w2", 0) and spec.groups[groups_of(spec, "w1", 0)[0]].size == 3
+    assert groups_of(spec, "w1", 2) == groups_of(spec, "b1", 2) == groups_of(spec, "w2", 1)
+    assert groups_of(spec, "bb", 1) == groups_of(spec, "w2", 2) == groups_of(spec, "p", 0)
+    for tensor, dim in [("bl.weight", 2), ("d.weight", 0), ("w1", 0), ("w1", 2), ("bb", 0), ("p", 0)]:
+        assert_breaks(model, spec, (x,), tensor, dim)
+
+
+class LowLevel(nn.Module):
+    """aten::_convolution, native_dropout and embedding_bag, called directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(3, 6, 3), nn.Conv1d(6, 2, 3)
+        self.bag, self.fc = nn.EmbeddingBag(10, 6, mode="mean"), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        w, b = self.conv1.weight, self.conv1.bias
+        h = torch.ops.aten._convolution(x, w, b, [1], [0], [1], False, [0], 1, False, False, True, True)
+        h = torch.native_dropout(torch.tanh(h) + self.bag(idx)[:, :, None], 0.0, False)[0]
+        return self.conv2(h).sum(-1) + self.fc(self.bag(idx))
+
+
+def test_convolution_native_dropout_embedding_bag() -> None:
+    model = randomize(LowLevel())
+    inputs = (randn(4, 3, 9), torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(0)))
+    spec = check(model, inputs, 1.0)
+    assert groups_of(spec, "bag.weight", 1) == groups_of(spec, "conv1.weight", 0) == groups_of(spec, "fc.weight", 1)
+    for tensor, dim in [("bag.weight", 1), ("conv1.weight", 0), ("conv2.weight", 1)]:
+        assert_breaks(model, spec, inputs, tensor, dim)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
 from .registry import Dims, RuleContext, Value, describe, is_dims, op_name, register_rule
 
 
-def _contract(ctx: RuleContext, node: torch.fx.Node, a: Dims, b: Dims, y: Dims) -> None:
+def _contract(
+    ctx: RuleContext, node: torch.fx.Node, a: Dims, b: Dims, y: Dims, shapes: tuple[tuple[int, ...], ...]
+) -> None:
     """Batched matrix product ``y = a @ b`` with numpy broadcasting of batch dims:
     the contracted axis unifies between a and b (summing over a permuted axis
     is invariant), rows of a and columns of b pass to y."""
@@ -21,9 +25,7 @@ def _contract(ctx: RuleContext, node: torch.fx.Node, a: Dims, b: Dims, y: Dims) 
         ctx.unify(b[-1], y[-1], f"columns of {where}")
     a_batch, b_batch = a[:-2], b[:-2]
     y_batch = y[: len(y) - (0 if a_vec else 1) - (0 if b_vec else 1)]
-    a_meta, b_meta = node.args[0], node.args[1]
-    for operand, meta_node in ((a_batch, a_meta), (b_batch, b_meta)):
-        shape = meta_node.meta["val"].shape if isinstance(meta_node, torch.fx.Node) else ()
+    for operand, shape in zip((a_batch, b_batch), shapes):
         offset = len(y_batch) - len(operand)
         for k, dim in enumerate(operand):
             if offset + k >= 0 and int(shape[k]) == int(node.meta["val"].shape[offset + k]):
@@ -31,13 +33,19 @@ def _contract(ctx: RuleContext, node: torch.fx.Node, a: Dims, b: Dims, y: Dims) 
 
 
 def _matmul(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """matmul / mm / bmm, and addmm / baddbmm / addmv (``bias + a @ b``)."""
+    """matmul / mm / bmm, and addmm / baddbmm / addmv / addbmm (``beta * bias + alpha * a @ b``,
+    scalars commute with any permutation); addbmm sums over the batch, so a's
+    and b's batch axes unify with each other instead of with the output."""
     name = op_name(node)
     shift = 1 if name in ("aten::addmm", "aten::baddbmm", "aten::addmv", "aten::addbmm") else 0
     a, b = ctx.dims(node.args[shift]), ctx.dims(node.args[shift + 1])
     y: Dims = out  # type: ignore[assignment]
     assert a is not None and b is not None
-    _contract(ctx, node, a, b, y)
+    shapes = (ctx.shape(node.args[shift]), ctx.shape(node.args[shift + 1]))
+    if name == "aten::addbmm":
+        ctx.unify(a[0], b[0], f"summed batch axis of {describe(node)}")
+        a, b, shapes = a[1:], b[1:], (shapes[0][1:], shapes[1][1:])
+    _contract(ctx, node, a, b, y, shapes)
     if shift:
         bias = ctx.dims(node.args[0])
         if bias is not None:
@@ -46,6 +54,63 @@ def _matmul(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
             for k, dim in enumerate(bias):
                 if int(shape[k]) == int(node.meta["val"].shape[offset + k]):
                     ctx.unify(dim, y[offset + k], f"bias of {describe(node)}")
+
+
+def _bilinear(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """bilinear(x1[..., i], x2[..., j], W[o, i, j], b[o]) -> y[..., o]: each input
+    axis contracts with its own weight axis, the rows of W are y's features."""
+    x1, x2, w = (ctx.dims(a) for a in node.args[:3])
+    b = ctx.dims(ctx.arg(node, "bias"))
+    y: Dims = out  # type: ignore[assignment]
+    assert x1 is not None and x2 is not None and w is not None
+    where = describe(node)
+    ctx.unify(x1[-1], w[1], f"first contraction of {where}")
+    ctx.unify(x2[-1], w[2], f"second contraction of {where}")
+    ctx.unify(w[0], y[-1], f"output features of {where}")
+    if b is not None:
+        ctx.unify(b[0], y[-1], f"bias of {where}")
+    for k in range(len(y) - 1):
+        ctx.unify(x1[k], y[k], f"batch axis of {where}")
+        ctx.unify(x2[k], y[k], f"batch axis of {where}")
+
+
+def _similarity(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """cosine_similarity(x1, x2, dim) / pairwise_distance(x1, x2) (last dim): a
+    sum over the reduced axis is invariant to permuting both inputs alike; the
+    other axes broadcast through to the output."""
+    x1, x2 = ctx.dims(node.args[0]), ctx.dims(node.args[1])
+    y: Dims = out  # type: ignore[assignment]
+    assert x1 is not None and x2 is not None
+    where = describe(node)
+    shapes = [ctx.shape(node.args[0]), ctx.shape(node.args[1])]
+    ndim = max(len(x1), len(x2))
+    if op_name(node) == "aten::cosine_similarity":
+        axis, keep = int(ctx.arg(node, "dim", 1)) % ndim, False
+    else:
+        axis, keep = ndim - 1, bool(ctx.arg(node, "keepdim", False))
+    kept = [k for k in range(ndim) if k != axis or keep]
+    out_shape = ctx.shape(node)
+    if len(kept) != len(y):
+        ctx.freeze([*x1, *x2], f"unexpected output rank of {where}")
+        return
+    for x, shape in zip((x1, x2), shapes):
+        offset = ndim - len(x)
+        for k, dim in enumerate(x):
+            if k + offset == axis:
+                continue
+            position = kept.index(k + offset)
+            if shape[k] == out_shape[position]:
+                ctx.unify(dim, y[position], f"broadcast axis of {where}")
+    reduced = [x[axis - ndim + len(x)] for x, shape in zip((x1, x2), shapes) if shape[axis - ndim + len(x)] > 1]
+    for dim in reduced[1:]:
+        ctx.unify(reduced[0], dim, f"reduced axis of {where}")
+
+
+def _dot(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """dot / vdot(a[n], b[n]) -> scalar: a sum over n is invariant to permuting a and b alike."""
+    a, b = ctx.dims(node.args[0]), ctx.dims(node.args[1])
+    assert a is not None and b is not None
+    ctx.unify(a[0], b[0], f"contraction in {describe(node)}")
 
 
 def _einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]] | None:
@@ -111,7 +176,9 @@ def _einsum(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """scaled_dot_product_attention(q[..., L, E], k[..., S, E], v[..., S, Ev]) ->
     y[..., L, Ev]: q and k share their feature axis, k and v their key axis,
-    v's feature axis flows to y; batch/head axes unify across all four."""
+    v's feature axis flows to y; batch/head axes unify across all four (with
+    enable_gqa, query heads are [kv heads, group]: each kv head moves with its
+    block of query heads, exactly)."""
     q, k, v = (ctx.dims(x) for x in node.args[:3])
     outs = out if isinstance(out, tuple) else (out,)
     y: Dims = outs[0]  # type: ignore[assignment]
@@ -126,9 +193,10 @@ def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
             ctx.freeze_dim(dim, f"query/key positions under the causal mask of {where}", structural=True)
     shapes = [x.meta["val"].shape for x in node.args[:3]]
     if bool(ctx.arg(node, "enable_gqa", False)) and len({int(s[-3]) for s in shapes if len(s) >= 3}) > 1:
-        for dims in (q, k, v, y):
-            if len(dims) >= 3:
-                ctx.freeze_dim(dims[-3], f"grouped-query heads of {where}")
+        # key/value head j serves query heads j * group ... (j + 1) * group - 1: q heads = [kv heads, group]
+        ctx.unify(k[-3], v[-3], f"key/value heads of {where}")
+        kv_heads, _ = ctx.refine(q[-3], [shapes[1][-3], shapes[0][-3] // shapes[1][-3]], f"query groups of {where}")
+        ctx.unify(kv_heads, k[-3], f"grouped-query heads of {where}")
     for dims, shape in zip((q, k, v), shapes):
         for j in range(1, len(dims) - 1):
             if j <= len(y) - 2 and int(shape[-2 - j]) == int(node.meta["val"].shape[-2 - j]):
@@ -145,11 +213,68 @@ def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.freeze(extra, f"auxiliary output of {where}")
 
 
+def _native_mha(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """_native_multi_head_attention (nn.MultiheadAttention's fast path): the rows of
+    the packed qkv weight are Concat(q, k, v), each [heads, head_dim]; heads are
+    shared by q, k, v and the output projection's columns, q and k share their
+    head_dim (their dot products are invariant), v's head_dim flows through the
+    output projection, and the embedding axis of query, key, value is the qkv
+    weight's columns; the output projection's rows are the output's features."""
+    where = describe(node)
+    query, key, value = (ctx.dims(a) for a in node.args[:3])
+    qkv_w, qkv_b, proj_w, proj_b = (
+        ctx.dims(ctx.arg(node, n)) for n in ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
+    )
+    outs: tuple[Dims, ...] = out  # type: ignore[assignment]
+    assert query is not None and key is not None and value is not None and qkv_w is not None and proj_w is not None
+    heads = int(ctx.arg(node, "num_head"))
+    head_dim = int(ctx.arg(node, "embed_dim")) // heads
+    head = ctx.new(heads)
+    qk = head + ctx.new(head_dim)
+    v = head + ctx.new(head_dim)
+    rows = ctx.concat([qk, qk, v])
+    ctx.unify(qkv_w[0], rows, f"packed q/k/v rows of {where}")
+    if qkv_b is not None:
+        ctx.unify(qkv_b[0], rows, f"packed q/k/v bias of {where}")
+    for x in (query, key, value):
+        ctx.unify(x[-1], qkv_w[1], f"embedding axis of {where}")
+    ctx.unify(proj_w[1], v, f"output projection columns of {where}")
+    ctx.unify(proj_w[0], outs[0][-1], f"output features of {where}")
+    if proj_b is not None:
+        ctx.unify(proj_b[0], outs[0][-1], f"output bias of {where}")
+    for k in range(len(query) - 1):  # batch, queries
+        ctx.unify(query[k], outs[0][k], f"batch/query axis of {where}")
+    if len(key) == 3:
+        ctx.unify(key[0], query[0], f"batch axis of {where}")
+    ctx.unify(key[-2], value[-2], f"keys of {where}")
+    mask = ctx.dims(ctx.arg(node, "mask"))
+    if mask is not None:
+        ctx.freeze(mask, f"attention mask of {where}")
+        for dim in (query[-2], key[-2]):
+            ctx.freeze_dim(dim, f"query/key positions under the mask of {where}", structural=True)
+    weights = outs[1] if 1 in _used(node) else None
+    if weights is not None:
+        ctx.freeze(weights, f"attention weights of {where}")
+        ctx.freeze_dim(head, f"heads averaged or returned in the attention weights of {where}")
+
+
+def _used(node: torch.fx.Node) -> set[int]:
+    """Indices of the outputs of a multi-output node that something reads."""
+    return {int(u.args[1]) for u in node.users if u.target is operator.getitem and u.users}
+
+
 def _register() -> None:
-    for name in "matmul mm bmm addmm baddbmm addmv mv".split():
+    for name in "matmul mm bmm addmm baddbmm addmv addbmm mv".split():
         register_rule(f"aten::{name}", _matmul)
     register_rule("aten::einsum", _einsum)
+    for name in "dot vdot".split():
+        register_rule(f"aten::{name}", _dot)
     register_rule("aten::scaled_dot_product_attention", _attention)
+    register_rule("aten::_native_multi_head_attention", _native_mha)
+    register_rule("aten::_scaled_dot_product_flash_attention_for_cpu", _attention)
+    register_rule("aten::bilinear", _bilinear)
+    for name in "cosine_similarity pairwise_distance".split():
+        register_rule(f"aten::{name}", _similarity)
 
 
 _register()

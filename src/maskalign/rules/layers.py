@@ -168,6 +168,25 @@ def _embedding(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.unify(dim, y[k], f"{where}")
 
 
+def _embedding_bag(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """embedding_bag(W[vocab, d], idx, offsets, ..., per_sample_weights) -> (y[bags, d], ...):
+    sums / means / maxes of rows act per feature, so d passes through; the vocabulary is fixed."""
+    w = ctx.dims(node.args[0])
+    y = out[0]  # type: ignore[index]
+    assert w is not None
+    ctx.freeze_dim(w[0], f"vocabulary axis of {describe(node)}", structural=True)
+    ctx.unify(w[1], y[-1], f"{describe(node)}")
+
+
+def _native_dropout(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """native_dropout(x) -> (y, mask): elementwise, y and the mask follow x
+    (a random mask is drawn per position, so train-mode outputs agree in distribution)."""
+    x = ctx.dims(node.args[0])
+    assert x is not None
+    for value in flatten_value(out):
+        ctx.unify_dims(x, value, f"{describe(node)}")
+
+
 def _prelu(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """prelu(x, w): one slope per channel, channels on dim 1 (dim 0 for 1-d x)."""
     x, w = ctx.dims(node.args[0]), ctx.dims(node.args[1])
@@ -177,6 +196,37 @@ def _prelu(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.unify(dim, y[k], f"{describe(node)}")
     if w is not None and w and w[0]:
         ctx.unify(w[0], x[1] if len(x) > 1 else x[0], f"channel slopes of {describe(node)}")
+
+
+def _weight_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """_weight_norm / _weight_norm_interface(v, g, dim) and norm_except_dim(v, pow, dim):
+    ``v * g / ||v||`` with the norm over every axis but ``dim``, which is invariant
+    to permuting those axes and moves with ``dim``; w follows v, g and the norms
+    follow v along the axes they keep."""
+    v = ctx.dims(node.args[0])
+    assert v is not None
+    shape = ctx.shape(node.args[0])
+    dim = int(ctx.arg(node, "dim", 0))
+    where = describe(node)
+    others = [(ctx.dims(a), ctx.shape(a)) for a in node.args[1:]]
+    others += [(dims, tuple(m.shape)) for dims, m in zip(flatten_value(out), _metas(node))]
+    for dims, other in others:
+        if dims is None or not other:
+            continue
+        if len(other) == len(shape):
+            for k, (a, b) in enumerate(zip(shape, other)):
+                if a == b:
+                    ctx.unify(v[k], dims[k], f"{where}")
+        elif len(other) == 1 and dim != -1 and other[0] == shape[dim]:
+            ctx.unify(v[dim], dims[0], f"norms of {where}")
+        else:
+            ctx.freeze(dims, f"norms of {where}")
+
+
+def _metas(node: torch.fx.Node) -> list[torch.Tensor]:
+    """The fake tensors of a node's (possibly several) tensor outputs."""
+    meta = node.meta["val"]
+    return [meta] if isinstance(meta, torch.Tensor) else [m for m in meta if isinstance(m, torch.Tensor)]
 
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -299,11 +349,13 @@ def _recurrent_cell(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 
 def _register() -> None:
     register_rule("aten::linear", _linear)
-    for name in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution".split():
+    for (
+        name
+    ) in "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution _convolution".split():
         register_rule(f"aten::{name}", _conv)
     for name in (
         "batch_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training "
-        "_native_batch_norm_legit_functional instance_norm"
+        "_native_batch_norm_legit_functional instance_norm cudnn_batch_norm"
     ).split():
         register_rule(f"aten::{name}", _batch_norm)
     for name in "layer_norm native_layer_norm rms_norm".split():
@@ -311,6 +363,11 @@ def _register() -> None:
     for name in "group_norm native_group_norm".split():
         register_rule(f"aten::{name}", _group_norm)
     register_rule("aten::embedding", _embedding)
+    for name in "embedding_bag _embedding_bag".split():
+        register_rule(f"aten::{name}", _embedding_bag)
+    register_rule("aten::native_dropout", _native_dropout, role="view")
+    for name in "_weight_norm _weight_norm_interface norm_except_dim".split():
+        register_rule(f"aten::{name}", _weight_norm)
     for name in _GATES:
         register_rule(f"aten::{name}", _recurrent)
         register_rule(f"aten::{name}_cell", _recurrent_cell)
