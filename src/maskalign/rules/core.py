@@ -1,9 +1,12 @@
 """Rules of the tensor ops that move values without mixing units: elementwise
-ops, views and transposes, reductions, concatenation, splits and slices."""
+ops, views and transposes, reductions, concatenation, splits and slices,
+indexing, position-dependent ops, factories and channel/pixel shuffles."""
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -11,29 +14,90 @@ import torch.fx
 from .registry import Dims, RuleContext, Value, describe, flatten_value, is_dims, op_name, register_rule
 
 
+# ------------------------------------------------------------------ helpers
+def _base(node: torch.fx.Node) -> str:
+    """The op's name without namespace and ``_copy`` suffix (``aten::select_copy`` -> ``select``)."""
+    name = op_name(node).split("::")[-1]
+    return name[: -len("_copy")] if name.endswith("_copy") and name not in ("lift_fresh_copy", "_to_copy") else name
+
+
+def _param(node: torch.fx.Node, name: str) -> Any:
+    """The argument ``name`` of the op's schema, falling back to the schema's default."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if isinstance(node.target, torch._ops.OpOverload):
+        for index, argument in enumerate(node.target._schema.arguments):
+            if argument.name == name:
+                if index < len(node.args):
+                    return node.args[index]
+                return argument.default_value if argument.has_default_value() else None
+    return None
+
+
+def _axes(dims: Any, ndim: int) -> list[int]:
+    """Non-negative axes of an ``int`` / ``int[]`` argument."""
+    if dims is None:
+        return []
+    return [int(d) % max(ndim, 1) for d in ([dims] if isinstance(dims, int) else dims)]
+
+
+def _size(node: Any, k: int) -> int:
+    return int(node.meta["val"].shape[k])
+
+
+def _broadcast(ctx: RuleContext, node: torch.fx.Node, arg: Any, out: Dims) -> None:
+    """Unify one operand with the output of a broadcasting op: dims of equal size, right-aligned."""
+    dims = ctx.dims(arg)
+    if dims is None:
+        return
+    if len(dims) > len(out):
+        ctx.freeze(dims, f"operand of {describe(node)} has more dims than its output")
+        return
+    offset = len(out) - len(dims)
+    out_shape = node.meta["val"].shape
+    for k, dim in enumerate(dims):
+        if _size(arg, k) == int(out_shape[offset + k]):
+            ctx.unify(dim, out[offset + k], f"broadcast in {describe(node)}")
+
+
+def _positional(ctx: RuleContext, node: torch.fx.Node, out: Value, axes: Collection[int], what: str) -> None:
+    """The axes ``axes`` of ``x`` (and of every output, of x's rank) freeze;
+    every other axis passes from ``x`` to each output at its place."""
+    x = ctx.dims(node.args[0])
+    assert x is not None
+    reason = f"unsupported op {describe(node)} along this axis: {what} does not commute with permuting it"
+    for k in axes:
+        ctx.freeze_dim(x[k], reason)
+    for value in flatten_value(out):
+        for k, dim in enumerate(value):
+            if k in axes:
+                ctx.freeze_dim(dim, reason)
+            else:
+                ctx.unify(x[k], dim, describe(node))
+
+
+# ------------------------------------------------------------- elementwise
 def _pointwise(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """Elementwise ops with broadcasting: dims of equal size unify, right-aligned."""
+    """Elementwise ops with broadcasting commute with any permutation applied
+    to all operands and the output alike: dims of equal size unify, right-aligned."""
     if not is_dims(out):
         ctx.freeze(out, f"non-tensor output of {describe(node)}")
         return
-    out_dims: Dims = out  # type: ignore[assignment]
     for arg in list(node.args) + list(node.kwargs.values()):
-        dims = ctx.dims(arg)
-        if dims is None:
-            continue
-        meta = arg.meta["val"]
-        out_meta = node.meta["val"]
-        if len(dims) > len(out_dims):
-            ctx.freeze(dims, f"operand of {describe(node)} has more dims than its output")
-            continue
-        offset = len(out_dims) - len(dims)
-        for k, dim in enumerate(dims):
-            if int(meta.shape[k]) == int(out_meta.shape[offset + k]):
-                ctx.unify(dim, out_dims[offset + k], f"broadcast in {describe(node)}")
+        _broadcast(ctx, node, arg, out)  # type: ignore[arg-type]
 
 
+def _first_operand(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """type_as / to / _to_copy / expand_as: the values come from ``x`` alone
+    (broadcast to the output), so only ``x`` unifies with the output; a second
+    tensor only donates its dtype, device or shape, never its values."""
+    _broadcast(ctx, node, node.args[0], out)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- views
 def _reshape(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """view/reshape/flatten/(un)squeeze: the row-major flat index is preserved."""
+    """view/reshape/flatten/(un)squeeze: the row-major flat index is preserved,
+    so the flat atom products of input and output unify exactly."""
     src = ctx.dims(node.args[0])
     if src is None or not is_dims(out):
         return
@@ -42,57 +106,111 @@ def _reshape(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     ctx.unify(flat_in, flat_out, f"reshape without a common factorisation in {describe(node)}")
 
 
+def _transpose_order(node: torch.fx.Node, ndim: int) -> list[int]:
+    """``order[k]``: the input dim that output dim ``k`` is."""
+    name = _base(node)
+    order = list(range(ndim))
+    if name == "permute":
+        return _axes(node.args[1], ndim)
+    if name == "numpy_T":
+        return order[::-1]
+    if name in ("movedim", "moveaxis"):
+        source, destination = _axes(node.args[1], ndim), _axes(node.args[2], ndim)
+        moved = dict(zip(destination, source))
+        rest = iter(d for d in order if d not in source)
+        return [moved[k] if k in moved else next(rest) for k in order]
+    if ndim < 2:
+        return order
+    if name in ("t", "mT", "mH", "adjoint"):
+        d0, d1 = (0, 1) if name == "t" else (ndim - 2, ndim - 1)
+    else:  # transpose / swapaxes / swapdims
+        d0, d1 = _axes(node.args[1], ndim)[0], _axes(node.args[2], ndim)[0]
+    order[d0], order[d1] = order[d1], order[d0]
+    return order
+
+
 def _permute_dims(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """permute / transpose / t / .T / .mT / .mH / adjoint / movedim: a
+    relabelling of dims, so each output dim is its source dim."""
     src = ctx.dims(node.args[0])
     if src is None or not is_dims(out):
         return
-    ndim = len(src)
-    name = op_name(node)
-    if name == "aten::permute":
-        order = [d % ndim for d in node.args[1]]
-    else:
-        order = list(range(ndim))
-        if name != "aten::t" or ndim == 2:
-            d0, d1 = (0, 1) if name == "aten::t" else (node.args[1] % ndim, node.args[2] % ndim)
-            order[d0], order[d1] = order[d1], order[d0]
-    for k, d in enumerate(order):
+    for k, d in enumerate(_transpose_order(node, len(src))):
         ctx.unify(src[d], out[k], f"transpose in {describe(node)}")  # type: ignore[index]
 
 
+# -------------------------------------------------------------- reductions
 def _reduction(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """sum/mean/amax/var...: reducing over a permuted axis is invariant."""
+    """sum/mean/amax/var/median...: reducing over a permuted axis is invariant,
+    kept axes pass through; indices (argmax, max.dim's second output) are
+    positions along the reduced axes, which therefore freeze."""
     src = ctx.dims(node.args[0])
     if src is None:
         return
     if any(isinstance(arg, torch.fx.Node) for arg in node.args[1:]):  # max.other, min.other
         _pointwise(ctx, node, out)
         return
-    dims_arg = ctx.arg(node, "dim")
-    keepdim = bool(ctx.arg(node, "keepdim", False))
     ndim = len(src)
-    if dims_arg is None or dims_arg == []:
-        reduced = set(range(ndim))
-    elif isinstance(dims_arg, int):
-        reduced = {dims_arg % ndim}
-    else:
-        reduced = {d % ndim for d in dims_arg}
+    reduced = set(_axes(_param(node, "dim"), ndim)) or set(range(ndim))
+    keepdim = bool(_param(node, "keepdim"))
     kept = [d for d in range(ndim) if d not in reduced]
     outs = out if isinstance(out, tuple) else (out,)
     for value in outs:
         if not is_dims(value):
             continue
-        if keepdim:
-            pairs = [(d, d) for d in kept]
-        else:
-            pairs = list(zip(kept, range(len(kept))))
+        pairs = [(d, d) for d in kept] if keepdim else list(zip(kept, range(len(kept))))
         for s, o in pairs:
             ctx.unify(src[s], value[o], f"reduction in {describe(node)}")  # type: ignore[index]
-    if len(outs) > 1:  # (values, indices): indices along a permuted axis change
+    if len(outs) > 1 or _base(node) in ("argmax", "argmin"):
         for d in reduced:
-            ctx.freeze_dim(src[d], f"arg-reduction (indices) in {describe(node)}")
+            ctx.freeze_dim(src[d], f"positions (indices) along the reduced axis of {describe(node)}")
 
 
+def _along_dim(what: str, dim: str = "dim") -> Any:
+    def rule(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+        """cumsum / cummax / sort / topk / flip / roll: the op moves or mixes
+        values along its axes by position, so they freeze; the others pass."""
+        x = ctx.dims(node.args[0])
+        assert x is not None
+        axes = _axes(_param(node, dim), len(x))
+        if _base(node) == "msort":
+            axes = [0]
+        if _base(node) == "roll" and not axes:  # roll of the flattened tensor
+            axes = list(range(len(x)))
+        _positional(ctx, node, out, axes, what)
+
+    return rule
+
+
+def _triangle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """tril / triu: the mask depends on the positions of the last two axes
+    (a causal mask), so they freeze; leading axes pass."""
+    x = ctx.dims(node.args[0])
+    assert x is not None
+    _positional(ctx, node, out, range(max(len(x) - 2, 0), len(x)), "a triangular mask")
+
+
+def _diagonal(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """diagonal(x, 0, d1, d2): ``P x P^T`` has diagonal ``P diag(x)``, so with
+    offset 0 d1, d2 and the new last axis unify; any other offset freezes them."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    ndim = len(x)
+    d1, d2 = _axes(_param(node, "dim1"), ndim)[0], _axes(_param(node, "dim2"), ndim)[0]
+    where = describe(node)
+    for k, dim in zip([k for k in range(ndim) if k not in (d1, d2)], y[:-1]):
+        ctx.unify(x[k], dim, where)
+    if int(_param(node, "offset")) == 0 and _size(node.args[0], d1) == _size(node.args[0], d2):
+        ctx.unify(x[d1], x[d2], f"the two axes of {where}")
+        ctx.unify(x[d1], y[-1], f"diagonal of {where}")
+    else:
+        ctx.freeze(x[d1 : d1 + 1] + x[d2 : d2 + 1] + y[-1:], f"off-diagonal band of {where}")
+
+
+# ----------------------------------------------------------- cat and split
 def _getitem(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """getitem of a multi-output op: the item is the op's output, unchanged."""
     source = ctx.value(node.args[0])
     if isinstance(source, tuple):
         item = source[node.args[1]]
@@ -119,7 +237,7 @@ def _cat(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         for k in range(ndim):
             if k != axis:
                 ctx.unify(dims[k], y[k], f"{where}")
-        segment = ctx.atoms.new(int(x.meta["val"].shape[axis]))
+        segment = ctx.atoms.new(_size(x, axis))
         ctx.unify([segment], dims[axis], f"{where}")
         segments.append(segment)
     ctx.unify([ctx.atoms.concat(segments)], y[axis], f"concatenated axis of {where}")
@@ -134,7 +252,7 @@ def _split(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     ndim = len(x)
     axis = int(ctx.arg(node, "dim", 0)) % ndim
     where = describe(node)
-    unbind = op_name(node) == "aten::unbind"
+    unbind = _base(node) == "unbind"
     segments = []
     for piece, meta in zip(pieces, metas):
         for k in range(ndim):
@@ -154,19 +272,19 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     x = ctx.dims(node.args[0])
     y: Dims = out  # type: ignore[assignment]
     assert x is not None
-    name = op_name(node)
+    name = _base(node)
     where = describe(node)
     in_shape = node.args[0].meta["val"].shape
     out_shape = node.meta["val"].shape
     ndim = len(x)
-    if name in ("aten::pad", "aten::constant_pad_nd"):
+    if name in ("pad", "constant_pad_nd"):
         pads = list(node.args[1])
         touched = {ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
         removed: int | None = None
     else:
         axis = int(ctx.arg(node, "dim", 0)) % ndim
-        touched = {axis} if int(in_shape[axis]) != int(out_shape[axis] if name != "aten::select" else -1) else set()
-        removed = axis if name == "aten::select" else None
+        touched = {axis} if int(in_shape[axis]) != int(out_shape[axis] if name != "select" else -1) else set()
+        removed = axis if name == "select" else None
     for k in range(ndim):
         if k in touched:
             ctx.freeze_dim(x[k], f"sliced or padded axis of {where}")
@@ -174,21 +292,6 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
                 ctx.freeze_dim(y[k], f"sliced or padded axis of {where}")
         elif k != removed:
             ctx.unify(x[k], y[k if removed is None or k < removed else k - 1], f"{where}")
-
-
-def _repeat(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """repeat (tile): an output dim repeated r times is ``Product(r, input dim)``
-    in row-major order, exactly; new leading dims are fresh."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
-    repeats = [int(r) for r in node.args[1]]
-    offset = len(y) - len(x)
-    for k, dim in enumerate(x):
-        r = repeats[offset + k]
-        ctx.unify(y[offset + k], ([ctx.atoms.new(r)] if r > 1 else []) + dim, f"{describe(node)}")
-    for k in range(offset):
-        ctx.freeze_dim(y[k], f"new axis of {describe(node)}", structural=True)
 
 
 def _stack(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
@@ -204,34 +307,394 @@ def _stack(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
             ctx.unify(dim, y[k if k < axis else k + 1], f"{describe(node)}")
 
 
-def _factory(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """arange / ones / new_zeros ...: constants made inside the graph."""
-    ctx.freeze(out, f"constant made by {describe(node)}")
+# ----------------------------------------------------------------- repeats
+def _repeat(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """repeat (tile): an output dim repeated r times is ``Product(r, input dim)``
+    in row-major order, exactly; new leading dims are fresh."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    repeats = [int(r) for r in node.args[1]]
+    offset = len(y) - len(x)
+    for k, dim in enumerate(x):
+        r = repeats[offset + k]
+        ctx.unify(y[offset + k], ([ctx.atoms.new(r)] if r > 1 else []) + dim, f"{describe(node)}")
+    for k in range(offset):
+        ctx.freeze_dim(y[k], f"new axis of {describe(node)}", structural=True)
+
+
+def _repeat_interleave(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """repeat_interleave(x, r: int, dim): each element repeated r times in a
+    row, so the output dim is ``Product(input dim, r)`` row-major (the copies,
+    all equal, are a free factor); without dim, of the flattened input. Tensor
+    repeats (one count per element, or the bare index form) freeze."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    where = describe(node)
+    repeats = node.args[1] if len(node.args) > 1 else None
+    if x is None or not isinstance(repeats, int):
+        ctx.freeze(x, f"tensor repeats of {where}")
+        ctx.freeze(ctx.dims(repeats), f"tensor repeats of {where}")
+        ctx.freeze(y, f"tensor repeats of {where}")
+        return
+    dim = _param(node, "dim")
+    if dim is None:
+        ctx.unify(y[0], [a for d in x for a in d] + ctx.new(repeats), f"{where}")
+        return
+    axis = int(dim) % len(x)
+    for k, d in enumerate(x):
+        ctx.unify(y[k], d + ctx.new(repeats) if k == axis else d, f"{where}")
+
+
+# ---------------------------------------------------------------- indexing
+def _indexed(ctx: RuleContext, node: torch.fx.Node, source: Any, dims: Sequence[list[int]], what: str) -> None:
+    """Freeze axes whose positions are read or written by index values: an
+    axis of a placeholder (a parameter or buffer used as a lookup table, like
+    an embedding's vocabulary or stacked experts) is structural."""
+    structural = isinstance(source, torch.fx.Node) and source.op == "placeholder"
+    for dim in dims:
+        ctx.freeze_dim(dim, f"{what} of {describe(node)}", structural=structural)
+
+
+def _index_layout(ndim: int, positions: list[int], nb: int) -> list[tuple[bool, int]]:
+    """The dims of ``x[indices]`` (advanced indexing): ``(False, k)`` for x's
+    kept dim k, ``(True, j)`` for dim j of the broadcast index shape, which
+    replaces adjacent indexed dims in place and goes first otherwise."""
+    bdims = [(True, j) for j in range(nb)]
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        return bdims + [(False, k) for k in range(ndim) if k not in positions]
+    before = [(False, k) for k in range(positions[0])]
+    return before + bdims + [(False, k) for k in range(positions[-1] + 1, ndim)]
+
+
+def _index_tensors(
+    ctx: RuleContext, node: torch.fx.Node, tensors: list[Any], bdims: list[list[int]], bshape: Sequence[int]
+) -> None:
+    """Unify each index tensor's dims with the broadcast index dims (right-aligned, equal sizes)."""
+    for t in tensors:
+        dims = ctx.dims(t)
+        if dims is None:
+            continue
+        offset = len(bshape) - len(dims)
+        for j, dim in enumerate(dims):
+            if _size(t, j) == int(bshape[offset + j]):
+                ctx.unify(dim, bdims[offset + j], f"index tensor of {describe(node)}")
+
+
+def _is_mask(index: Any) -> bool:
+    return isinstance(index, torch.fx.Node) and index.meta["val"].dtype in (torch.bool, torch.uint8)
+
+
+def _index(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """x[i0, :, i2] (aten.index): ``out[b] = x[i(b)]``, so permuting the
+    broadcast index dims b in the index tensors and the output alike keeps it;
+    indexed axes of x freeze and the others pass to their place in the output.
+    Boolean masks (data-dependent shapes) freeze everything."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    indices = list(node.args[1])
+    positions = [k for k, t in enumerate(indices) if t is not None]
+    tensors = [indices[k] for k in positions]
+    if any(_is_mask(t) for t in tensors):
+        for value in [x, y] + [ctx.dims(t) for t in tensors]:
+            ctx.freeze(value, f"boolean-mask indexing in {describe(node)}")
+        return
+    if not positions:
+        ctx.unify_dims(x, y, describe(node))
+        return
+    bshape = torch.broadcast_shapes(*(t.meta["val"].shape for t in tensors))
+    layout = _index_layout(len(x), positions, len(bshape))
+    bdims: list[list[int]] = [[] for _ in bshape]
+    for (is_b, k), dim in zip(layout, y):
+        if is_b:
+            bdims[k] = dim
+        else:
+            ctx.unify(x[k], dim, describe(node))
+    _index_tensors(ctx, node, tensors, bdims, bshape)
+    _indexed(ctx, node, node.args[0], [x[k] for k in positions], "indexed axis")
+
+
+def _index_put(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """x[indices] = v (index_put): the output is x with the indexed entries
+    written; indexed axes freeze, the others unify with v's matching dims. The
+    broadcast index dims pair index tensors with v; they unify when the writes
+    accumulate (sums commute) and freeze otherwise (which duplicate write wins
+    depends on order). A boolean mask with a single value is masked_fill."""
+    x, values = ctx.dims(node.args[0]), ctx.dims(node.args[2])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    where = describe(node)
+    ctx.unify_dims(x, y, where)
+    indices = list(node.args[1])
+    positions = [k for k, t in enumerate(indices) if t is not None]
+    tensors = [indices[k] for k in positions]
+    if any(_is_mask(t) for t in tensors):
+        single = isinstance(node.args[2], torch.fx.Node) and node.args[2].meta["val"].numel() == 1
+        mask = ctx.dims(tensors[0])
+        if len(tensors) == 1 and single and mask is not None:
+            start = positions[0]
+            for j, dim in enumerate(mask):
+                if _size(tensors[0], j) == _size(node.args[0], start + j):
+                    ctx.unify(dim, x[start + j], f"mask of {where}")
+        else:
+            for value in [x, values] + [ctx.dims(t) for t in tensors]:
+                ctx.freeze(value, f"boolean-mask assignment in {where}")
+        return
+    bshape = torch.broadcast_shapes(*(t.meta["val"].shape for t in tensors))
+    layout = _index_layout(len(x), positions, len(bshape))
+    bdims = [ctx.new(s) for s in bshape]
+    _index_tensors(ctx, node, tensors, bdims, bshape)
+    if values is not None:
+        offset = len(layout) - len(values)
+        for j, dim in enumerate(values):
+            if offset + j < 0:  # a leading size-1 dim of the broadcast values
+                continue
+            is_b, k = layout[offset + j]
+            if _size(node.args[2], j) == (int(bshape[k]) if is_b else _size(node.args[0], k)):
+                ctx.unify(dim, bdims[k] if is_b else x[k], f"values of {where}")
+    if not bool(_param(node, "accumulate")):
+        ctx.freeze_dim([a for dim in bdims for a in dim], f"overwriting index pairs of {where}")
+    _indexed(ctx, node, node.args[0], [x[k] for k in positions], "indexed axis")
+
+
+def _index_select(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """index_select(x, dim, idx): ``out[.., j, ..] = x[.., idx[j], ..]``: the
+    selected axis of x freezes, idx's axis becomes the output's; others pass."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    axis = _axes(_param(node, "dim"), len(x))[0]
+    index = ctx.dims(_param(node, "index"))
+    for k, dim in enumerate(x):
+        if k != axis:
+            ctx.unify(dim, y[k], describe(node))
+    if index:
+        ctx.unify(index[0], y[axis], f"index of {describe(node)}")
+    _indexed(ctx, node, node.args[0], [x[axis]], "selected axis")
+
+
+def _gather(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """gather(x, dim, idx) / take_along_dim(x, idx, dim): the output has idx's
+    layout and ``out[.., j, ..] = x[.., idx[.., j, ..], ..]``: x's axis ``dim``
+    freezes, idx and the output unify on every axis, and x unifies with them
+    on the other axes (broadcast for take_along_dim; a smaller idx slices x,
+    which freezes that axis)."""
+    x, index = ctx.dims(node.args[0]), ctx.dims(_param(node, "index" if _base(node) == "gather" else "indices"))
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None and index is not None
+    where = describe(node)
+    dim = _param(node, "dim")
+    if dim is None:  # take_along_dim of the flattened tensor
+        ctx.freeze(x, f"flattened {where}")
+        ctx.freeze(index, f"flattened {where}")
+        ctx.freeze(y, f"flattened {where}")
+        return
+    axis = _axes(dim, len(x))[0]
+    index_node = _param(node, "index" if _base(node) == "gather" else "indices")
+    for k in range(len(y)):
+        if _size(index_node, k) == _size(node, k):
+            ctx.unify(index[k], y[k], f"index of {where}")
+        if k == axis:
+            continue
+        if _size(node.args[0], k) == _size(node, k):
+            ctx.unify(x[k], y[k], where)
+        elif _size(node.args[0], k) != 1:
+            ctx.freeze_dim(x[k], f"axis sliced by the index of {where}")
+            ctx.freeze_dim(y[k], f"axis sliced by the index of {where}")
+    _indexed(ctx, node, node.args[0], [x[axis]], "gathered axis")
+
+
+def _scatter(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """scatter / scatter_add / scatter_reduce(x, dim, idx, src):
+    ``out[.., idx[.., j, ..], ..] = src[.., j, ..]``: x and the output unify,
+    x's axis ``dim`` freezes (written at index values); on the other axes x,
+    idx and src unify (equal sizes) or freeze (a smaller idx slices them);
+    along ``dim`` idx and src pair up: they unify when the writes accumulate
+    (sums and other reductions commute) and freeze otherwise (which duplicate
+    write wins depends on order)."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    where = describe(node)
+    ctx.unify_dims(x, y, where)
+    axis = _axes(_param(node, "dim"), len(x))[0]
+    index_node, src_node = _param(node, "index"), _param(node, "src")
+    index, src = ctx.dims(index_node), ctx.dims(src_node)
+    assert index is not None
+    operands = [(index_node, index)] + ([(src_node, src)] if src is not None else [])
+    for k in range(len(x)):
+        sizes = {_size(n, k) for n, _ in operands} | ({_size(node, k)} if k != axis else set())
+        if len(sizes) > 1:
+            for dims in [d for _, d in operands] + ([x] if k != axis else []):
+                ctx.freeze_dim(dims[k], f"axis sliced by the index of {where}")
+            continue
+        for _, dims in operands[1:]:
+            ctx.unify(index[k], dims[k], f"index/source pairs of {where}")
+        if k != axis:
+            ctx.unify(index[k], x[k], where)
+        elif src is not None and _base(node) == "scatter" and _param(node, "reduce") is None:
+            ctx.freeze_dim(index[k], f"overwriting index/source pairs of {where}")
+    _indexed(ctx, node, node.args[0], [x[axis]], "written axis")
+
+
+def _index_add(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """index_add / index_reduce / index_copy / index_fill(x, dim, idx, src):
+    ``out[.., idx[j], ..] = src[.., j, ..]`` (accumulated or not): x and the
+    output unify, x's axis ``dim`` freezes, src's other axes unify with x's;
+    idx pairs with src's axis ``dim``: unified when the writes accumulate,
+    frozen for index_copy (which duplicate write wins depends on order)."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    where = describe(node)
+    ctx.unify_dims(x, y, where)
+    axis = _axes(_param(node, "dim"), len(x))[0]
+    index, source = ctx.dims(_param(node, "index")), ctx.dims(_param(node, "source"))
+    if source is not None:
+        for k, dim in enumerate(source):
+            if k != axis:
+                ctx.unify(dim, x[k], where)
+        if index:
+            ctx.unify(index[0], source[axis], f"index/source pairs of {where}")
+        if _base(node) == "index_copy":
+            ctx.freeze_dim(source[axis], f"overwriting index/source pairs of {where}")
+    _indexed(ctx, node, node.args[0], [x[axis]], "written axis")
+
+
+# ------------------------------------------------------ windows and shuffles
+def _unfold(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """Tensor.unfold(dim, size, step): sliding windows along ``dim``; the
+    windowed axis freezes, the window index and the new last (in-window) axis
+    are positions (structural); every other axis passes."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    where = describe(node)
+    axis = _axes(_param(node, "dimension"), len(x))[0] if x else 0
+    for k, dim in enumerate(x):
+        if k != axis:
+            ctx.unify(dim, y[k], where)
+    ctx.freeze(x[axis : axis + 1], f"unsupported op {where} along this axis: sliding windows")
+    ctx.freeze(y[axis : axis + 1] + y[-1:], f"window axes of {where}", structural=True)
+
+
+def _kernel_factors(ctx: RuleContext, node: torch.fx.Node) -> list[int]:
+    """Structurally frozen atoms for the kernel positions of im2col / col2im."""
+    factors = [a for k in _param(node, "kernel_size") for a in ctx.new(int(k))]
+    ctx.freeze_dim(factors, f"kernel positions of {describe(node)}", structural=True)
+    return factors
+
+
+def _im2col(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """F.unfold: x[N, C, H, W] -> y[N, C*kh*kw, L], row-major with C outer, so
+    ``y[-2] = Product(C, kh, kw)`` exactly; kernel, spatial and patch axes are
+    positions (structural), the batch axis passes."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    ctx.unify(y[-2], x[-3] + _kernel_factors(ctx, node), f"patch channels of {describe(node)}")
+    ctx.freeze(x[-2:] + y[-1:], f"spatial axis of {describe(node)}", structural=True)
+    ctx.unify_dims(x[:-3], y[:-2], describe(node))
+
+
+def _col2im(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """F.fold: x[N, C*kh*kw, L] -> y[N, C, H, W], the reverse of im2col:
+    ``x[-2] = Product(C, kh, kw)``; overlapping patches sum per channel."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    ctx.unify(x[-2], y[-3] + _kernel_factors(ctx, node), f"patch channels of {describe(node)}")
+    ctx.freeze(x[-1:] + y[-2:], f"spatial axis of {describe(node)}", structural=True)
+    ctx.unify_dims(x[:-2], y[:-3], describe(node))
+
+
+def _pixel_shuffle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """pixel_shuffle(x[*, C*r*r, H, W], r) -> [*, C, H*r, W*r] with
+    ``y[c, h*r+i, w*r+j] = x[c*r*r + i*r + j, h, w]``: a pure relabelling of
+    index factors, so ``x[-3] = Product(C, r, r)``, ``y[-2] = Product(H, r)``,
+    ``y[-1] = Product(W, r)`` unify exactly; pixel_unshuffle is the reverse."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    where = describe(node)
+    shuffle = _base(node) == "pixel_shuffle"
+    r = int(node.args[1])
+    ri, rj = ctx.new(r), ctx.new(r)
+    wide, narrow = (x, y) if shuffle else (y, x)  # the side with r*r channels and small images
+    ctx.unify(wide[-3], narrow[-3] + ri + rj, f"sub-pixel channels of {where}")
+    ctx.unify(narrow[-2], wide[-2] + ri, f"sub-pixel rows of {where}")
+    ctx.unify(narrow[-1], wide[-1] + rj, f"sub-pixel columns of {where}")
+    ctx.unify_dims(x[:-3], y[:-3], where)
+
+
+def _channel_shuffle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """channel_shuffle(x[N, C, *], g): ``view(g, C/g) -> transpose -> flatten``,
+    so ``x[1] = Product(g, C/g)`` and ``y[1] = Product(C/g, g)`` exactly."""
+    x = ctx.dims(node.args[0])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None
+    where = describe(node)
+    groups = int(node.args[1])
+    outer, inner = ctx.new(groups), ctx.new(_size(node.args[0], 1) // groups)
+    ctx.unify(x[1], outer + inner, f"channel groups of {where}")
+    ctx.unify(y[1], inner + outer, f"shuffled channel groups of {where}")
+    for k in range(len(x)):
+        if k != 1:
+            ctx.unify(x[k], y[k], where)
+
+
+# --------------------------------------------------------------- factories
+def _constant(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """zeros / ones / full / empty / new_* / *_like: a value constant along
+    every axis is unchanged by any permutation of them, so its fresh atoms stay
+    free (a tensor argument only donates shape and dtype)."""
+
+
+def _positional_factory(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """arange / rand / randn / tensor ...: values that depend on the position
+    (or on the random stream, drawn in order), so every axis freezes."""
+    ctx.freeze(out, f"position-dependent constant made by {describe(node)}")
+
+
+def _no_constraint(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """Shape reads and runtime asserts: no constraint."""
 
 
 _NONLINEAR = (
     "relu relu6 gelu silu sigmoid tanh hardtanh leaky_relu elu selu mish hardswish softplus celu "
     "softsign tanhshrink hardshrink softshrink"
 )
-_VIEW_LIKE = "clone contiguous alias detach dropout feature_dropout alpha_dropout lift_fresh_copy"
+_VIEW_LIKE = (
+    "clone contiguous alias detach dropout feature_dropout alpha_dropout lift_fresh_copy alias_copy detach_copy"
+)
 _POINTWISE = """
 abs add addcdiv addcmul bitwise_not ceil clamp clamp_max clamp_min clip copy cos cosh div eq erf erfc
 exp exp2 expm1 fill floor floor_divide fmod ge gt isfinite isinf isnan le lerp log log10 log1p log2
 logical_and logical_not logical_or lt masked_fill maximum minimum mul ne neg pow reciprocal remainder
-round rsqrt rsub sign sin sinh sqrt square sub tan to true_divide trunc type_as where xlogy _to_copy
+round rsqrt rsub sign sin sinh sqrt square sub tan true_divide trunc where xlogy
 _log_softmax _softmax log_softmax softmax hardsigmoid log_sigmoid rrelu threshold
-zeros_like ones_like empty_like full_like rand_like randn_like
 __and__ __or__ __xor__ bitwise_and bitwise_or bitwise_xor
 """
 _METADATA = (
     "_assert_tensor_metadata _assert_scalar _assert_async sym_constrain_range_for_size sym_size sym_numel sym_stride"
 )
-_FACTORIES = "arange ones zeros full empty new_ones new_zeros new_full new_empty scalar_tensor rand randn randint "
-_FACTORIES += "tensor"
-
-
-def _no_constraint(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """Shape reads and runtime asserts: no constraint."""
+_CONSTANTS = (
+    "zeros ones full empty empty_strided new_zeros new_ones new_full new_empty "
+    "zeros_like ones_like full_like empty_like"
+)
+_POSITIONAL_FACTORIES = "arange scalar_tensor tensor rand randn randint rand_like randn_like randint_like"
+_RESHAPES = (
+    "view reshape _unsafe_view flatten unflatten squeeze unsqueeze view_as reshape_as ravel "
+    "view_copy _reshape_copy squeeze_copy unsqueeze_copy"
+)
+_TRANSPOSES = (
+    "permute transpose swapaxes swapdims t numpy_T mT mH adjoint movedim moveaxis permute_copy transpose_copy t_copy"
+)
+_REDUCTIONS = (
+    "sum mean amax amin var std logsumexp max min linalg_vector_norm norm prod any all nansum nanmean "
+    "count_nonzero median nanmedian kthvalue mode argmax argmin"
+)
 
 
 def _register() -> None:
@@ -241,26 +704,62 @@ def _register() -> None:
         register_rule(f"aten::{name}", _pointwise, role="view")
     for name in _POINTWISE.split():
         register_rule(f"aten::{name}", _pointwise)
+    for name in "type_as to _to_copy".split():
+        register_rule(f"aten::{name}", _first_operand)
     for name in _METADATA.split():
         register_rule(f"aten::{name}", _no_constraint, role="metadata")
-    for name in _FACTORIES.split():
-        register_rule(f"aten::{name}", _factory)
-    for name in "view reshape _unsafe_view flatten unflatten squeeze unsqueeze view_as reshape_as".split():
+    for name in _CONSTANTS.split():
+        register_rule(f"aten::{name}", _constant)
+    for name in _POSITIONAL_FACTORIES.split():
+        register_rule(f"aten::{name}", _positional_factory)
+    for name in _RESHAPES.split():
         register_rule(f"aten::{name}", _reshape, role="view")
-    for name in "permute transpose swapaxes t".split():
+    for name in _TRANSPOSES.split():
         register_rule(f"aten::{name}", _permute_dims, role="view")
-    for name in "expand expand_as".split():  # broadcasting: equal-size dims unify, right-aligned
+    for name in "expand expand_copy".split():  # broadcasting: equal-size dims unify, right-aligned
         register_rule(f"aten::{name}", _pointwise, role="view")
-    for name in "sum mean amax amin var std logsumexp max min linalg_vector_norm norm prod".split():
+    register_rule("aten::expand_as", _first_operand, role="view")
+    for name in _REDUCTIONS.split():
         register_rule(f"aten::{name}", _reduction)
+    for name in "cumsum cumprod logcumsumexp cummax cummin".split():
+        register_rule(f"aten::{name}", _along_dim("a running reduction"))
+    for name in "sort argsort topk msort".split():
+        register_rule(f"aten::{name}", _along_dim("sorting (values and indices by position)"))
+    register_rule("aten::flip", _along_dim("reversal", "dims"))
+    register_rule("aten::roll", _along_dim("rolling", "dims"))
+    for name in "tril triu".split():
+        register_rule(f"aten::{name}", _triangle)
+    for name in "diagonal diagonal_copy".split():
+        register_rule(f"aten::{name}", _diagonal, role="view")
     register_rule("aten::repeat", _repeat)
+    register_rule("aten::repeat_interleave", _repeat_interleave)
     register_rule("aten::stack", _stack)
     for name in "cat concat".split():
         register_rule(f"aten::{name}", _cat)
-    for name in "split split_with_sizes chunk unbind tensor_split".split():
+    for name in (
+        "split split_with_sizes chunk unbind tensor_split unsafe_split unsafe_split_with_sizes unsafe_chunk "
+        "split_copy split_with_sizes_copy unbind_copy"
+    ).split():
         register_rule(f"aten::{name}", _split)
-    for name in "slice narrow select pad constant_pad_nd".split():
+    for name in "slice narrow select pad constant_pad_nd slice_copy narrow_copy select_copy".split():
         register_rule(f"aten::{name}", _slice)
+    register_rule("aten::index", _index)
+    register_rule("aten::index_put", _index_put)
+    register_rule("aten::index_select", _index_select)
+    for name in "gather take_along_dim".split():
+        register_rule(f"aten::{name}", _gather)
+    for name in "scatter scatter_add scatter_reduce".split():
+        register_rule(f"aten::{name}", _scatter)
+    for name in "index_add index_reduce index_copy index_fill".split():
+        register_rule(f"aten::{name}", _index_add)
+    for name in "unfold unfold_copy".split():
+        register_rule(f"aten::{name}", _unfold, role="view")
+    register_rule("aten::im2col", _im2col)
+    register_rule("aten::col2im", _col2im)
+    for name in "pixel_shuffle pixel_unshuffle".split():
+        register_rule(f"aten::{name}", _pixel_shuffle, role="view")
+    for name in "channel_shuffle native_channel_shuffle".split():
+        register_rule(f"aten::{name}", _channel_shuffle, role="view")
     register_rule(operator.getitem, _getitem)
 
 
