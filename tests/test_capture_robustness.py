@@ -428,3 +428,32 @@ def test_permuted_state_dict_keeps_version_metadata() -> None:
     permuted_state = ma.permute_state_dict(model.state_dict(), perm)
     assert permuted_state._metadata == model.state_dict()._metadata  # type: ignore[attr-defined]
     assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
+
+
+@torch.library.custom_op("maskalign_test::float32_only", mutates_args=())
+def _float32_only(x: Tensor) -> Tensor:
+    if x.dtype != torch.float32:
+        raise RuntimeError(f"Expected a Float32 matrix, got {x.dtype}")
+    return x.clone()
+
+
+@_float32_only.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def test_eager_failure_after_a_successful_trace_is_a_trace_error() -> None:
+    """A kernel without a float64 version (transformers' grouped_mm experts)
+    traces on fake tensors, then fails eagerly: a TraceError naming the model."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return _float32_only(self.fc(x))
+
+    model = Net().double()
+    with pytest.raises(ma.TraceError, match=r"^Net raises RuntimeError when run eagerly on example_inputs"):
+        ma.build_spec(model, torch.randn(2, 4, dtype=torch.float64))

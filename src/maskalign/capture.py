@@ -494,7 +494,8 @@ def capture(
             with warnings.catch_warnings(), _quiet_export():
                 # torch.nn.utils.prune recomputes `weight` in a forward pre-hook; export warns
                 # about the attribute write, which is exactly the form we support
-                warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
+                assigned = r"The tensor attributes? .* (?:was|were) assigned during export"
+                warnings.filterwarnings("ignore", message=assigned)
                 dynamic = _batch_dims(args) if dynamic_batch and not kwargs else None
                 program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as exc:  # torch raises many unrelated types here
@@ -821,9 +822,16 @@ def _check_reproduces(
     torch.set_num_threads(1)  # example inputs are tiny: a second thread only adds contention
     try:
         with _restoring(module, captured) as eager_mutations:
-            expected = [
-                leaf for leaf in pytree.tree_leaves(module(*eager_args, **eager_kwargs)) if isinstance(leaf, Tensor)
-            ]
+            try:
+                eager_out = module(*eager_args, **eager_kwargs)
+            except Exception as exc:  # the eager model itself fails where the fake-tensor trace did not
+                raise TraceError(
+                    f"{type(module).__name__} raises {type(exc).__name__} when run eagerly on example_inputs, "
+                    f"although torch.export traced it: {_first_line(exc)}{_user_frame(exc)}\nWhat to do: check "
+                    "that the model runs on these inputs as they are (dtype and device: some kernels have no "
+                    "float64 or CPU version), e.g. with model(*example_inputs)."
+                ) from exc
+            expected = [leaf for leaf in pytree.tree_leaves(eager_out) if isinstance(leaf, Tensor)]
         got = captured.run(state, flat_inputs, graph_mutations)
     finally:
         torch.set_num_threads(threads)
