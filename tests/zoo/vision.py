@@ -1,0 +1,107 @@
+"""Second tier: torchvision and timm models with random weights (no
+downloads), small inputs (64x64 unless a model needs more), batch 2.
+
+``torchvision_cases()``: every classification model of
+``torchvision.models.list_models(module=torchvision.models)``.
+``timm_cases()``: ``TIMM_MODELS``, the smallest variant of each family.
+Both return ``[]`` when the library is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .harness import DT, Case, Inputs, InputsFn
+
+NUM_CLASSES = 5
+
+# models that need a given input size (side); others get 64
+TV_SIZE = {"inception_v3": 75, "googlenet": 64}
+TV_KWARGS = {  # ViTs and MaxViT take their input size as an argument
+    "vit_b_16": {"image_size": 64},
+    "vit_b_32": {"image_size": 64},
+    "vit_l_16": {"image_size": 64},
+    "vit_l_32": {"image_size": 64},
+    "vit_h_14": {"image_size": 56},
+    "maxvit_t": {"input_size": (64, 64)},
+    "inception_v3": {"aux_logits": True, "init_weights": True},
+    "googlenet": {"aux_logits": True, "init_weights": True},
+}
+# float64 copies of these would need several GiB each (the check holds ~5
+# copies): float32, looser tolerance (float32 rounding, controls >= 1e-3)
+TV_FLOAT32 = {"vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf"}
+
+
+def _images(size: int) -> InputsFn:
+    def fn(seed: int, batch: int) -> Inputs:
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(batch, 3, size, size, dtype=DT, generator=g),), {}
+
+    return fn
+
+
+def torchvision_cases() -> list[Case]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    cases = []
+    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
+        size = TV_SIZE.get(name, 64)
+
+        def build(name: str = name, size: int = size) -> tuple[nn.Module, InputsFn]:
+            kwargs = dict(TV_KWARGS.get(name, {}))
+            model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
+            return model, _images(size)
+
+        f32 = name in TV_FLOAT32
+        cases.append(
+            Case(f"tv-{name}", "torchvision", build, noise=0.02, dtype=torch.float32 if f32 else DT,
+                 tol=1e-4 if f32 else 1e-9, controls=3, note="float32: too big for float64" if f32 else "")
+        )
+    return cases
+
+
+TIMM_MODELS = """
+resnet18 resnet26d resnext26ts seresnext26d_32x4d resnetv2_50 regnetx_002 regnety_002 regnetz_b16
+efficientnet_b0 efficientnet_lite0 tinynet_e mobilenetv3_small_050 mobilenetv3_large_100 mobilenetv2_050
+mnasnet_small fbnetc_100 spnasnet_100 lcnet_050 hardcorenas_a ghostnet_100 ghostnetv2_100 repghostnet_050
+rexnet_100 convnext_atto convnextv2_atto inception_next_tiny vit_tiny_patch16_224 vit_small_patch16_224
+vit_relpos_small_patch16_224 deit_tiny_patch16_224 deit_tiny_distilled_patch16_224 deit3_small_patch16_224
+eva02_tiny_patch14_224 flexivit_small swin_tiny_patch4_window7_224 swinv2_cr_tiny_ns_224 beit_base_patch16_224
+mixer_s16_224 resmlp_12_224 gmlp_ti16_224 poolformer_s12 poolformerv2_s12 convformer_s18 caformer_s18 levit_128s
+dla34 densenet121 dpn68 hrnet_w18_small inception_v3 inception_v4 xception41 legacy_xception nfnet_l0
+dm_nfnet_f0 nf_resnet26 cspresnet50 cspdarknet53 darknet53 repvgg_a0 halonet26t botnet26t_256 lambda_resnet26t
+volo_d1_224 coat_tiny coat_lite_tiny crossvit_tiny_240 edgenext_xx_small efficientformer_l1 efficientformerv2_s0
+maxvit_tiny_tf_224 coatnet_0_rw_224 mobilevit_xxs mobilevitv2_050 selecsls42b res2net50_14w_8s resnest14d
+skresnet18 gernet_s tresnet_m visformer_tiny pit_ti_224 tnt_s_patch16_224 twins_svt_small pvt_v2_b0
+cait_xxs24_224 xcit_nano_12_p16_224 gcvit_xxtiny fastvit_t8 mobileone_s0 efficientvit_b0 efficientvit_m0
+hgnet_tiny hgnetv2_b0 tiny_vit_5m_224 davit_tiny focalnet_tiny_srf nest_tiny sequencer2d_s vgg11 ese_vovnet19b_dw
+mambaout_femto starnet_s1 rdnet_tiny convmixer_768_32 legacy_seresnet18 eca_resnet33ts vit_small_patch16_rope_224
+""".split()
+
+
+def timm_cases() -> list[Case]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    available = set(timm.list_models())
+    cases = []
+    for name in TIMM_MODELS:
+        if name not in available:
+            continue
+
+        def build(name: str = name) -> tuple[nn.Module, InputsFn]:
+            try:  # models with a fixed grid (ViTs, Swin, LeViT, ...) take img_size
+                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=64)
+                size = 64
+            except TypeError:
+                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+                cfg = getattr(model, "pretrained_cfg", {}) or {}
+                size = max(64, int(cfg.get("min_input_size", (3, 64, 64))[-1]))
+            return model, _images(size)
+
+        cases.append(Case(f"timm-{name}", "timm", build, noise=0.02, controls=3))
+    return cases
