@@ -454,6 +454,42 @@ def test_writes_along_a_token_axis(op: str) -> None:
     assert_alone_breaks(model, spec, (x,), "fc2.weight", 1)
 
 
+class SliceWrite(nn.Module):
+    """``z[:, 1:3] = h[:, :2]`` (decomposed: slice_scatter) and select_scatter
+    on a token axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc1(x))  # [B, 4, 6]
+        z = h.clone()
+        z[:, 1:3] = h[:, :2] * 2
+        z = torch.select_scatter(z, h[:, 3], 1, 0)
+        return self.head(torch.tanh(self.fc2(z)))
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_slice_writes(decomposed: bool) -> None:
+    model = randomize(SliceWrite())
+    x = randn(3, 4, 5)
+    program = torch.export.export(model, (x,), strict=False)
+    if decomposed:
+        program = program.run_decompositions()
+    ops = {str(n.target) for n in program.graph.nodes}
+    assert ("aten.slice_scatter.default" if decomposed else "aten.select_scatter.default") in ops, ops
+    spec = ma.build_spec(program, (x,))
+    # hidden units: fc1.weight[0] + fc1.bias + fc2.weight[1] (6 each), fc2.weight[0] + fc2.bias
+    # + head.weight[1] (4 each)
+    assert spec.coverage == 1.0, spec.summary()
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    report = ma.check_equivalence(model, perm, (x,), rtol=KEEP_TOL)
+    assert report.ok and report.max_rel <= KEEP_TOL, report
+    assert relative_error(run(ma.apply_permutation(model, perm), (x,)), run(model, (x,))) <= KEEP_TOL
+    assert_alone_breaks(model, spec, (x,), "fc2.weight", 1)
+
+
 class MaskedWrite(nn.Module):
     """``h[mask] = c`` (index_put with a boolean mask and one value) is masked_fill."""
 

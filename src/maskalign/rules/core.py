@@ -294,6 +294,26 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
             ctx.unify(x[k], y[k if removed is None or k < removed else k - 1], f"{where}")
 
 
+def _slice_scatter(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
+    """slice_scatter / select_scatter(x, src, dim, ...) (functionalized
+    ``x[..., a:b] = src``): x and the output unify; the written axis freezes
+    unless the slice keeps it whole; src's other axes unify with x's."""
+    x, src = ctx.dims(node.args[0]), ctx.dims(node.args[1])
+    y: Dims = out  # type: ignore[assignment]
+    assert x is not None and src is not None
+    where = describe(node)
+    ctx.unify_dims(x, y, where)
+    axis = _axes(_param(node, "dim"), len(x))[0]
+    select = _base(node) == "select_scatter"
+    for k, dim in enumerate(x):
+        if k != axis:
+            ctx.unify(dim, src[k - 1 if select and k > axis else k], where)
+        elif select or _size(node.args[1], k) != _size(node.args[0], k):
+            ctx.freeze_dim(dim, f"written slice of {where}")
+        else:
+            ctx.unify(dim, src[k], where)
+
+
 def _stack(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """stack: the new axis indexes the inputs (never permuted); other axes unify."""
     y: Dims = out  # type: ignore[assignment]
@@ -743,6 +763,8 @@ def _register() -> None:
         register_rule(f"aten::{name}", _split)
     for name in "slice narrow select pad constant_pad_nd slice_copy narrow_copy select_copy".split():
         register_rule(f"aten::{name}", _slice)
+    for name in "slice_scatter select_scatter".split():
+        register_rule(f"aten::{name}", _slice_scatter)
     register_rule("aten::index", _index)
     register_rule("aten::index_put", _index_put)
     register_rule("aten::index_select", _index_select)
