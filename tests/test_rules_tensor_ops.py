@@ -764,7 +764,8 @@ def test_diagonal(offset: int) -> None:
 
 # ------------------------------------------------------------- elementwise
 class MaskingNet(nn.Module):
-    """where with a scalar, masked_fill with a mask, clamp with tensor bounds."""
+    """where with a scalar, masked_fill with a mask, the aliases multiply /
+    divide, clamp with tensor bounds."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -774,6 +775,7 @@ class MaskingNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
         h = torch.where(h > 0.5, h, 0.5).masked_fill(h < -1.0, 0.0)
+        h = torch.divide(torch.multiply(h, self.lo), self.hi.abs() + 0.5)
         return self.head(h.clamp(self.lo + 0.6, self.hi + 1.2))
 
 

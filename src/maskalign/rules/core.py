@@ -695,6 +695,8 @@ logical_and logical_not logical_or lt masked_fill maximum minimum mul ne neg pow
 round rsqrt rsub sign sin sinh sqrt square sub tan true_divide trunc where xlogy
 _log_softmax _softmax log_softmax softmax hardsigmoid log_sigmoid rrelu threshold
 __and__ __or__ __xor__ bitwise_and bitwise_or bitwise_xor
+multiply divide subtract negative positive absolute greater greater_equal less less_equal not_equal fix
+acos asin atan atan2 arccos arcsin arctan hypot logit nan_to_num frac signbit float_power heaviside copysign fmax fmin
 """
 _METADATA = (
     "_assert_tensor_metadata _assert_scalar _assert_async sym_constrain_range_for_size sym_size sym_numel sym_stride"
