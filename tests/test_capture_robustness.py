@@ -457,3 +457,47 @@ def test_eager_failure_after_a_successful_trace_is_a_trace_error() -> None:
     model = Net().double()
     with pytest.raises(ma.TraceError, match=r"^Net raises RuntimeError when run eagerly on example_inputs"):
         ma.build_spec(model, torch.randn(2, 4, dtype=torch.float64))
+
+
+class CachedBias(nn.Module):
+    """transformers' LeViT pattern: in eval mode forward caches a tensor
+    derived from a parameter in a plain dict attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.bias = nn.Parameter(torch.randn(6))
+        self.cache: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            bias = self.bias * 2
+        else:
+            if "b" not in self.cache:
+                self.cache["b"] = self.bias * 2
+            bias = self.cache["b"]
+        return self.fc2(torch.relu(self.fc1(x) + bias))
+
+
+def test_build_spec_leaves_forward_caches_as_they_were() -> None:
+    model = CachedBias().double().eval()
+    ma.build_spec(model, torch.randn(2, 4, dtype=torch.float64))
+    assert model.cache == {}
+
+
+def test_a_cache_filled_after_the_spec_is_refused_not_permuted_stale() -> None:
+    model = CachedBias().double().eval()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    spec = ma.build_spec(model, x)
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)  # fills the cache
+    with pytest.raises(ma.SpecError, match=r"^Tensor attribute cache\['b'\] of the model appeared after its spec"):
+        ma.apply_permutation(model, perm)
+    # negative control: permuting with the stale cache copied is a wrong answer
+    stale = copy.deepcopy(model)
+    stale.load_state_dict(ma.permute_state_dict(model.state_dict(), perm))
+    with torch.no_grad():
+        assert (stale(x) - expected).abs().max() > 1e-3
+        model.cache.clear()
+        assert torch.allclose(ma.apply_permutation(model, perm)(x), expected, rtol=1e-10, atol=1e-12)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-__all__ = ["mode_difference", "run_in_mode", "preserved_state"]
+__all__ = ["mode_difference", "plain_tensors", "preserved_attributes", "preserved_state", "run_in_mode"]
 
 _MODE_FLAGGED = frozenset(
     """
@@ -92,6 +92,74 @@ class _Recorder(TorchFunctionMode):
         if isinstance(value, (int, float, str, torch.dtype, torch.device, torch.Size)):
             return value
         return type(value).__name__
+
+
+_MODULE_FIELDS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _containers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(path, value)`` for every attribute of every submodule that is a
+    tensor, or a dict / list holding tensors, outside parameters and buffers."""
+    for path, module in model.named_modules(remove_duplicate=False):
+        for key, value in vars(module).items():
+            if key in _MODULE_FIELDS or key.startswith("__"):
+                continue
+            where = f"{path}.{key}" if path else key
+            if isinstance(value, Tensor) or (
+                isinstance(value, (dict, list)) and any(isinstance(v, Tensor) for v in _values(value))
+            ):
+                yield where, value
+
+
+def _values(container: dict[Any, Any] | list[Any]) -> list[Any]:
+    return list(container.values()) if isinstance(container, dict) else list(container)
+
+
+def plain_tensors(model: nn.Module) -> frozenset[str]:
+    """Where the model keeps tensors outside its parameters and buffers:
+    ``"block.attn.cache['cpu']"`` for a dict entry, ``"block.scale"`` for a
+    plain attribute. A permutation cannot update these (a cache of tensors
+    derived from the weights, as LeViT's attention biases)."""
+    found: set[str] = set()
+    for where, value in _containers(model):
+        if isinstance(value, Tensor):
+            found.add(where)
+        elif isinstance(value, dict):
+            found.update(f"{where}[{k!r}]" for k, v in value.items() if isinstance(v, Tensor))
+        else:
+            found.update(f"{where}[{i}]" for i, v in enumerate(value) if isinstance(v, Tensor))
+    return frozenset(found)
+
+
+@contextlib.contextmanager
+def preserved_attributes(model: nn.Module) -> Iterator[None]:
+    """Restore, on exit, the contents of every public dict or list attribute
+    of the model's modules (caches a forward fills), and drop tensor, dict and
+    list attributes that were added."""
+    saved = [(module, dict(vars(module))) for module in model.modules()]
+    contents = {
+        id(value): (value, value.copy())
+        for module in model.modules()
+        for key, value in vars(module).items()
+        if not key.startswith("_") and isinstance(value, (dict, list))
+    }
+    try:
+        yield
+    finally:
+        for module, before in saved:
+            for key, value in list(vars(module).items()):
+                if not isinstance(value, (Tensor, dict, list)) or key.startswith("_"):
+                    continue
+                if key not in before:
+                    delattr(module, key)
+                elif value is not before[key]:  # torch.export swaps in copies of dict attributes
+                    setattr(module, key, before[key])
+        for value, copied in contents.values():
+            if isinstance(value, dict):
+                value.clear()
+                value.update(copied)
+            else:
+                value[:] = copied
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .axes import groups_of, index_vector
 from .errors import MaskError, SpecError, SpecMismatchError
 from .fileio import atomic_write
+from .modes import plain_tensors
 from .spec import PermutationSpec
 
 __all__ = [
@@ -224,6 +225,14 @@ def apply_permutation(model: nn.Module, perm: Permutation, *, inplace: bool = Fa
     Raises:
         SpecMismatchError: the model's tensors do not match the spec.
     """
+    stale = sorted(plain_tensors(model) - perm.spec.plain_tensors)
+    if stale:
+        raise SpecError(
+            f"Tensor attribute {stale[0]} of the model appeared after its spec was built (a cache that forward "
+            f"filled{f', and {len(stale) - 1} more' if len(stale) > 1 else ''}); a permutation cannot update it, so "
+            "the permuted model would compute with the old values. Clear the cache before permuting (for "
+            "transformers' LeViT, model.train() then model.eval()), or register the tensor as a buffer."
+        )
     state = model.state_dict()
     new_state = permute_state_dict(state, perm)
     target = model if inplace else copy.deepcopy(model)

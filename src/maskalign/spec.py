@@ -23,7 +23,7 @@ from .atoms import AtomTable, Freeze
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, tree_size
 from .capture import CapturedGraph, capture, normalize_inputs
 from .errors import SpecError
-from .modes import mode_difference
+from .modes import mode_difference, plain_tensors, preserved_attributes
 from .rules import Analysis, analyze
 
 __all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec"]
@@ -109,6 +109,12 @@ class PermutationSpec:
             see :mod:`maskalign.modes`), or ``"own graph analysed (...)"`` with
             where the modes part: then the train-mode graph's constraints were
             added, so that every permutation keeps both functions.
+        plain_tensors: where the model kept tensors outside its parameters
+            and buffers when the spec was built (see
+            :func:`maskalign.modes.plain_tensors`); the graph reads those as
+            constants, so they freeze their axes. Tensors that appear there
+            later (a cache that forward filled) would not be permuted, and
+            :func:`~maskalign.apply_permutation` refuses such a model.
         activations: group name -> graph values that carry it, used by
             activation matching.
     """
@@ -123,6 +129,7 @@ class PermutationSpec:
     coverage: float = 1.0
     frozen_share: dict[str, float] = field(default_factory=dict)
     train_mode: str = "same graph as eval mode"
+    plain_tensors: frozenset[str] = frozenset()
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -202,6 +209,19 @@ def build_spec(
         TraceError: the model cannot be captured, or the capture does not
             reproduce the eager outputs.
     """
+    if isinstance(model, nn.Module):
+        with preserved_attributes(model):  # forward may fill caches (LeViT's attention biases): leave them as they were
+            return _build(model, example_inputs, kwargs, permutable_buffers)
+    return _build(model, example_inputs, kwargs, permutable_buffers)
+
+
+def _build(
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Any,
+    kwargs: Mapping[str, Any] | None,
+    permutable_buffers: Sequence[str],
+) -> PermutationSpec:
+    plain = plain_tensors(model) if isinstance(model, nn.Module) else frozenset()
     captured = capture(model, example_inputs, kwargs)
     unknown = sorted(set(permutable_buffers) - set(captured.constants))
     if unknown:
@@ -217,6 +237,7 @@ def build_spec(
             train = capture(model, args, kwargs, train=True, check=False)
     spec = spec_from_analysis(analyze(captured, permutable_buffers, train=train), captured)
     spec.train_mode = "same graph as eval mode" if difference is None else f"own graph analysed ({difference})"
+    spec.plain_tensors = plain
     if not isinstance(model, nn.Module):
         spec.train_mode = "not analysed (an ExportedProgram holds one graph)"
     return spec
