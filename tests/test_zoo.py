@@ -16,17 +16,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from zoo import patterns, transformers_models
 from zoo.harness import Case, Result, run_case
 
 # model -> the bug (a promise broken today); strict: the fix flips the test
-KNOWN_BUGS = {
-    "aux-head-train-only": "silent wrong answer in train mode: the spec is built from the eval-mode graph, where a "
-    "head used only when self.training is absent, so its input axis is not permuted with the hidden units",
-    "mixtral-grouped-mm": "untyped RuntimeError from build_spec: torch.export traces grouped_mm, then the eager "
-    "reference forward (capture.py, outside the TraceError wrapper) fails on float64",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 # coverage floors met today (floor of the current value to 2 decimals; the
 # current value and group count in the comment). Models at coverage 0 have no
@@ -148,36 +142,36 @@ COVERAGE_FLOOR = {
 # patterns whose hidden units are all permutable (coverage 1.0 is correct),
 # frozen today by an op without a rule: strict xfail until the rule lands
 PERMUTABLE = {
-    "transpose-T": "aten::numpy_T (x @ W.T) has no rule",
-    "transpose-mT": "aten::mT has no rule",
-    "transpose-movedim": "aten::movedim has no rule",
-    "transpose-swapdims": "aten::swapdims has no rule",
-    "gram-w-wT": "aten::numpy_T has no rule",
-    "tied-embedding": "aten::numpy_T (h @ emb.weight.T) has no rule",
-    "experts-bmm": "aten::numpy_T (gate.T) has no rule",
-    "weight-norm": "aten::_weight_norm has no rule",
-    "legacy-weight-norm": "aten::_weight_norm has no rule",
     "spectral-norm": "aten::vdot (spectral_norm's sigma) has no rule",
-    "pool-index": "aten::index along the token axis has no rule",
-    "pool-argmax": "aten::index along the token axis has no rule",
-    "pool-index_select": "aten::index_select along the token axis has no rule",
-    "pool-gather": "aten::gather along the token axis has no rule",
-    "pool-take_along_dim": "aten::take_along_dim has no rule",
-    "pixel-shuffle": "aten::pixel_shuffle has no rule",
-    "pixel-unshuffle": "aten::pixel_unshuffle has no rule",
-    "channel-shuffle-module": "aten::channel_shuffle has no rule",
-    "roll-spatial": "aten::roll has no rule",
-    "roll-tokens": "aten::roll has no rule",
-    "repeat-interleave-channels": "aten::repeat_interleave has no rule",
-    "repeat-interleave-tokens": "aten::repeat_interleave has no rule",
-    "tensor-unfold": "aten::unfold has no rule",
-    "F-unfold": "aten::im2col has no rule",
-    "F-fold": "aten::im2col / col2im have no rule",
     "torch-cond": "higher_order::cond has no rule",
-    "no-grad-autocast-regions": "higher_order::wrap_with_autocast / wrap_with_set_grad_enabled have no rule",
     "falcon": "aten::numpy_T (FalconLinear: input @ self.weight.T) has no rule",
 }
 PERMUTABLE_PASSING = [
+    "transpose-T",
+    "transpose-mT",
+    "transpose-movedim",
+    "transpose-swapdims",
+    "gram-w-wT",
+    "tied-embedding",
+    "experts-bmm",
+    "weight-norm",
+    "legacy-weight-norm",
+    "pool-index",
+    "pool-argmax",
+    "pool-index_select",
+    "pool-gather",
+    "pool-take_along_dim",
+    "pixel-shuffle",
+    "pixel-unshuffle",
+    "channel-shuffle-module",
+    "roll-spatial",
+    "roll-tokens",
+    "repeat-interleave-channels",
+    "repeat-interleave-tokens",
+    "tensor-unfold",
+    "F-unfold",
+    "F-fold",
+    "no-grad-autocast-regions",
     "transpose-t",
     "transpose-transpose",
     "transpose-permute",
@@ -253,3 +247,15 @@ def test_zoo_size_and_families() -> None:
     families = {c.family for c in CASES}
     assert len(CASES) >= 60 if transformers_models.cases() else len(CASES) >= 40
     assert {"pattern", "maskalign"} <= families
+
+
+def test_zoo_average_coverage_of_models_with_task_heads() -> None:
+    """Acceptance: coverage (hidden-axis units in groups, PermutationSpec.coverage)
+    averages at least 0.9 over the transformers models with task heads."""
+    names = [c.name for c in CASES if c.family not in {"pattern", "maskalign"} and c.rejects is None]
+    if not names:
+        pytest.skip("transformers is not installed")
+    values = [result(n).coverage for n in names]
+    values = [v for v in values if v is not None]
+    assert len(values) == len(names)
+    assert sum(values) / len(values) >= 0.9, sorted(zip(values, names))[:10]

@@ -450,10 +450,8 @@ def cases() -> list[Case]:
             num_local_experts=4,
             num_experts_per_tok=2,
             experts_implementation="grouped_mm",
-            rejects=".",
+            rejects="raises RuntimeError when run eagerly on example_inputs",
             note="torch._grouped_mm has no float64 kernel: the model cannot run on these inputs, a typed error is due",
-            xfail="build_spec lets the eager model's RuntimeError (grouped_mm: 'Expected mat_a to be Float32...') "
-            "escape untyped: capture() runs the eager reference forward outside its TraceError wrapper",
         ),
         _case(
             "olmoe",
