@@ -144,6 +144,7 @@ class TransposeNet(nn.Module):
     LAYOUTS: dict[str, tuple[tuple[int, ...], Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
         "numpy_T": ((4, 5), lambda h: h.T, lambda z: z.T),
         "t": ((4, 5), lambda h: h.t(), lambda z: z.t()),
+        "matrix_H": ((4, 5), lambda h: h.H, lambda z: z.H),
         "mT": ((3, 4, 5), lambda h: h.mT, lambda z: z.mT),
         "mH": ((3, 4, 5), lambda h: h.mH, lambda z: z.mH),
         "adjoint": ((3, 4, 5), lambda h: h.adjoint(), lambda z: z.adjoint()),

@@ -121,7 +121,7 @@ def _transpose_order(node: torch.fx.Node, ndim: int) -> list[int]:
         return [moved[k] if k in moved else next(rest) for k in order]
     if ndim < 2:
         return order
-    if name in ("t", "mT", "mH", "adjoint"):
+    if name in ("t", "mT", "mH", "adjoint", "matrix_H"):
         d0, d1 = (0, 1) if name == "t" else (ndim - 2, ndim - 1)
     else:  # transpose / swapaxes / swapdims
         d0, d1 = _axes(node.args[1], ndim)[0], _axes(node.args[2], ndim)[0]
@@ -130,7 +130,7 @@ def _transpose_order(node: torch.fx.Node, ndim: int) -> list[int]:
 
 
 def _permute_dims(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """permute / transpose / t / .T / .mT / .mH / adjoint / movedim: a
+    """permute / transpose / t / .T / .H / .mT / .mH / adjoint / movedim: a
     relabelling of dims, so each output dim is its source dim."""
     src = ctx.dims(node.args[0])
     if src is None or not is_dims(out):
@@ -711,7 +711,8 @@ _RESHAPES = (
     "view_copy _reshape_copy squeeze_copy unsqueeze_copy"
 )
 _TRANSPOSES = (
-    "permute transpose swapaxes swapdims t numpy_T mT mH adjoint movedim moveaxis permute_copy transpose_copy t_copy"
+    "permute transpose swapaxes swapdims t numpy_T mT mH adjoint matrix_H movedim moveaxis "
+    "permute_copy transpose_copy t_copy"
 )
 _REDUCTIONS = (
     "sum mean amax amin var std logsumexp max min linalg_vector_norm norm prod any all nansum nanmean "
