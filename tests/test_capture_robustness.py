@@ -134,16 +134,19 @@ class CheckpointNet(nn.Module):
         return self.b(h)
 
 
-def test_torch_cond_builds_and_freezes_only_what_it_touches() -> None:
+def test_torch_cond_builds_and_propagates_through_both_branches() -> None:
     model, x = randomized(CondNet()), randn(5, 8)
     before = snapshot(model, x)
     spec = ma.build_spec(model, x)
     assert_unchanged(model, before, x)
-    assert {m for g in spec.groups.values() for m in g.members} == {
+    assert {m for g in spec.groups.values() for m in g.members} >= {
         ("stem.0.weight", 0),
         ("stem.0.bias", 0),
         ("stem.2.weight", 1),
-    }  # the cond operand (stem.2's output) is frozen
+        ("stem.2.weight", 0),
+        ("head.weight", 1),
+    }  # both branches are elementwise: the cond operand's units pass through
+    assert spec.coverage == 1.0
     assert ma.check_equivalence(model, ma.random_permutation(spec), x)
     assert_keeps_function_and_wrong_one_breaks_it(model, spec, x)
     assert any(n.op == "get_attr" for n in spec.captured.flat_graph.nodes)  # type: ignore[union-attr]

@@ -143,10 +143,10 @@ COVERAGE_FLOOR = {
 # frozen today by an op without a rule: strict xfail until the rule lands
 PERMUTABLE = {
     "spectral-norm": "aten::vdot (spectral_norm's sigma) has no rule",
-    "torch-cond": "higher_order::cond has no rule",
     "falcon": "aten::numpy_T (FalconLinear: input @ self.weight.T) has no rule",
 }
 PERMUTABLE_PASSING = [
+    "torch-cond",
     "transpose-T",
     "transpose-mT",
     "transpose-movedim",

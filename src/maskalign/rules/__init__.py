@@ -7,10 +7,10 @@
   (elementwise ops, views, reductions, concatenation and slicing),
   :mod:`~maskalign.rules.layers` (linear, convolution, normalisation, pooling,
   embedding) and :mod:`~maskalign.rules.contraction` (matrix products, einsum,
-  attention).
+  attention) and :mod:`~maskalign.rules.control_flow` (``torch.cond``).
 """
 
-from . import contraction, core, layers  # noqa: F401  (register the built-in rules)
+from . import contraction, control_flow, core, layers  # noqa: F401  (register the built-in rules)
 from .analysis import Analysis, analyze
 from .registry import OpInfo, Role, Rule, RuleContext, lookup, register_rule
 

@@ -84,9 +84,31 @@ def analyze(
     values: dict[torch.fx.Node, Value] = {}
     ctx = RuleContext(atoms, values)
     result = Analysis(atoms)
+
+    def propagate(graph: torch.fx.Graph, module: torch.nn.Module, inputs: list[Value]) -> list[Value]:
+        scratch = Analysis(atoms, tensor_dims=result.tensor_dims)  # subgraph values are no activation points
+        ctx.owner = module
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, inputs):
+            values[node] = value if value is not None else _fresh_from_meta(ctx, node.meta.get("val"))
+        outputs: list[Value] = []
+        for node in graph.nodes:
+            ctx.node = None
+            if node.op == "call_function":
+                _call(ctx, node, scratch)
+            elif node.op == "output":
+                returned = node.args[0]
+                returned = returned if isinstance(returned, (tuple, list)) else (returned,)
+                outputs = [values.get(arg) if isinstance(arg, torch.fx.Node) else None for arg in returned]
+            elif node.op != "placeholder":
+                values[node] = None
+        return outputs
+
+    ctx._propagate = propagate
     graphs = [captured] if train is None else [captured, train]
     for index, graph in enumerate(graphs):
         record = result if index == 0 else Analysis(atoms, tensor_dims=result.tensor_dims)
+        ctx.owner = graph.owner
         for node in graph.flat_graph.nodes:  # higher-order wrappers (autocast, no_grad, checkpoint) inlined
             ctx.node = None
             if node.op == "placeholder":

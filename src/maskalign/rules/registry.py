@@ -200,6 +200,30 @@ class RuleContext:
         self.atoms = atoms
         self.values = values
         self.node: torch.fx.Node | None = None
+        self.owner: torch.nn.Module | None = None
+        self._propagate: Callable[[torch.fx.Graph, torch.nn.Module, list[Value]], list[Value]] | None = None
+
+    def propagate(self, subgraph: Any, inputs: Sequence[Value]) -> list[Value] | None:
+        """Run the analysis through the subgraph that a higher-order op's
+        ``get_attr`` argument names (a ``torch.cond`` branch), with its
+        placeholders bound to ``inputs``; returns the values of its outputs,
+        or None when ``subgraph`` names no graph."""
+        if self._propagate is None or self.owner is None or not isinstance(subgraph, torch.fx.Node):
+            return None
+        if subgraph.op != "get_attr":
+            return None
+        try:
+            module = self.owner.get_submodule(str(subgraph.target))
+        except AttributeError:
+            return None
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            return None
+        node, owner = self.node, self.owner
+        try:
+            return self._propagate(graph, module, list(inputs))
+        finally:
+            self.node, self.owner = node, owner
 
     # ------------------------------------------------------------- reading
     def value(self, arg: Any) -> Value:
