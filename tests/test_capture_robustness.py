@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.utils.prune
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -504,3 +505,22 @@ def test_a_cache_filled_after_the_spec_is_refused_not_permuted_stale() -> None:
         assert (stale(x) - expected).abs().max() > 1e-3
         model.cache.clear()
         assert torch.allclose(ma.apply_permutation(model, perm)(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_pruned_model_is_left_as_it_was_and_still_permutes() -> None:
+    """torch.nn.utils.prune keeps ``weight = weight_orig * weight_mask`` as a
+    plain attribute with autograd history: build_spec puts the very tensor back,
+    and apply_permutation copies the model although deepcopy refuses such tensors."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    weight = model[0].weight
+    x = torch.randn(3, 4, dtype=torch.float64)
+    spec = ma.build_spec(model, x)
+    assert model[0].weight is weight and weight.grad_fn is not None
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    permuted = ma.apply_permutation(model, perm)
+    with torch.no_grad():
+        assert torch.allclose(permuted(x), model(x), rtol=1e-12, atol=1e-12)
+        wrong = ma.apply_permutation(model, perm)
+        wrong[2].weight.copy_(wrong[2].weight.roll(1, 1))
+        assert (wrong(x) - model(x)).abs().max() > 1e-3

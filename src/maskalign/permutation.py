@@ -235,13 +235,26 @@ def apply_permutation(model: nn.Module, perm: Permutation, *, inplace: bool = Fa
         )
     state = model.state_dict()
     new_state = permute_state_dict(state, perm)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy.deepcopy(model, _graph_free_memo(model))
     target.load_state_dict(new_state)
     with torch.no_grad():
         for name in perm.spec.nonpersistent:  # opted-in buffers outside the state_dict
             buffer = target.get_buffer(name)
             buffer.copy_(perm.permute_tensor(name, buffer))
     return target
+
+
+def _graph_free_memo(model: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo that copies tensor attributes outside parameters and
+    buffers which carry autograd history (``torch.nn.utils.prune``'s
+    ``weight = weight_orig * weight_mask``, recomputed before every forward)
+    as detached clones: deepcopy refuses non-leaf tensors."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if isinstance(value, Tensor) and not key.startswith("_") and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return memo
 
 
 def permute_mask(masks: Mapping[str, Tensor], perm: Permutation) -> dict[str, Tensor]:
