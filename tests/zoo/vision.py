@@ -40,6 +40,7 @@ TV_FLOAT32 = {"vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32
 TOL = {  # case name -> (tol, measured floor, as a note)
     "tv-efficientnet_b1": (1e-7, "floor 1.7e-10 (rounding amplified by 8 SE stages, train-mode BN on 2x2 maps)"),
     "timm-efficientnet_b0": (1e-8, "floor 4.9e-11 (rounding amplified by SE gates, train-mode BN on 2x2 maps)"),
+    "timm-convmixer_768_32": (1e-8, "floor 3.2e-11 (32 GELU+BN blocks, train-mode BN on the 64x64 grid over batch 2)"),
     "timm-selecsls42b": (1e-8, "floor 2.9e-11 (train-mode BN on 2x2 maps)"),
     # eval error 1.5e-14; train-mode BatchNorm at 75x75 normalizes 1x1 final maps over batch 2 (2 values)
     "tv-inception_v3": (1e-6, "train-mode floor 2.3e-9 (BatchNorm over 2 values per channel at 75x75)"),
