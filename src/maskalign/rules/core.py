@@ -65,7 +65,7 @@ def _positional(ctx: RuleContext, node: torch.fx.Node, out: Value, axes: Collect
     every other axis passes from ``x`` to each output at its place."""
     x = ctx.dims(node.args[0])
     assert x is not None
-    reason = f"unsupported op {describe(node)} along this axis: {what} does not commute with permuting it"
+    reason = f"{describe(node)} along this axis: {what} does not commute with permuting it"
     for k in axes:
         ctx.freeze_dim(x[k], reason)
     for value in flatten_value(out):
@@ -595,7 +595,7 @@ def _unfold(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     for k, dim in enumerate(x):
         if k != axis:
             ctx.unify(dim, y[k], where)
-    ctx.freeze(x[axis : axis + 1], f"unsupported op {where} along this axis: sliding windows")
+    ctx.freeze(x[axis : axis + 1], f"{where} along this axis: sliding windows do not commute with permuting it")
     ctx.freeze(y[axis : axis + 1] + y[-1:], f"window axes of {where}", structural=True)
 
 
