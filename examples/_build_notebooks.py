@@ -430,12 +430,14 @@ for name, model, inputs in (
     (
         "md",
         """
-## 4. What an unsupported op looks like
+## 4. What a frozen axis looks like
 
 A hand-written module with an op that mixes hidden units in an order-dependent way
-(`cumsum` over the feature axis: permuting the units changes the result). maskalign has no
-propagation rule for it, so it **freezes** every axis that reaches it and says why, instead of
-guessing. The first hidden layer (before the `cumsum`) is still permutable; coverage drops to 0.5.
+(`cumsum` over the feature axis: permuting the units changes the result). maskalign's rule for
+`cumsum` knows that a running sum does not commute with permuting its axis, so it **freezes**
+every axis that reaches it and says why; an op without any rule freezes what it touches the same
+way, instead of guessing. The first hidden layer (before the `cumsum`) is still permutable;
+coverage drops to 0.5.
 """,
     ),
     (
