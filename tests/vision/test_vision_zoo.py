@@ -61,7 +61,8 @@ SLOW: dict[str, str] = {
     # b0/b1 keep the family; these need a TOL entry from a measured floor before they come back
     "tv-efficientnet_b2": "noise floor, see above",
     "tv-efficientnet_b3": "noise floor, see above",
-    "tv-maxvit_t": "41 s; also a weak negative control at 2x2 windows (1 of 3 groups); built at 64x64 with 2x2 windows, see zoo.vision)",
+    "tv-maxvit_t": "41 s; also a weak negative control at 2x2 windows (1 of 3 groups); built at 64x64 with "
+    "2x2 windows, see zoo.vision)",
     "tv-swin_v2_t": "38 s",
     "timm-beit_base_patch16_224": "> 40 s (86M parameters)",
     "timm-dm_nfnet_f0": "> 40 s (timed out)",
@@ -74,12 +75,16 @@ SLOW: dict[str, str] = {
     "timm-cspdarknet53": "23 s",
     "timm-densenet121": "23 s",
     "timm-caformer_s18": "22 s",
-    "timm-inception_v4": "failed the fast run at 75x75 (reason not recorded; train-mode floor 1.8e-8 at 75x75, as inception_v3), 33 s",
+    "timm-inception_v4": "failed the fast run at 75x75 (reason not recorded; train-mode floor 1.8e-8 at 75x75, "
+    "as inception_v3), 33 s",
 }
 
 SLOW_PARAMS = 15_000_000  # torchvision models above this many parameters are slow unless in FAST (not measured)
 FAST: dict[str, str] = {
-    "tv-alexnet": "22 s", "tv-swin_t": "21 s", "tv-convnext_tiny": "14 s", "tv-resnext50_32x4d": "12 s",
+    "tv-alexnet": "22 s",
+    "tv-swin_t": "21 s",
+    "tv-convnext_tiny": "14 s",
+    "tv-resnext50_32x4d": "12 s",
     "tv-inception_v3": "28 s, 75x75, no aux head",
     "tv-vit_b_32": "64x64",
 }  # torchvision models above SLOW_PARAMS kept in the fast set (measured seconds)
@@ -112,19 +117,33 @@ def _param(case: Case) -> object:
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_vision_model(case: Case) -> None:
     r = run_case(case)
-    print(f"\n{case.name}: coverage {r.coverage}, {r.groups} groups, eval {r.eval_error}, train {r.train_error}, "
-          f"floor {r.floor}, {r.seconds:.1f}s")
+    print(
+        f"\n{case.name}: coverage {r.coverage}, {r.groups} groups, eval {r.eval_error}, train {r.train_error}, "
+        f"floor {r.floor}, {r.seconds:.1f}s"
+    )
     assert not r.problems, "\n".join(r.problems)
 
 
 TV_FAMILIES = {  # torchvision classification family -> its model names
-    "resnet": r"resnet\d+", "resnext": r"resnext.*", "mobilenet_v2": r"mobilenet_v2",
-    "mobilenet_v3": r"mobilenet_v3_.*", "efficientnet": r"efficientnet_b\d",
-    "regnet_x": r"regnet_x_.*", "regnet_y": r"regnet_y_.*", "shufflenet_v2": r"shufflenet_v2_.*",
-    "squeezenet": r"squeezenet.*", "mnasnet": r"mnasnet.*", "googlenet": r"googlenet", "inception": r"inception_v3",
-    "densenet": r"densenet\d+", "convnext": r"convnext_.*", "swin": r"swin_[tsb]",
-    "vit": r"vit_.*", "alexnet": r"alexnet",
-}  # not in the fast set (SLOW): vgg (> 60 s), wide_resnet (68M parameters), efficientnet_v2 (37 s), swin_v2 (38 s), maxvit (> 30 s)
+    "resnet": r"resnet\d+",
+    "resnext": r"resnext.*",
+    "mobilenet_v2": r"mobilenet_v2",
+    "mobilenet_v3": r"mobilenet_v3_.*",
+    "efficientnet": r"efficientnet_b\d",
+    "regnet_x": r"regnet_x_.*",
+    "regnet_y": r"regnet_y_.*",
+    "shufflenet_v2": r"shufflenet_v2_.*",
+    "squeezenet": r"squeezenet.*",
+    "mnasnet": r"mnasnet.*",
+    "googlenet": r"googlenet",
+    "inception": r"inception_v3",
+    "densenet": r"densenet\d+",
+    "convnext": r"convnext_.*",
+    "swin": r"swin_[tsb]",
+    "vit": r"vit_.*",
+    "alexnet": r"alexnet",
+}  # not in the fast set (SLOW): vgg (> 60 s), wide_resnet (68M parameters), efficientnet_v2 (37 s),
+# swin_v2 (38 s), maxvit (> 30 s)
 
 
 def test_vision_zoo_size() -> None:

@@ -49,7 +49,14 @@ TOL = {  # case name -> (tol, measured floor, as a note)
 }
 # edgenext: its XCA temperature (one scalar per head, ones + N(0, 0.02^2)) permuted alone moves the
 # output < 1e-3, so with 3 controls that one weak group is a third (> CONTROL_WEAK_SHARE): 8 controls
-CONTROLS = {"timm-edgenext_xx_small": 8}
+# gcvit's squeeze-excite fc1 and cait's deep layer-scaled blocks (24, gamma ~ 1e-5 init scaled by
+# noise) each have groups that, permuted alone, move the output < 1e-3 on these inputs (measured:
+# 1 of 3 and 2 of 3, with the largest change 1.8 and 1.0): more controls, so that >= 75% must move it.
+CONTROLS = {"timm-edgenext_xx_small": 8, "timm-gcvit_xxtiny": 8, "timm-cait_xxs24_224": 8}
+# CaiT's layer scale starts at 1e-5, so its 24 residual branches barely touch the output and no
+# negative control can move it (7 of 8 weak): build it with layer scale 1, which weights its blocks
+# like any other ViT's.
+TIMM_KWARGS: dict[str, dict[str, float]] = {"cait_xxs24_224": {"init_values": 1.0}}
 
 
 def _images(size: int) -> InputsFn:
@@ -73,9 +80,16 @@ def torchvision_cases() -> list[Case]:
             if name == "maxvit_t":  # maxvit_t fixes partition 7 (input >= 224): its layout with 2x2 windows at 64x64
                 from torchvision.models.maxvit import MaxVit
 
-                model = MaxVit(input_size=(size, size), stem_channels=64, block_channels=[64, 128, 256, 512],
-                               block_layers=[2, 2, 5, 2], head_dim=32, stochastic_depth_prob=0.0, partition_size=2,
-                               num_classes=NUM_CLASSES)
+                model = MaxVit(
+                    input_size=(size, size),
+                    stem_channels=64,
+                    block_channels=[64, 128, 256, 512],
+                    block_layers=[2, 2, 5, 2],
+                    head_dim=32,
+                    stochastic_depth_prob=0.0,
+                    partition_size=2,
+                    num_classes=NUM_CLASSES,
+                )
                 return model, _images(size)
             kwargs = dict(TV_KWARGS.get(name, {}))
             model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
@@ -84,8 +98,16 @@ def torchvision_cases() -> list[Case]:
         f32 = name in TV_FLOAT32
         tol, note = TOL.get(f"tv-{name}", (1e-4 if f32 else 1e-9, "float32: too big for float64" if f32 else ""))
         cases.append(
-            Case(f"tv-{name}", "torchvision", build, noise=0.02, dtype=torch.float32 if f32 else DT,
-                 tol=tol, controls=3, note=note)
+            Case(
+                f"tv-{name}",
+                "torchvision",
+                build,
+                noise=0.02,
+                dtype=torch.float32 if f32 else DT,
+                tol=tol,
+                controls=3,
+                note=note,
+            )
         )
     return cases
 
@@ -124,16 +146,20 @@ def timm_cases() -> list[Case]:
             continue
 
         def build(name: str = name) -> tuple[nn.Module, InputsFn]:
+            extra = TIMM_KWARGS.get(name, {})
             try:  # models with a fixed grid (ViTs, Swin, LeViT, ...) take img_size
-                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=64)
+                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=64, **extra)
                 size = 64
             except TypeError:
-                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **extra)
                 cfg = getattr(model, "pretrained_cfg", {}) or {}
                 size = TIMM_SIZE.get(name, max(64, int(cfg.get("min_input_size", (3, 64, 64))[-1])))
             return model, _images(size)
 
         tol, note = TOL.get(f"timm-{name}", (1e-9, ""))
-        cases.append(Case(f"timm-{name}", "timm", build, noise=0.02, controls=CONTROLS.get(f"timm-{name}", 3),
-                          tol=tol, note=note))
+        cases.append(
+            Case(
+                f"timm-{name}", "timm", build, noise=0.02, controls=CONTROLS.get(f"timm-{name}", 3), tol=tol, note=note
+            )
+        )
     return cases
