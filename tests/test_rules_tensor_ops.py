@@ -787,3 +787,34 @@ def test_masking_ops() -> None:
     spec = check(model, (x,), 1.0)
     assert_alone_breaks(model, spec, (x,), "lo", 0)
     assert_alone_breaks(model, spec, (x,), "hi", 0)
+
+
+class SelectThirds(nn.Module):
+    """A packed projection taken apart by ``select``: every index (q, k, v of
+    nn.MultiheadAttention) or only some of them."""
+
+    def __init__(self, indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.indices = indices
+        self.proj = nn.Linear(4, 3 * 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = self.proj(x).unflatten(-1, (3, 6))
+        h = sum(torch.tanh(parts[..., i, :]) for i in self.indices)
+        return self.out(h)
+
+
+def test_select_of_every_index_is_a_stacked_index_not_a_lost_axis() -> None:
+    x = torch.randn(5, 4, dtype=DT)
+    every = randomize(SelectThirds((0, 1, 2)))
+    spec = ma.build_spec(every, x)
+    # proj rows Product(3, 6): the 3 is structural, the 6 one group with proj.bias and out's columns
+    assert spec.coverage == 1.0 and not spec.frozen_share
+    assert ma.check_equivalence(every, ma.random_permutation(spec, torch.Generator().manual_seed(0)), x)
+    # some indices only: the 3-axis is a hidden axis lost to select (3 of proj.weight's 3 + 6 rows,
+    # 3 of proj.bias's 3 + 6): (6 + 6 + 6) / (9 + 9 + 6)
+    some = randomize(SelectThirds((0, 2)))
+    spec = ma.build_spec(some, x)
+    assert spec.coverage == pytest.approx(18 / 24)
+    assert set(spec.frozen_share) == {"aten::select"}

@@ -287,11 +287,32 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         removed = axis if name == "select" else None
     for k in range(ndim):
         if k in touched:
+            if k == removed and _enumerated(node, k, int(in_shape[k])):
+                # every index of the axis is selected: an unbind written as x[0], x[1], ...
+                # (nn.MultiheadAttention's packed q/k/v): the index of stacked tensors
+                ctx.freeze_dim(x[k], f"axis taken apart index by index in {where}", structural=True)
+                continue
             ctx.freeze_dim(x[k], f"sliced or padded axis of {where}")
             if k != removed:
                 ctx.freeze_dim(y[k], f"sliced or padded axis of {where}")
         elif k != removed:
             ctx.unify(x[k], y[k if removed is None or k < removed else k - 1], f"{where}")
+
+
+def _enumerated(node: torch.fx.Node, axis: int, size: int) -> bool:
+    """Whether the selects of ``node``'s source along ``axis`` cover every index."""
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node):
+        return False
+    ndim = len(source.meta["val"].shape)
+    seen: set[int] = set()
+    for user in source.users:
+        if user.op != "call_function" or _base(user) != "select" or user.args[0] is not source:
+            continue
+        dim, index = RuleContext.arg(user, "dim", 0), RuleContext.arg(user, "index", 0)
+        if isinstance(dim, int) and isinstance(index, int) and dim % ndim == axis:
+            seen.add(index % size)
+    return len(seen) == size
 
 
 def _slice_scatter(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
