@@ -8,8 +8,9 @@ permutation specs (a spec depends only on the architecture).
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -201,3 +202,42 @@ def run_workers(fn: Callable[..., None], args: tuple[object, ...], nprocs: int, 
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{nprocs} worker processes did not finish within {timeout:.0f} s")
+
+
+# ------------------------------------------- shared by the spec and rule tests
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small models run fastest single-threaded, and a 2-core machine shared
+    with other jobs makes OpenMP's busy-waiting threads slow by 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
+    """float64, eval, and non-trivial values for every parameter and statistic.
+
+    Matrices/kernels: N(0, gain^2 / fan_in); vectors: N(0, 0.25) plus 1 for
+    weights (normalization scales), so every channel differs; running means
+    N(0, 0.25), running variances U(0.5, 2).
+    """
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if p.dim() >= 2:
+                p.copy_(noise * gain / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(noise * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+        for module in model.modules():
+            mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+            if isinstance(mean, Tensor) and isinstance(var, Tensor):
+                mean.copy_(torch.randn(mean.shape, generator=g, dtype=mean.dtype) * 0.5)
+                var.copy_(torch.rand(var.shape, generator=g, dtype=var.dtype) * 1.5 + 0.5)
+    return model
+
+
+def randn(*shape: int, seed: int = 0) -> Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

@@ -17,13 +17,12 @@ check
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import randn, relative_error
+from conftest import randomize as _randomize
 from torch import Tensor, nn
 
 import maskalign as ma
@@ -34,33 +33,13 @@ BREAK_TOL = 1e-3
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small models run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ helpers
 def randomize(model: nn.Module, seed: int = 0, gain: float = 1.5) -> nn.Module:
-    """float64, eval, every parameter and buffer redrawn: matrices and kernels
-    N(0, gain^2 / fan_in), vectors N(0, 0.25) (plus 1 for ``weight``)."""
-    model = model.double().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.dim() >= 2:
-                p.copy_(noise * gain / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(noise * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return model
-
-
-def randn(*shape: int, seed: int = 0) -> Tensor:
-    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    """conftest.randomize with this file's default gain."""
+    return _randomize(model, seed, gain)
 
 
 def first(out: Any) -> Tensor:

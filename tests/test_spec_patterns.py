@@ -25,13 +25,13 @@ import copy
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import aliased, axis_factors, axis_groups, relative_error, state_dicts_equal
+from conftest import aliased, axis_factors, axis_groups, randn, randomize, relative_error, state_dicts_equal
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -45,39 +45,10 @@ BREAK_TOL = 1e-6  # min relative output change required from a wrong one
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small models run fastest single-threaded, and a 2-core machine shared
-    with other jobs makes OpenMP's busy-waiting threads slow by 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ helpers
-def randomize(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
-    """float64, eval, and non-trivial values for every parameter and statistic.
-
-    Matrices/kernels: N(0, gain^2 / fan_in); vectors: N(0, 0.25) plus 1 for
-    weights (normalization scales), so every channel differs; running means
-    N(0, 0.25), running variances U(0.5, 2).
-    """
-    model = model.double().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.dim() >= 2:
-                p.copy_(noise * gain / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(noise * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-        for module in model.modules():
-            mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
-            if isinstance(mean, Tensor) and isinstance(var, Tensor):
-                mean.copy_(torch.randn(mean.shape, generator=g, dtype=mean.dtype) * 0.5)
-                var.copy_(torch.rand(var.shape, generator=g, dtype=var.dtype) * 1.5 + 0.5)
-    return model
 
 
 def as_args(inputs: Any) -> tuple[Any, ...]:
@@ -272,10 +243,6 @@ def check_pattern(
             len(g.members) < 2 for g in spec.groups.values()
         )
     return spec
-
-
-def randn(*shape: int, seed: int = 0) -> Tensor:
-    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------ layers and contractions
