@@ -178,10 +178,10 @@ def flatten_value(value: Value) -> list[Dims]:
     """Every tensor's ``Dims`` inside a (nested) value."""
     if value is None:
         return []
-    if is_dims(value):
-        return [value]  # type: ignore[list-item]
+    if isinstance(value, list):
+        return [value]
     out: list[Dims] = []
-    for item in value:  # type: ignore[union-attr]
+    for item in value:
         out.extend(flatten_value(item))
     return out
 
