@@ -798,3 +798,29 @@ def test_select_of_every_index_is_a_stacked_index_not_a_lost_axis() -> None:
     spec = ma.build_spec(some, x)
     assert spec.coverage == pytest.approx(18 / 24)
     assert set(spec.frozen_share) == {"aten::select"}
+
+
+class Broadcast(nn.Module):
+    """Falcon's multi-query attention broadcasts its key/value heads with
+    ``broadcast_to``: the broadcast axes are new, the others pass through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc1(x))[:, None, :].broadcast_to(x.shape[0], 3, 6)
+        return self.fc2(h * torch.arange(1.0, 4.0, dtype=x.dtype)[None, :, None]).sum(1)
+
+
+def test_broadcast_to_passes_the_broadcast_operands_axes() -> None:
+    model = randomize(Broadcast())
+    x = randn(5, 4)
+    spec = ma.build_spec(model, x)
+    assert spec.coverage == 1.0 and len(spec.groups) == 1
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    assert ma.check_equivalence(model, perm, x)
+    wrong = ma.apply_permutation(model, perm)
+    with torch.no_grad():
+        wrong.fc2.weight.copy_(model.fc2.weight)  # the hidden axis permuted on fc1 only
+        assert relative_error(wrong(x), model(x)) > BREAK_TOL

@@ -760,7 +760,7 @@ def _register() -> None:
         register_rule(f"aten::{name}", _reshape, role="view")
     for name in _TRANSPOSES.split():
         register_rule(f"aten::{name}", _permute_dims, role="view")
-    for name in "expand expand_copy".split():  # broadcasting: equal-size dims unify, right-aligned
+    for name in "expand expand_copy broadcast_to".split():  # broadcasting: equal-size dims unify, right-aligned
         register_rule(f"aten::{name}", _pointwise, role="view")
     register_rule("aten::expand_as", _first_operand, role="view")
     for name in _REDUCTIONS.split():
