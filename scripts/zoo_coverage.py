@@ -41,10 +41,12 @@ permutation of every group must keep the outputs in eval and train mode, a
 wrong permutation must change them, `build_spec` must not mutate anything and
 must raise only `MaskAlignError`s.
 
-*coverage* is `PermutationSpec.coverage` (the share of hidden output channels
-of linear and convolutional layers that lie in permutable groups), *groups* the
-number of groups, *status* `ok` or the first broken promise, *frozen by* the
-most common reasons axes were frozen (count in parentheses).
+*coverage* is `PermutationSpec.coverage`: the share of the hidden-axis units of
+the parameters (every factor of every parameter dim, axes tied to a model input
+or output, kernels' spatial axes, vocabularies and stacked indices left out)
+that lie in permutable groups. *groups* is the number of groups, *status* `ok`
+or the first broken promise, *frozen by* the most common reasons axes were
+frozen (count in parentheses; structural axes included).
 
 Regenerate (the vision tier appears only when run where torchvision and timm
 are installed, e.g. in `.venv-vision`; see `.ci/run`):
