@@ -824,3 +824,39 @@ def test_broadcast_to_passes_the_broadcast_operands_axes() -> None:
     with torch.no_grad():
         wrong.fc2.weight.copy_(model.fc2.weight)  # the hidden axis permuted on fc1 only
         assert relative_error(wrong(x), model(x)) > BREAK_TOL
+
+
+class SlicedProjection(nn.Module):
+    """Phi-3's fused projection taken apart with slices ``h[..., :4]``,
+    ``h[..., 4:]`` (a split), or with slices that leave a gap."""
+
+    def __init__(self, cuts: tuple[tuple[int | None, int | None], ...]) -> None:
+        super().__init__()
+        self.cuts = cuts
+        self.proj = nn.Linear(4, 12)
+        self.heads = nn.ModuleList(nn.Linear(len(range(12)[slice(a, b)]), 2) for a, b in cuts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        return sum(head(torch.tanh(h[..., a:b])) for head, (a, b) in zip(self.heads, self.cuts))
+
+
+def test_slices_that_tile_an_axis_split_it() -> None:
+    x = randn(5, 4)
+    model = randomize(SlicedProjection(((None, 4), (4, 9), (9, None))))
+    spec = ma.build_spec(model, x)
+    assert spec.coverage == 1.0 and sorted(g.size for g in spec.groups.values()) == [3, 4, 5]
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    assert ma.check_equivalence(model, perm, x)
+    # negative control: the whole 12-axis permuted as one block (ignoring the cuts) moves the output
+    wrong = ma.apply_permutation(model, perm)
+    idx = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        wrong.proj.weight.copy_(model.proj.weight[idx])
+        wrong.proj.bias.copy_(model.proj.bias[idx])
+        assert relative_error(wrong(x), model(x)) > BREAK_TOL
+    # slices that leave a gap (rows 4-5 unused) are no split: the sliced axis freezes
+    gap = randomize(SlicedProjection(((None, 4), (6, None))))
+    spec = ma.build_spec(gap, x)
+    assert "aten::slice" in spec.frozen_share
+    assert ma.check_equivalence(gap, ma.random_permutation(spec, torch.Generator().manual_seed(0)), x)

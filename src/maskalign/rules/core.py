@@ -285,7 +285,18 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         axis = int(ctx.arg(node, "dim", 0)) % ndim
         touched = {axis} if int(in_shape[axis]) != int(out_shape[axis] if name != "select" else -1) else set()
         removed = axis if name == "select" else None
+    split: int | None = None
+    if name == "slice" and touched:
+        pieces = _partition(node, axis, int(in_shape[axis]))
+        if pieces is not None:  # the slices of the source tile the axis: a split written as x[..., a:b]
+            segments = [ctx.atoms.new(end - start) for start, end in pieces]
+            mine = segments[pieces.index(_interval(node, int(in_shape[axis])))]  # type: ignore[arg-type]
+            ctx.unify([ctx.atoms.concat(segments)], x[axis], f"sliced axis of {where}")
+            ctx.unify([mine], y[axis], f"sliced axis of {where}")
+            split, touched = axis, set()
     for k in range(ndim):
+        if k == split:
+            continue
         if k in touched:
             if k == removed and _enumerated(node, k, int(in_shape[k])):
                 # every index of the axis is selected: an unbind written as x[0], x[1], ...
@@ -297,6 +308,40 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
                 ctx.freeze_dim(y[k], f"sliced or padded axis of {where}")
         elif k != removed:
             ctx.unify(x[k], y[k if removed is None or k < removed else k - 1], f"{where}")
+
+
+def _interval(node: torch.fx.Node, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` of a unit-step ``aten::slice`` along its axis, clamped like Python slicing."""
+    start, end, step = (RuleContext.arg(node, n, d) for n, d in (("start", None), ("end", None), ("step", 1)))
+    if step != 1 or not all(v is None or isinstance(v, int) for v in (start, end)):
+        return None
+    lo, hi, _ = slice(start, end).indices(size)
+    return (lo, hi) if hi > lo else None
+
+
+def _partition(node: torch.fx.Node, axis: int, size: int) -> list[tuple[int, int]] | None:
+    """The intervals of the unit-step slices of ``node``'s source along
+    ``axis``, in order, when they tile ``[0, size)`` exactly (Phi-3's
+    ``qkv[..., :q]``, ``qkv[..., q:q + k]``, ...); otherwise None."""
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node):
+        return None
+    ndim = len(source.meta["val"].shape)
+    intervals: set[tuple[int, int]] = set()
+    for user in source.users:
+        if user.op != "call_function" or _base(user) != "slice" or user.args[0] is not source:
+            continue
+        dim = RuleContext.arg(user, "dim", 0)
+        if isinstance(dim, int) and dim % ndim == axis:
+            interval = _interval(user, size)
+            if interval is None:
+                return None
+            intervals.add(interval)
+    ordered = sorted(intervals)
+    edges = [0] + [end for _, end in ordered]
+    if [start for start, _ in ordered] != edges[:-1] or edges[-1] != size or len(ordered) < 2:
+        return None
+    return ordered
 
 
 def _enumerated(node: torch.fx.Node, axis: int, size: int) -> bool:
