@@ -1334,3 +1334,36 @@ def test_property_mixed_architectures(arch: tuple[int, list[tuple[str, list[int]
         name, (tensor, dim) = candidates[index]
         errors.append(relative_error(run(permute_one_axis_alone(model, spec, tensor, dim, name), x), run(model, x)))
     assert max(errors) > BREAK_TOL
+
+
+class TokensMergedWithBatch(nn.Module):
+    """torchvision's MultiheadAttention path: a class token concatenated to
+    the patch tokens, then tokens and batch merged into one axis
+    (``reshape(L * B, E)``) around a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Linear(3, 8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        tokens = torch.cat([self.cls.expand(batch, 1, 8), self.patch(x)], dim=1)  # (B, 1 + 4, 8)
+        flat = tokens.transpose(0, 1).reshape(5 * batch, 8)  # (L * B, E)
+        h = torch.relu(self.mid(flat)).reshape(5, batch, 8)
+        return self.out(h.mean(0))
+
+
+def test_concatenated_tokens_merged_with_the_batch_keep_the_hidden_axis() -> None:
+    model = randomize(TokensMergedWithBatch())
+    x = randn(2, 4, 3)
+    spec = ma.build_spec(model, (x,))
+    assert spec.coverage == 1.0, spec.summary()
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
+    assert ma.check_equivalence(model, perm, x)
+    wrong = ma.apply_permutation(model, perm)
+    with torch.no_grad():
+        wrong.out.weight.copy_(model.out.weight)  # mid's outputs permuted, out's inputs not
+        assert relative_error(wrong(x), model(x)) > BREAK_TOL

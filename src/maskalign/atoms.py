@@ -234,7 +234,9 @@ class AtomTable:
                 j += 1
                 continue
             common = gcd(sa, sb)
-            if common == 1 or a in self._concat or b in self._concat:
+            # a concatenation cannot be split into factors, but the other side can be split
+            # around it (tokens [cls, patches] merged with the batch: [Concat(1, 4), 2] ~ [10])
+            if common == 1 or (a in self._concat and sa != common) or (b in self._concat and sb != common):
                 return False
             if sa != common:
                 lhs[i : i + 1] = list(self._split(a, common))
