@@ -129,11 +129,6 @@ class AtomTable:
         """The :class:`Freeze` of the leaf class of ``atom``, or None if it is free."""
         return self._frozen.get(self.find(atom))
 
-    def frozen_reason(self, atom: int) -> str | None:
-        """Why the leaf class of ``atom`` is frozen, or None if it is free."""
-        record = self.frozen(atom)
-        return None if record is None else record.reason
-
     def finalize(self) -> None:
         """Push freezes of refined classes down to their leaves."""
         changed = True

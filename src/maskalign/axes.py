@@ -23,7 +23,6 @@ __all__ = [
     "Leaf",
     "Product",
     "co_groups",
-    "covered_size",
     "groups_of",
     "index_vector",
     "tree_size",
@@ -78,11 +77,6 @@ def groups_of(tree: AxisTree) -> Iterator[str]:
         return
     for part in tree.parts:
         yield from groups_of(part)
-
-
-def covered_size(tree: AxisTree) -> int:
-    """Number of positions of the axis whose every factor is permuted."""
-    return _fold(tree, lambda leaf: leaf.size if leaf.group is not None else 0)
 
 
 def index_vector(tree: AxisTree, perm: Mapping[str, Tensor], skip: str | None = None) -> Tensor:

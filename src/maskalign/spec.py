@@ -229,17 +229,18 @@ def _build(
             f"permutable_buffers {unknown} are not non-persistent buffers or constants of the model; "
             f"candidates: {sorted(captured.constants)[:10]}"
         )
-    train, difference = None, None
+    train = None
     if isinstance(model, nn.Module):
         args = normalize_inputs(example_inputs)
         difference = mode_difference(model, args, dict(kwargs or {}))
         if difference is not None:
             train = capture(model, args, kwargs, train=True, check=False)
+        train_mode = "same graph as eval mode" if difference is None else f"own graph analysed ({difference})"
+    else:
+        train_mode = "not analysed (an ExportedProgram holds one graph)"
     spec = spec_from_analysis(analyze(captured, permutable_buffers, train=train), captured)
-    spec.train_mode = "same graph as eval mode" if difference is None else f"own graph analysed ({difference})"
+    spec.train_mode = train_mode
     spec.plain_tensors = plain
-    if not isinstance(model, nn.Module):
-        spec.train_mode = "not analysed (an ExportedProgram holds one graph)"
     return spec
 
 
@@ -323,7 +324,7 @@ class _TreeBuilder:
             return Concat(tuple(self.atom(c, owner) for c in children))
         root = self.atoms.find(atom)
         size = self.atoms.size(root)
-        if size == 1 or self.atoms.frozen_reason(root) is not None:
+        if size == 1 or self.atoms.frozen(root) is not None:
             return Leaf(None, size)
         if root not in self.names:
             if owner is None:
