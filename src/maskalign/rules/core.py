@@ -673,26 +673,18 @@ def _kernel_factors(ctx: RuleContext, node: torch.fx.Node) -> list[int]:
 
 
 def _im2col(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """F.unfold: x[N, C, H, W] -> y[N, C*kh*kw, L], row-major with C outer, so
-    ``y[-2] = Product(C, kh, kw)`` exactly; kernel, spatial and patch axes are
-    positions (structural), the batch axis passes."""
+    """F.unfold (im2col): image[N, C, H, W] -> patches[N, C*kh*kw, L], row-major
+    with C outer, so ``patches[-2] = Product(C, kh, kw)`` exactly; F.fold
+    (col2im) is the reverse (overlapping patches sum per channel). Kernel,
+    spatial and patch axes are positions (structural); the batch axis passes."""
     x = ctx.dims(node.args[0])
     y: Dims = out  # type: ignore[assignment]
     assert x is not None
-    ctx.unify(y[-2], x[-3] + _kernel_factors(ctx, node), f"patch channels of {describe(node)}")
-    ctx.freeze(x[-2:] + y[-1:], f"spatial axis of {describe(node)}", structural=True)
-    ctx.unify_dims(x[:-3], y[:-2], describe(node))
-
-
-def _col2im(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
-    """F.fold: x[N, C*kh*kw, L] -> y[N, C, H, W], the reverse of im2col:
-    ``x[-2] = Product(C, kh, kw)``; overlapping patches sum per channel."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
-    ctx.unify(x[-2], y[-3] + _kernel_factors(ctx, node), f"patch channels of {describe(node)}")
-    ctx.freeze(x[-1:] + y[-2:], f"spatial axis of {describe(node)}", structural=True)
-    ctx.unify_dims(x[:-2], y[:-3], describe(node))
+    where = describe(node)
+    patches, image = (y, x) if _base(node) == "im2col" else (x, y)
+    ctx.unify(patches[-2], image[-3] + _kernel_factors(ctx, node), f"patch channels of {where}")
+    ctx.freeze(image[-2:] + patches[-1:], f"spatial axis of {where}", structural=True)
+    ctx.unify_dims(image[:-3], patches[:-2], where)
 
 
 def _pixel_shuffle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
@@ -846,7 +838,7 @@ def _register() -> None:
     for name in "unfold unfold_copy".split():
         register_rule(f"aten::{name}", _unfold, role="view")
     register_rule("aten::im2col", _im2col)
-    register_rule("aten::col2im", _col2im)
+    register_rule("aten::col2im", _im2col)
     for name in "pixel_shuffle pixel_unshuffle".split():
         register_rule(f"aten::{name}", _pixel_shuffle, role="view")
     for name in "channel_shuffle native_channel_shuffle".split():
