@@ -373,7 +373,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {name} | {r['nodes']} | {_ms(r['export'])} | {_ms(r['build'])} | "
             f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}){flag} | "
             f"{_ms(r['capture'])} = {_ms(r['cap_export'])} + {_ms(r['cap_graph'])} + {_ms(r['cap_eager'])} + "
-            f"{_ms(r['cap_other'])} | {_ms(r['probe'])} | {r['staged']:.2f} | {_ms(r['analyze'])} | {_ms(r['spec'])} | {r['share']:.2f} | "
+            f"{_ms(r['cap_other'])} | {_ms(r['probe'])} | {r['staged']:.2f} | {_ms(r['analyze'])} | "
+            f"{_ms(r['spec'])} | {r['share']:.2f} | "
             f"{r['check_share']:.2f} | {r['analyze'] * 1e6 / r['nodes']:.1f} |"
         )
     return "\n".join(lines)

@@ -15,7 +15,6 @@ Each model is built and exported once per module (MobileNetV2 takes seconds).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ import pytest
 import torch
 from conftest import aliased, relative_error, state_dicts_equal
 from torch import Tensor, nn
+from zoo.harness import nontrivial_permutation, one_member_alone
 
 import maskalign as ma
-from maskalign.axes import index_vector
 from maskalign.models import VGG11, ResNet20
 
 transformers = pytest.importorskip("transformers")
@@ -193,25 +192,6 @@ def logits(model: nn.Module, inputs: tuple[Any, ...]) -> Tensor:
     with torch.no_grad():
         out = model(*inputs)
     return out if isinstance(out, Tensor) else out.logits
-
-
-def nontrivial_permutation(spec: ma.PermutationSpec, seed: int) -> ma.Permutation:
-    g = torch.Generator().manual_seed(seed)
-    indices = {}
-    for name, group in spec.groups.items():
-        idx = torch.randperm(group.size, generator=g)
-        indices[name] = idx.roll(1) if torch.equal(idx, torch.arange(group.size)) else idx
-    return ma.Permutation(spec, indices)
-
-
-def one_member_alone(model: nn.Module, spec: ma.PermutationSpec, group: str, tensor: str, dim: int) -> nn.Module:
-    """A copy of ``model`` with only ``tensor``'s axis ``dim`` shifted along ``group``."""
-    state = model.state_dict()
-    idx = index_vector(spec.axes[tensor][dim], {group: torch.arange(spec.groups[group].size).roll(1)})
-    state[tensor] = state[tensor].index_select(dim, idx)
-    wrong = copy.deepcopy(model)
-    wrong.load_state_dict(state)
-    return wrong
 
 
 def check_model(name: str, *, tol: float = KEEP_TOL) -> ma.PermutationSpec:

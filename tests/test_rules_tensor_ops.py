@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from conftest import axis_factors, randn, relative_error
 from conftest import randomize as _randomize
 from torch import Tensor, nn
+from zoo.harness import nontrivial_permutation
 
 import maskalign as ma
 from maskalign.axes import index_vector
@@ -52,12 +53,7 @@ def check(model: nn.Module, inputs: tuple[Any, ...], coverage: float, *, seed: i
     keeps the function."""
     spec = ma.build_spec(model, inputs)
     assert spec.coverage == pytest.approx(coverage), spec.summary()
-    g = torch.Generator().manual_seed(seed)
-    indices = {}
-    for name, group in spec.groups.items():
-        idx = torch.randperm(group.size, generator=g)
-        indices[name] = idx if not torch.equal(idx, torch.arange(group.size)) else idx.roll(1)
-    perm = ma.Permutation(spec, indices)
+    perm = nontrivial_permutation(spec, seed)
     report = ma.check_equivalence(model, perm, inputs, rtol=KEEP_TOL)
     assert report.ok and report.max_rel <= KEEP_TOL, f"{report}\n{spec.summary()}"
     expected = run(model, inputs)
