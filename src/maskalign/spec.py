@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from .errors import SpecError
 from .modes import mode_difference, plain_tensors, preserved_attributes
 from .rules import Analysis, analyze
 
-__all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec"]
+__all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec", "module_types", "storage_sharing"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,20 @@ class PermutationSpec:
             :func:`~maskalign.apply_permutation` refuses such a model.
         activations: group name -> graph values that carry it, used by
             activation matching.
+        module_types: module path (``""`` for the model itself) -> class
+            name, for every module that holds a parameter or buffer or
+            contains one that does (see :func:`module_types`). It is what
+            :func:`~maskalign.apply_permutation` compares cheaply against the
+            model it permutes; empty for a spec of an ``ExportedProgram``
+            (then that comparison is skipped).
+        shared_storage: names of parameters and buffers that share one
+            storage as distinct tensors, per storage (``dec.weight =
+            nn.Parameter(enc.weight.t())``, a view of another parameter), as
+            found when the spec was built (see :func:`storage_sharing`).
+            :func:`~maskalign.apply_permutation` permutes them only when the
+            permutation keeps the shared storage consistent, and keeps them
+            sharing it. One tensor object under several names (tied weights)
+            is not listed: its names are in the same groups already.
     """
 
     groups: dict[str, Group]
@@ -131,12 +146,21 @@ class PermutationSpec:
     train_mode: str = "same graph as eval mode"
     plain_tensors: frozenset[str] = frozenset()
     activations: dict[str, list[ActivationPoint]] = field(default_factory=dict)
+    module_types: dict[str, str] = field(default_factory=dict)
+    shared_storage: tuple[tuple[str, ...], ...] = ()
     captured: CapturedGraph | None = field(default=None, repr=False, compare=False)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the architecture: tensor names, shapes and groups."""
+        """A short hash of the graph structure the spec depends on: every
+        tensor's name and shape and, per dim, its axis tree (which groups it
+        carries, as products and concatenations), i.e. which parameter axes
+        share a permutation. Two models wired differently (a residual
+        connection, a shared weight) have different fingerprints even when
+        their tensors have the same names and shapes. Module class names are
+        not hashed (a spec of an ``ExportedProgram`` has the fingerprint of
+        the module's); they are kept in :attr:`module_types`."""
         h = hashlib.sha256()
         for name in sorted(self.axes):
             h.update(f"{name}{self.shapes[name]}{self.axes[name]};".encode())
@@ -159,6 +183,8 @@ class PermutationSpec:
             members = ", ".join(f"{t}[{d}]" for t, d in group.members[:4])
             more = f", ... (+{len(group.members) - 4})" if len(group.members) > 4 else ""
             lines.append(f"  {group.name:<{width}}  {group.size:>4}  {members}{more}")
+        for names in self.shared_storage:
+            lines.append(f"  shared storage: {', '.join(names)}")
         if self.frozen:
             lines.append(f"  frozen axes ({len(self.frozen)}):")
             for axis in self.frozen[:20]:
@@ -208,7 +234,11 @@ def build_spec(
     Raises:
         TraceError: the model cannot be captured, or the capture does not
             reproduce the eager outputs.
+        SpecError: an argument has the wrong type (a state_dict for
+            ``model``, a string for ``permutable_buffers``), or
+            ``permutable_buffers`` names no non-persistent buffer.
     """
+    _check_build_arguments(model, kwargs, permutable_buffers)
     if isinstance(model, nn.Module):
         with preserved_attributes(model):  # forward may fill caches (LeViT's attention biases): leave them as they were
             return _build(model, example_inputs, kwargs, permutable_buffers)
@@ -241,7 +271,94 @@ def _build(
     spec = spec_from_analysis(analyze(captured, permutable_buffers, train=train), captured)
     spec.train_mode = train_mode
     spec.plain_tensors = plain
+    if isinstance(model, nn.Module):
+        spec.module_types = module_types(model)
+        spec.shared_storage = tuple(tuple(names) for names in storage_sharing(_named_state(model)))
     return spec
+
+
+def _check_build_arguments(model: Any, kwargs: Any, permutable_buffers: Any) -> None:
+    """Raise :class:`SpecError` naming the argument of :func:`build_spec`
+    that has the wrong type."""
+    if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        what = "None" if model is None else f"a {type(model).__name__}"
+        hint = " (a state_dict?)" if isinstance(model, Mapping) else ""
+        raise SpecError(
+            f"Argument 'model' is {what}{hint}; pass the nn.Module itself (or an ExportedProgram): "
+            "ma.build_spec(model, example_inputs)."
+        )
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise SpecError(
+            f"Argument 'kwargs' is a {type(kwargs).__name__}; pass a dict of forward's keyword inputs, "
+            "and positional inputs as example_inputs."
+        )
+    listed = isinstance(permutable_buffers, (Sequence, AbstractSet))
+    if (
+        not listed
+        or isinstance(permutable_buffers, (str, bytes))
+        or not all(isinstance(n, str) for n in permutable_buffers)
+    ):
+        raise SpecError(
+            f"Argument 'permutable_buffers' is {permutable_buffers!r}; pass a list of buffer names, "
+            "e.g. permutable_buffers=['scale']."
+        )
+
+
+def module_types(model: nn.Module) -> dict[str, str]:
+    """Module path (``""`` for ``model``) -> class name, for every module that
+    holds a parameter or buffer or contains a module that does, in
+    ``named_modules`` order.
+
+    Parameter-free leaves (activations, pooling, ``nn.Identity``) are left out:
+    swapping ReLU for GELU keeps every permutation valid. A container's class
+    is kept: a residual block and a plain one of the same layers differ only
+    there.
+    """
+    owners: set[str] = set()
+    entries: list[tuple[str, nn.Module]] = list(model.named_modules(remove_duplicate=False))
+    for path, module in entries:
+        if any(t is not None for t in module._parameters.values()) or any(
+            t is not None for t in module._buffers.values()
+        ):
+            owners.add(path)
+    holding: set[str] = set()
+    for path in owners:
+        parts = path.split(".") if path else []
+        holding.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    return {path: type(module).__name__ for path, module in entries if path in holding}
+
+
+def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` under every name (tied ones
+    included), as the objects themselves."""
+    named: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def storage_sharing(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Names of ``tensors`` that share one storage, per storage, where either
+    the views differ (a parameter that is a transposed view of another) or
+    they are distinct tensor objects: the cases where writing one tensor
+    changes another. One object under several names (tied weights, one
+    ``nn.Parameter`` in two modules) is left out. Empty, meta and non-strided
+    tensors are skipped."""
+    by_storage: dict[tuple[str, int], list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0 or tensor.is_meta or tensor.layout != torch.strided:
+            continue
+        try:
+            key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+            continue
+        by_storage.setdefault(key, []).append(name)
+    shared: list[list[str]] = []
+    for names in by_storage.values():
+        objects = {id(tensors[n]) for n in names}
+        views = {(tensors[n].storage_offset(), tuple(tensors[n].shape), tensors[n].stride()) for n in names}
+        if len(objects) > 1 or len(views) > 1:
+            shared.append(names)
+    return shared
 
 
 def spec_from_analysis(analysis: Analysis, captured: CapturedGraph) -> PermutationSpec:
