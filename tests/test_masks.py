@@ -244,7 +244,7 @@ def test_prune_does_not_mutate_model_or_masks() -> None:
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_prune_rejects_sparsity_out_of_range(bad: float) -> None:
-    with pytest.raises(ValueError, match="sparsity must be in"):
+    with pytest.raises(ValueError, match=r"Argument 'sparsity' is .*; pass a fraction in \[0, 1\)"):
         global_magnitude_prune(mlp(), bad)
 
 
@@ -259,9 +259,9 @@ def test_prune_rejects_unknown_or_repeated_params() -> None:
     model = mlp()
     with pytest.raises(MaskError, match=r"'0\.wieght'.*'0\.weight'"):
         global_magnitude_prune(model, 0.5, params=["0.wieght"])
-    with pytest.raises(MaskError, match=r"more than once.*'0\.weight'"):
+    with pytest.raises(MaskError, match=r"'0\.weight'.*more than once"):
         global_magnitude_prune(model, 0.5, params=["0.weight", "3.weight", "0.weight"])
-    with pytest.raises(ValueError, match="no parameter to prune"):
+    with pytest.raises(ValueError, match="'params' is empty"):
         global_magnitude_prune(model, 0.5, params=[])
 
 

@@ -81,4 +81,6 @@ def test_list_presets_prints_every_resolved_setting(capsys: pytest.CaptureFixtur
 
 def test_cli_rejects_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "--epochs", "2", "-k", "3", "--out", "unused"]) == 2
-    assert "rewind epochs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'rewind_epochs' (--rewind-epochs) is [3]" in err and "epochs=2" in err
+    assert err.count("\n") == 1 and err.startswith("maskalign: ") and "troubleshooting/#configerror" in err

@@ -22,7 +22,19 @@ from torch.utils import _pytree as pytree
 
 from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size, unit_positions
 from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
-from .errors import DOCS_URL, DataError, SpecError, SpecMismatchError, TraceError
+from .errors import (
+    DOCS_URL,
+    ArgumentTypeError,
+    DataError,
+    SpecError,
+    SpecMismatchError,
+    TraceError,
+    _check_callable,
+    _check_choice,
+    _check_int,
+    _check_module,
+    _describe,
+)
 from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import ActivationPoint, PermutationSpec, build_spec
@@ -153,20 +165,195 @@ def _centred_rows(x: Tensor, mean: Tensor) -> Tensor:
     return out.view(x.shape[1], -1)
 
 
-def _default_input_fn(batch: Any) -> tuple[Any, ...]:
+_CALL = "match_activations(model_a, model_b, data, spec)"
+_CACHE_KEYS = ("past_key_values", "cache", "cache_params")
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+"""Forward's positional and keyword inputs."""
+
+
+def _default_input_fn(batch: Any) -> Any:
+    """Forward's inputs from a batch as data loaders yield them: a mapping
+    (``{"input_ids": ..., "attention_mask": ...}``, a transformers
+    ``BatchEncoding``) is keyword inputs; of a tuple or list (``(inputs,
+    labels)``) the first element is the input; anything else is the input."""
+    if isinstance(batch, Mapping):
+        return batch
     if isinstance(batch, (tuple, list)):
-        return normalize_inputs(batch[0])
-    return normalize_inputs(batch)
+        return batch[0] if batch else batch
+    return batch
+
+
+def _bad_leaf(value: Any) -> str | None:
+    """Why ``value`` (one input, possibly nested) cannot be fed to a captured
+    graph, or ``None``: Python lists of numbers and numpy arrays are not tensors."""
+    if isinstance(value, Tensor) or value is None or isinstance(value, (bool, int, float, str)):
+        return None
+    if type(value).__module__ == "numpy" and hasattr(value, "shape"):
+        return f"a numpy array of shape {tuple(value.shape)}; convert it with torch.from_numpy(...)"
+    if _is_numbers(value):
+        return (
+            f"a {type(value).__name__} of numbers, not a tensor; tokenize with return_tensors='pt' "
+            "or convert it with torch.tensor(...)"
+        )
+    if isinstance(value, (list, tuple)):
+        return next((why for why in map(_bad_leaf, value) if why is not None), None)
+    if isinstance(value, Mapping):
+        return next((why for why in map(_bad_leaf, value.values()) if why is not None), None)
+    return None
+
+
+def _is_numbers(value: Any) -> bool:
+    """A non-empty (nested) Python list of numbers, as a tokenizer returns
+    without ``return_tensors``."""
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(v, (bool, int, float)) or _is_numbers(v) for v in value)
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, Tensor) for leaf in pytree.tree_leaves(value))
+
+
+def _split_inputs(inputs: Any, index: int) -> Inputs:
+    """``(args, kwargs)`` for ``forward`` from what ``input_fn`` returned: a
+    mapping is keyword inputs, a tuple or list positional inputs, anything
+    else the one positional input.
+
+    Raises:
+        DataError: naming the batch and the input, when a key is not a
+            string, an input is a list of numbers or a numpy array, or the
+            batch holds no tensor at all.
+    """
+    if isinstance(inputs, Mapping):
+        kwargs: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if not isinstance(key, str):
+                raise DataError(
+                    f"Batch {index} has the key {key!r}, which is not a keyword of forward; key batches by "
+                    "forward's argument names (str)."
+                )
+            kwargs[key] = value
+        args: tuple[Any, ...] = ()
+        named = [(repr(k), v) for k, v in kwargs.items()]
+    else:
+        args, kwargs = normalize_inputs(inputs), {}
+        named = [(f"input {i}", v) for i, v in enumerate(args)]
+    for where, value in named:
+        why = _bad_leaf(value)
+        if why is not None:
+            raise DataError(f"Batch {index}: {where} is {why}.")
+    if not _has_tensor((args, kwargs)):
+        raise DataError(
+            f"Batch {index} is {_describe(inputs)} and holds no tensor; pass batches of tensors, (inputs, labels) "
+            "pairs or dicts of tensors (model(**batch)), or input_fn=... that maps a batch to forward's inputs."
+        )
+    return args, kwargs
+
+
+def _structure(tree: pytree.TreeSpec) -> str:
+    """``"2 positional input(s) and keyword inputs ['a', 'b']"`` of an ``(args, kwargs)`` tree."""
+    args, kwargs = pytree.tree_unflatten([None] * tree.num_leaves, tree)
+    return f"{len(args)} positional input(s) and keyword inputs {list(kwargs)}"
+
+
+def _arrange(inputs: Inputs, reference: pytree.TreeSpec, index: int) -> list[Any]:
+    """The flat inputs of a batch in the order of the spec's graph; keyword
+    inputs are reordered to the spec's order when they are the same names.
+
+    Raises:
+        DataError: the batch's inputs are not those the spec was built from.
+    """
+    args, kwargs = inputs
+    flat, tree = pytree.tree_flatten((args, kwargs))
+    if tree == reference:
+        return flat
+    _, reference_kwargs = pytree.tree_unflatten([None] * reference.num_leaves, reference)
+    if set(reference_kwargs) == set(kwargs):
+        flat, tree = pytree.tree_flatten((args, {k: kwargs[k] for k in reference_kwargs}))
+        if tree == reference:
+            return flat
+    raise DataError(
+        f"Batch {index} gives forward {_structure(tree)}, but the spec was built from {_structure(reference)}; "
+        "build the spec from one batch of this data (or leave spec out), or pass input_fn=... that maps "
+        "each batch to the inputs the spec was built from."
+    )
+
+
+def _check_no_cache(model: nn.Module, which: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`TraceError` when ``model`` is a transformers model with
+    ``config.use_cache=True`` whose forward returns a key/value cache on these
+    inputs (a cache cannot be captured, and its tensors would freeze the axes
+    they carry). Models whose forward returns no cache (encoders such as
+    BERT) pass; a forward that fails is left to the capture to report."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False) or kwargs.get("use_cache") is False:
+        return
+    try:
+        output = model(*args, **kwargs)
+    except Exception:  # the capture names what fails
+        return
+    if isinstance(output, Mapping):
+        cache = next((output[k] for k in _CACHE_KEYS if output.get(k) is not None), None)
+    else:
+        cache = next((getattr(output, k) for k in _CACHE_KEYS if getattr(output, k, None) is not None), None)
+    if cache is not None:
+        raise TraceError(
+            f"{which} ({type(model).__name__}) has config.use_cache=True, so its forward returns a key/value "
+            f"cache ({type(cache).__name__}) that cannot be captured; pass use_cache=False: set "
+            f"{which}.config.use_cache = False (and the other model's), load the models with use_cache=False, "
+            "or add it to every batch with input_fn=lambda batch: {**batch, 'use_cache': False}."
+        )
+
+
+def _check_dtypes(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> None:
+    """Raise :class:`SpecMismatchError` naming the first floating tensor whose
+    dtype differs between the two models."""
+    for name, tensor_a in state_a.items():
+        tensor_b = state_b.get(name)
+        if (
+            isinstance(tensor_b, Tensor)
+            and tensor_a.is_floating_point()
+            and tensor_b.is_floating_point()
+            and tensor_a.dtype != tensor_b.dtype
+        ):
+            raise SpecMismatchError(
+                f"Tensor {name!r} is {tensor_a.dtype} in model_a but {tensor_b.dtype} in model_b; convert both "
+                f"models to one dtype, e.g. model_b.to({tensor_a.dtype})."
+            )
+
+
+def _check_data(data: Any) -> None:
+    """Raise :class:`ArgumentTypeError` unless ``data`` is an iterable of
+    batches (a tensor, a single dict batch or a model are named as such)."""
+    if isinstance(data, nn.Module):
+        raise ArgumentTypeError(
+            f"Argument 'data' is {_describe(data)}, not an iterable of batches; the order is {_CALL}."
+        )
+    if isinstance(data, Tensor):
+        raise ArgumentTypeError(
+            f"Argument 'data' is {_describe(data)}, not an iterable of batches (iterating a tensor yields its "
+            "rows); pass [x] for one batch, or a DataLoader."
+        )
+    if isinstance(data, Mapping):
+        raise ArgumentTypeError(
+            f"Argument 'data' is {_describe(data)} (one batch?), not an iterable of batches; pass [batch] or "
+            "a DataLoader."
+        )
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise ArgumentTypeError(
+            f"Argument 'data' is {_describe(data)}, not an iterable of batches; pass a DataLoader or a list of batches."
+        )
 
 
 def _models_device_dtype(model_a: nn.Module, model_b: nn.Module) -> tuple[torch.device, torch.dtype]:
-    tensors_a = list(model_a.parameters()) or list(model_a.buffers())
-    tensors_b = list(model_b.parameters()) or list(model_b.buffers())
+    tensors_a: list[Tensor] = [*model_a.parameters(), *model_a.buffers()]
+    tensors_b: list[Tensor] = [*model_b.parameters(), *model_b.buffers()]
     if not tensors_a:
-        raise SpecMismatchError("model_a has no parameters or buffers to match")
+        raise SpecMismatchError("Model model_a has no parameters or buffers to match; pass a model with weights.")
     dev_a, dev_b = tensors_a[0].device, tensors_b[0].device if tensors_b else tensors_a[0].device
     if dev_a != dev_b:
-        raise SpecMismatchError(f"model_a is on {dev_a} but model_b is on {dev_b}; move both to one device")
+        raise SpecMismatchError(f"model_a is on {dev_a} but model_b is on {dev_b}; move both to one device.")
     return dev_a, tensors_a[0].dtype
 
 
@@ -187,7 +374,10 @@ class _Prober:
 
     def __init__(self, spec: PermutationSpec, model: nn.Module, nodes: Sequence[str]) -> None:
         if spec.captured is None:
-            raise SpecError("activation matching needs a spec made by build_spec (it holds the model's graph)")
+            raise SpecError(
+                "Argument 'spec' was not made by build_spec (it holds no captured graph), which activation "
+                "matching needs; pass spec=ma.build_spec(model_a, example_inputs)."
+            )
         self.model = model
         self.nodes = list(nodes)
         self.cache = spec.cache
@@ -201,31 +391,37 @@ class _Prober:
         return self.cache[key]  # type: ignore[no-any-return]
 
     def _captured_for(self, flat: list[Any], shapes: tuple[Any, ...]) -> CapturedGraph:
-        reference_shapes = tuple(
-            tuple(n.meta["val"].shape)
+        reference_values = [
+            n.meta["val"]
             for n in self.reference.graph.nodes
             if n.op == "placeholder" and self.reference.roles[n.name].kind == "input"
-        )
-        if reference_shapes == tuple(k for k in shapes if isinstance(k, tuple)):
+        ]  # a non-tensor input (use_cache=False) is a placeholder holding its value
+        reference_shapes = tuple(tuple(v.shape) if isinstance(v, Tensor) else v for v in reference_values)
+        if reference_shapes == shapes:
             return self.reference
         args, kwargs = pytree.tree_unflatten(flat, self.reference.input_spec)
-        dynamic = self.cache.get("dynamic")
+        if kwargs:  # capture(dynamic_batch=True) marks positional inputs only: one graph per shape
+            return self._static(args, kwargs, shapes)
+        dynamic: CapturedGraph | bool | None = self.cache.get("dynamic")
         if dynamic is None:
             try:
                 dynamic = capture(self.model, args, kwargs, check=False, dynamic_batch=True)
             except TraceError:
                 dynamic = False
-            if dynamic and not self._has_nodes(dynamic):
+            if isinstance(dynamic, CapturedGraph) and not self._has_nodes(dynamic):
                 dynamic = False
             self.cache["dynamic"] = dynamic
-        if dynamic:
-            return dynamic  # type: ignore[no-any-return]
+        if isinstance(dynamic, CapturedGraph):
+            return dynamic
+        return self._static(args, kwargs, shapes)
+
+    def _static(self, args: Any, kwargs: Any, shapes: tuple[Any, ...]) -> CapturedGraph:
         captured = capture(self.model, args, kwargs, check=False)
         if not self._has_nodes(captured):
             missing = [n for n in self.nodes if n not in {m.name for m in captured.flat_graph.nodes}]
             raise TraceError(
-                f"inputs of shapes {shapes} trace to a different graph (nodes {missing[:3]} are "
-                "missing); use batches of one shape (e.g. DataLoader(drop_last=True))"
+                f"Inputs of shapes {shapes} trace to a different graph (nodes {missing[:3]} are "
+                "missing); use batches of one shape (e.g. DataLoader(drop_last=True))."
             )
         return captured
 
@@ -370,13 +566,19 @@ def match_activations(
             modified.
         model_b: the reference model, of the same architecture and on the
             same device as ``model_a``; treated like it.
-        data: a DataLoader or any iterable of batches: a tensor, or a tuple/list
-            whose first element is the input (``(inputs, target)`` pairs), or
-            anything that ``input_fn`` maps to forward's positional inputs.
+        data: a DataLoader or any iterable of batches, each one of: a
+            tensor (the input); a mapping such as ``{"input_ids": ...,
+            "attention_mask": ...}`` or a transformers ``BatchEncoding``
+            (keyword inputs: the models run as ``model(**batch)``); a
+            tuple/list whose first element is the input (``(inputs, labels)``
+            pairs; the input may itself be a mapping); or anything that
+            ``input_fn`` maps to forward's inputs. Batches are moved to the
+            models' device (floating tensors also to their dtype).
         spec: the permutation spec; built from ``model_a`` and the first batch
             if omitted.
         num_batches: use at most this many batches.
-        input_fn: maps a batch to forward's input (a tensor or a tuple).
+        input_fn: maps a batch to forward's inputs: a tensor, a tuple of
+            positional inputs, or a mapping of keyword inputs.
         cost: ``"correlation"`` (Pearson, default), ``"covariance"`` or
             ``"euclidean"``.
         progress: show a tqdm progress bar (when tqdm is installed).
@@ -390,34 +592,60 @@ def match_activations(
         matched similarity before (identity) and after matching.
 
     Raises:
-        SpecMismatchError: the models differ in parameter names or shapes, or
-            sit on different devices.
-        DataError: ``data`` yields no batch, or an activation is not finite
-            (the message names the graph node and the batch).
-
-        ValueError: an unknown ``cost``.
+        ArgumentTypeError: (a ``TypeError``) ``model_a`` or ``model_b`` is
+            not a module (e.g. the arguments are swapped), ``data`` is not an
+            iterable of batches (a tensor, a single dict, a model), ``spec``
+            is not a :class:`~maskalign.spec.PermutationSpec`, ``input_fn`` is
+            not callable, or ``num_batches`` / ``max_joint`` is not an int.
+        ArgumentValueError: (a ``ValueError``) an unknown ``cost``, or
+            ``num_batches`` / ``max_joint`` below 1.
+        SpecMismatchError: the models differ in parameter names or shapes, sit
+            on different devices, or hold their weights in different dtypes.
+        SpecError: ``spec`` was not made by :func:`~maskalign.build_spec`.
+        DataError: ``data`` yields no batch, a batch holds no tensor (or a list
+            of numbers, a numpy array), a batch's inputs are not those the spec
+            was built from, or an activation is not finite (the message names
+            the graph node and the batch).
+        TraceError: the model cannot be captured on the first batch; for a
+            transformers model with ``config.use_cache=True`` whose forward
+            returns a key/value cache, the message says to pass
+            ``use_cache=False``.
 
     Distributed: under an initialised ``torch.distributed`` process group, each
     rank passes its own shard of the data (at least one batch per rank); the
     statistics are all-reduced, rank 0 solves, and every rank returns the
     same permutation.
     """
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+    _check_module(model_a, "model_a", _CALL)
+    _check_module(model_b, "model_b", _CALL)
+    _check_data(data)
+    if spec is not None and not isinstance(spec, PermutationSpec):
+        hint = "; pass perm.spec" if isinstance(spec, Permutation) else ""
+        raise ArgumentTypeError(
+            f"Argument 'spec' is {_describe(spec)}, not a PermutationSpec{hint}; build one with "
+            "ma.build_spec(model_a, example_inputs), or leave it out."
+        )
+    if input_fn is not None:
+        _check_callable(input_fn, "input_fn", "input_fn(batch) -> forward's inputs (a tensor, a tuple or a dict)")
+    _check_choice(cost, "cost", COSTS)
+    _check_int(num_batches, "num_batches", 1, allow_none=True)
+    _check_int(max_joint, "max_joint", 1)
     device, dtype = _models_device_dtype(model_a, model_b)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    _check_dtypes(state_a, state_b)
     input_fn = input_fn or _default_input_fn
     prober: _Prober | None = None
     plan: _Plan | None = None
     clean: dict[str, ActivationStats] = {}
     joint: dict[AxisTree, ActivationStats] = {}
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
     with eval_mode(model_a, model_b), torch.no_grad():
         for index, batch in enumerate(_batches(data, num_batches, progress)):
-            inputs = input_fn(batch)
-            args = tuple(_to_model(x, device, dtype) for x in normalize_inputs(inputs))
+            args, kwargs = pytree.tree_map(lambda x: _to_model(x, device, dtype), _split_inputs(input_fn(batch), index))
             if prober is None:
+                for model, which in ((model_a, "model_a"), (model_b, "model_b")):
+                    _check_no_cache(model, which, args, kwargs)
                 if spec is None:
-                    spec = build_spec(model_a, args)
+                    spec = build_spec(model_a, args, kwargs)
                 check_same_architecture(state_a, spec, "model_a")
                 check_same_architecture(state_b, spec, "model_b")
                 plan = _Plan(spec, max_joint)
@@ -431,10 +659,13 @@ def match_activations(
                 clean, joint = plan.stats(spec, device)
                 uses = plan.uses()
             assert spec is not None and plan is not None
-            flat, _ = pytree.tree_flatten((args, {}))
+            flat = _arrange((args, kwargs), prober.reference.input_spec, index)
             prober(state_a, state_b, flat, _Visitor(uses, clean, joint, index))
     if spec is None or prober is None:
-        raise DataError("data yielded no batches; activation matching needs at least one batch")
+        raise DataError(
+            "Argument 'data' yielded no batches (an exhausted iterator?); pass a list or a DataLoader with at "
+            "least one batch."
+        )
     for stats in (*clean.values(), *joint.values()):
         stats.sync()
     distributed = dist.is_available() and dist.is_initialized()

@@ -4,6 +4,9 @@
 (or resumes) the paper's lottery-ticket mask transfer experiment
 (:mod:`maskalign.experiment`); ``maskalign report DIR`` re-renders the tables
 and plots of a finished run from its ``results.json``.
+
+Every error is printed as one line ``maskalign: <what is wrong and what to
+do> See <troubleshooting link>`` on stderr, and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -11,14 +14,35 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import MaskAlignError
+from .errors import DOCS_URL, MaskAlignError
 from .experiment import reproduce
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
 from .report import markdown_table, render, write_results
 
 __all__ = ["main"]
+
+_CLI_DOCS = f"{DOCS_URL}/troubleshooting/#command-line"
+
+
+def _error_line(exc: BaseException) -> str:
+    """One ``maskalign: ...`` line for ``exc``, ending with its docs link."""
+    if isinstance(exc, MaskAlignError):
+        return f"maskalign: {exc.one_line()}"
+    text = (str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)).strip()
+    if not text.endswith((".", "?", "!")):
+        text += "."
+    return "maskalign: " + " ".join(f"{text} See {_CLI_DOCS}".split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors end in one ``maskalign: ...`` line with the docs link."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("maskalign").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"maskalign: {where}{message}; see `{self.prog} --help`. See {_CLI_DOCS}\n")
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +78,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskalign", description=__doc__)
+    parser = _Parser(prog="maskalign", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     rep = commands.add_parser(
         "reproduce",
@@ -89,13 +113,15 @@ def _print_settings(name: str, config: ReproduceConfig, overrides: dict[str, Any
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``maskalign`` script; returns the exit status
-    (0 done, 2 bad settings or an output folder that does not match them)."""
+    (0 done, 2 bad settings or an output folder that does not match them).
+    Errors are printed as one ``maskalign: ...`` line ending with the link to
+    their troubleshooting entry."""
     args = _parser().parse_args(argv)
     if args.command == "report":
         try:
             paths = render(args.folder)
-        except FileNotFoundError as exc:
-            print(f"maskalign: {exc}", file=sys.stderr)
+        except (FileNotFoundError, NotADirectoryError, MaskAlignError, ValueError) as exc:
+            print(_error_line(exc), file=sys.stderr)
             return 2
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
@@ -106,15 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(args)
     try:
         config = get_preset(args.preset, **overrides)
-    except ValueError as exc:
-        print(f"maskalign: {exc}", file=sys.stderr)
+    except (MaskAlignError, ValueError, TypeError, KeyError) as exc:
+        print(_error_line(exc), file=sys.stderr)
         return 2
     _print_settings(args.preset, config, overrides)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         results = reproduce(config, out=args.out, preset=args.preset, force=args.force, restart=args.restart, log=log)
     except (MaskAlignError, ValueError) as exc:
-        print(f"maskalign: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 2
     results["overrides"] = sorted(overrides)
     paths = write_results(results, args.out)

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from .activation_matching import match_activations
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
+from .errors import ConfigError
 from .fileio import atomic_write
 from .imp import IMPRound, imp_schedule, iterative_magnitude_pruning
 from .lmc import LMCResult, evaluate, lmc_barrier
@@ -145,13 +146,28 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; any other name as given.
 
     Raises:
-        ValueError: a CUDA device is requested but none is available.
+        ConfigError: (a ``ValueError``) the name is not a device, or a CUDA
+            device is requested but none is available (or its index is
+            beyond the visible devices).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"Setting 'device' (--device) is {name!r}, which is not a device; pass auto, cpu, cuda or cuda:N."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        raise ConfigError(
+            f"Setting 'device' (--device) is {name!r} but CUDA is not available on this machine; "
+            "pass --device cpu or auto."
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"Setting 'device' (--device) is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are "
+            "visible; pass cuda:0 .. cuda:N-1, or auto."
+        )
     return device
 
 
@@ -730,14 +746,18 @@ def reproduce(
 
     Raises:
         StageMismatchError: a stored stage was computed with other settings.
-        DataError, ValueError: as :func:`~maskalign.data.load_dataset` and
-            :func:`resolve_device`.
+        ConfigError: (a ``ValueError``) as :func:`resolve_device`, or
+            ``amp`` without CUDA.
+        DataError, ValueError: as :func:`~maskalign.data.load_dataset`.
     """
     began = time.perf_counter()
     config = config or PRESETS["digits"]
     device = resolve_device(config.device)
     if config.amp != "off" and device.type != "cuda":
-        raise ValueError(f"amp={config.amp!r} needs CUDA; the run uses {device}")
+        raise ConfigError(
+            f"Setting 'amp' (--amp) is {config.amp!r}, which needs CUDA, but the run uses {device}; "
+            "pass --amp off or a CUDA device."
+        )
     splits = splits or load_dataset(config.dataset, config.data_root)
     fingerprint = splits_fingerprint(splits)
     splits = splits_to_device(splits, device)

@@ -27,6 +27,7 @@ masks are what the model was trained with.
 from __future__ import annotations
 
 import copy
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,8 +37,27 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from maskalign.errors import DOCS_URL, MaskError
-from maskalign.masks import apply_masks, default_prunable, global_magnitude_prune, validate_masks
+from maskalign.errors import (
+    DOCS_URL,
+    ArgumentTypeError,
+    ArgumentValueError,
+    MaskError,
+    _check_callable,
+    _check_choice,
+    _check_fraction,
+    _check_int,
+    _check_module,
+    _describe,
+)
+from maskalign.masks import (
+    _check_mask_set,
+    _check_names,
+    _unknown_name_message,
+    apply_masks,
+    default_prunable,
+    global_magnitude_prune,
+    validate_masks,
+)
 from maskalign.sparse import enforce_masks
 
 __all__ = ["IMPResult", "IMPRound", "RewindMode", "imp_schedule", "iterative_magnitude_pruning"]
@@ -67,16 +87,18 @@ def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[fl
         The increasing list of sparsities, one per round.
 
     Raises:
-        ValueError: if a target or ``rate`` is outside ``(0, 1)`` or there is
-            no target.
+        ArgumentTypeError: (a ``TypeError``) a target or ``rate`` is not a
+            number.
+        ArgumentValueError: (a ``ValueError``) a target or ``rate`` is outside
+            ``(0, 1)`` (a likely percentage such as ``90`` is named as one),
+            or there is no target.
 
     Examples:
         >>> [round(s, 4) for s in imp_schedule([0.5], 0.2)]
         [0.2, 0.36, 0.488, 0.5]
     """
     levels = _check_targets(targets)
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must lie in (0, 1), got {rate!r}.")
+    rate = _check_fraction(rate, "rate", include_zero=False)
     schedule: list[float] = []
     current = 0.0
     for target in levels:
@@ -90,12 +112,16 @@ def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[fl
 
 def _check_targets(targets: float | Sequence[float]) -> list[float]:
     """Sorted distinct targets, each checked to lie in ``(0, 1)``."""
-    values = [float(targets)] if isinstance(targets, (int, float)) else [float(t) for t in targets]
+    if isinstance(targets, (str, bytes, Mapping)) or not isinstance(targets, (numbers.Real, Tensor, Sequence)):
+        raise ArgumentTypeError(
+            f"Argument 'target_sparsity' is {_describe(targets)}; pass a fraction in (0, 1) or a list of them."
+        )
+    if isinstance(targets, (numbers.Real, Tensor)):
+        values = [_check_fraction(targets, "target_sparsity", include_zero=False)]
+    else:
+        values = [_check_fraction(t, f"target_sparsity[{i}]", include_zero=False) for i, t in enumerate(targets)]
     if not values:
-        raise ValueError("target_sparsity is empty; give at least one sparsity in (0, 1).")
-    bad = [t for t in values if not 0.0 < t < 1.0]
-    if bad:
-        raise ValueError(f"target sparsities must lie in (0, 1), got {bad}.")
+        raise ArgumentValueError("Argument 'target_sparsity' is empty; give at least one sparsity in (0, 1).")
     return sorted(set(values))
 
 
@@ -157,22 +183,31 @@ def _check_rewind_state(model: nn.Module, state: Mapping[str, Tensor]) -> dict[s
     and shapes of ``model.state_dict()`` (so loading it cannot fail half-way).
 
     Raises:
-        ValueError: naming missing keys, unexpected keys or the first shape
-            mismatch.
+        ArgumentTypeError: ``state`` is a module or not a mapping.
+        ArgumentValueError: naming missing keys, unexpected keys or the first
+            shape mismatch.
     """
+    if isinstance(state, nn.Module) or not isinstance(state, Mapping):
+        raise ArgumentTypeError(
+            f"Argument 'rewind_to' is {_describe(state)}, not a state_dict; pass "
+            "copy.deepcopy(model.state_dict()) saved at the rewind epoch."
+        )
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ValueError(
-            f"rewind_to does not match the model's state_dict: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}. Pass `model.state_dict()` saved at the rewind epoch."
+        raise ArgumentValueError(
+            f"Argument 'rewind_to' does not match the model's state_dict: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}; pass `model.state_dict()` saved at the rewind epoch."
         )
     for key, value in expected.items():
         got = state[key]
         if not isinstance(got, Tensor) or got.shape != value.shape:
             shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
-            raise ValueError(f"rewind_to[{key!r}] has shape {shape}, the model's has {tuple(value.shape)}.")
+            raise ArgumentValueError(
+                f"Argument rewind_to[{key!r}] has shape {shape}, the model's has {tuple(value.shape)}; "
+                "pass the state_dict of this architecture saved at the rewind epoch."
+            )
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -253,38 +288,61 @@ def iterative_magnitude_pruning(
         An :class:`IMPResult`.
 
     Raises:
-        ValueError: if ``rate`` or a target is outside ``(0, 1)``, ``rewind``
-            is unknown, ``rewind_to`` is missing for a rewinding mode or does
-            not match the model's ``state_dict``, ``rewind_epoch`` is negative
-            or non-zero without rewinding, or no parameter is left to prune.
-        MaskError: if ``params`` names an unknown parameter, or ``masks`` is
-            malformed or masks a parameter that is not pruned.
+        ArgumentTypeError: (a ``TypeError``) ``model`` is not a module,
+            ``train_fn`` / ``exclude`` / ``evaluate`` / ``on_round_end`` is
+            not callable, ``rewind_to`` is not a ``state_dict``, ``params`` is
+            not a list of names, ``rewind_epoch`` is not an int, or ``masks``
+            is not a mapping.
+        ArgumentValueError: (a ``ValueError``) if ``rate`` or a target is
+            outside ``(0, 1)``, ``rewind`` is unknown, ``rewind_to`` is
+            missing for a rewinding mode or does not match the model's
+            ``state_dict``, ``rewind_epoch`` is negative or non-zero without
+            rewinding, or no parameter is left to prune.
+        MaskError: if ``params`` names an unknown parameter (close names are
+            suggested), or ``masks`` is malformed or masks a parameter that
+            is not pruned.
     """
-    if rewind not in _REWIND_MODES:
-        raise ValueError(f"rewind must be one of {_REWIND_MODES}, got {rewind!r}.")
+    _check_module(model, "model", "iterative_magnitude_pruning(model, train_fn, target_sparsity)")
+    _check_callable(train_fn, "train_fn", "train_fn(model, round) that trains the model in place")
+    for argument, function, signature in (
+        ("exclude", exclude, "exclude(name) -> bool"),
+        ("evaluate", evaluate, "evaluate(model) -> float"),
+        ("on_round_end", on_round_end, "on_round_end(round, model)"),
+    ):
+        if function is not None:
+            _check_callable(function, argument, signature)
+    _check_choice(rewind, "rewind", _REWIND_MODES)
+    _check_int(rewind_epoch, "rewind_epoch", 0)
     if rewind == "none":
         if rewind_to is not None:
-            raise ValueError("rewind_to is given but rewind='none'; choose rewind='continue' or 'restart'.")
+            raise ArgumentValueError(
+                "Argument 'rewind_to' is given but rewind='none'; choose rewind='continue' or 'restart'."
+            )
         if rewind_epoch != 0:
-            raise ValueError(f"rewind_epoch={rewind_epoch} has no effect with rewind='none'; leave it at 0.")
+            raise ArgumentValueError(
+                f"Argument 'rewind_epoch' is {rewind_epoch} but has no effect with rewind='none'; leave it at 0."
+            )
     elif rewind_to is None:
-        raise ValueError(f"rewind={rewind!r} needs rewind_to, the state_dict saved at the rewind epoch.")
-    if rewind_epoch < 0:
-        raise ValueError(f"rewind_epoch must be >= 0, got {rewind_epoch}.")
+        raise ArgumentValueError(
+            f"Argument 'rewind_to' is missing: rewind={rewind!r} needs the state_dict saved at the rewind epoch."
+        )
     targets = _check_targets(target_sparsity)
     schedule = imp_schedule(targets, rate)
 
     named = dict(model.named_parameters())
-    names = list(default_prunable(model) if params is None else params)
-    unknown = [n for n in names if n not in named]
-    if unknown:
-        raise MaskError(f"params names parameters the model does not have: {unknown}.")
+    names = default_prunable(model) if params is None else _check_names(params)
+    for name in names:
+        if name not in named:
+            raise MaskError(_unknown_name_message(str(name), list(named), "Parameter"))
     if exclude is not None:
         names = [n for n in names if not exclude(n)]
     if not names:
-        raise ValueError("No parameter is left to prune (check params and exclude).")
+        raise ArgumentValueError(
+            "Arguments 'params' and 'exclude' leave no parameter to prune; check params and exclude."
+        )
     current: dict[str, Tensor] = {}
     if masks is not None:
+        masks = _check_mask_set(masks)
         validate_masks(model, masks)
         outside = [k for k in masks if k not in names]
         if outside:

@@ -6,6 +6,8 @@ Entezari et al., ICLR 2022; Ainsworth et al., ICLR 2023, Sec. 2).
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capture import eval_mode
-from .errors import DataError, MaskError, SpecMismatchError
+from .errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    DataError,
+    SpecMismatchError,
+    _check_callable,
+    _check_int,
+    _check_module,
+    _check_reusable,
+    _describe,
+)
+from .masks import _check_mask_set, validate_masks
 
 __all__ = ["LMCResult", "evaluate", "interpolate", "lmc_barrier", "repair", "reset_bn_stats"]
 
@@ -66,17 +79,18 @@ def interpolate(
     interpolated. Neither input is modified.
 
     Raises:
+        ArgumentTypeError: (a ``TypeError``) a model is not an ``nn.Module``,
+            ``alpha`` is not a number, or a mask set is not a mapping.
+        ArgumentValueError: (a ``ValueError``) ``alpha`` is NaN or infinite.
         SpecMismatchError: the models have different tensor names or shapes.
+        MaskError: a mask set is malformed for its model (see
+            :func:`~maskalign.validate_masks`).
     """
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    if set(state_a) != set(state_b):
-        diff = sorted(set(state_a) ^ set(state_b))
-        raise SpecMismatchError(f"model_a and model_b have different tensors: {diff[:5]}")
-    for name, tensor in state_a.items():
-        if tensor.shape != state_b[name].shape:
-            raise SpecMismatchError(
-                f"'{name}' has shape {tuple(tensor.shape)} in model_a and {tuple(state_b[name].shape)} in model_b"
-            )
+    _check_module(model_a, "model_a", "interpolate(model_a, model_b, alpha)")
+    _check_module(model_b, "model_b", "interpolate(model_a, model_b, alpha)")
+    alpha = _check_alpha(alpha)
+    _check_masks(model_a, model_b, masks_a, masks_b)
+    state_a, state_b = _same_tensors(model_a, model_b)
     state_a = _effective(state_a, masks_a)
     state_b = _effective(state_b, masks_b)
     mixed = {
@@ -88,13 +102,65 @@ def interpolate(
     return out
 
 
+def _check_alpha(alpha: object) -> float:
+    """``alpha`` as a finite float."""
+    if isinstance(alpha, Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ArgumentTypeError(f"Argument 'alpha' is {_describe(alpha)}; pass a number (0: model_a, 1: model_b).")
+    if not math.isfinite(float(alpha)):
+        raise ArgumentValueError(f"Argument 'alpha' is {alpha!r}; pass a finite number (0: model_a, 1: model_b).")
+    return float(alpha)
+
+
+def _check_masks(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    masks_a: Mapping[str, Tensor] | None,
+    masks_b: Mapping[str, Tensor] | None,
+) -> None:
+    """Each given mask set is well-formed for its model."""
+    for model, masks, argument in ((model_a, masks_a, "masks_a"), (model_b, masks_b, "masks_b")):
+        if masks is not None:
+            validate_masks(model, _check_mask_set(masks, argument))
+
+
+def _same_tensors(model_a: nn.Module, model_b: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Both ``state_dict`` s, checked to hold the same names and shapes."""
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    if set(state_a) != set(state_b):
+        only_a = sorted(set(state_a) - set(state_b))[:5]
+        only_b = sorted(set(state_b) - set(state_a))[:5]
+        raise SpecMismatchError(
+            f"model_a and model_b have different tensors (only in model_a: {only_a}, only in model_b: "
+            f"{only_b}); interpolate between two models of one architecture."
+        )
+    for name, tensor in state_a.items():
+        if tensor.shape != state_b[name].shape:
+            raise SpecMismatchError(
+                f"Tensor {name!r} has shape {tuple(tensor.shape)} in model_a and {tuple(state_b[name].shape)} "
+                "in model_b; interpolate between two models of one architecture."
+            )
+    return state_a, state_b
+
+
+def _inputs_of(batch: Any, index: int, what: str) -> Tensor:
+    """The input tensor of a batch (a tensor, or the first element of an
+    ``(inputs, targets)`` pair)."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(inputs, Tensor):
+        raise DataError(
+            f"Batch {index} of {what} is {_describe(batch)}; pass batches that are tensors or (inputs, targets) "
+            "pairs of tensors."
+        )
+    return inputs
+
+
 def _effective(state: dict[str, Tensor], masks: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """``state`` with every masked tensor replaced by ``w * m``."""
+    """``state`` with every masked tensor replaced by ``w * m`` (the masks are
+    validated by the caller)."""
     if not masks:
         return state
-    unknown = sorted(set(masks) - set(state))
-    if unknown:
-        raise MaskError(f"masks name tensors that the model does not have: {unknown[:5]}")
     return {name: t * masks[name].to(t.device, t.dtype) if name in masks else t for name, t in state.items()}
 
 
@@ -122,15 +188,15 @@ def _channel_stats(model: nn.Module, names: list[str], data: Iterable[Any]) -> d
     device = _device_of(model)
     try:
         with eval_mode(model):
-            for batch in data:
-                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+            for index, batch in enumerate(data):
+                model(_inputs_of(batch, index, "repair data").to(device))
     finally:
         for handle in handles:
             handle.remove()
     out = {}
     for name, (count, total, squares) in sums.items():
         if count == 0:
-            raise DataError("repair data yielded no batches")
+            raise DataError("Argument 'data' of repair yielded no batches; pass a non-empty list of batches.")
         mean = total / count
         out[name] = (mean, (squares / count - mean**2).clamp_min(0).sqrt())
     return out
@@ -162,7 +228,16 @@ def repair(
 
     Returns:
         ``interpolated``.
+
+    Raises:
+        ArgumentTypeError: a model is not an ``nn.Module``, ``alpha`` is not a
+            number, or ``data`` is a one-shot iterator.
+        DataError: ``data`` yields no batch, or a batch holds no input tensor.
     """
+    for model, argument in ((interpolated, "interpolated"), (model_a, "model_a"), (model_b, "model_b")):
+        _check_module(model, argument, "repair(interpolated, model_a, model_b, alpha, data)")
+    alpha = _check_alpha(alpha)
+    _check_reusable(data, "data")
     names = [n for n, m in interpolated.named_modules() if isinstance(m, _REPAIRABLE)][:-1]
     stats_a, stats_b = _channel_stats(model_a, names, data), _channel_stats(model_b, names, data)
     for name in names:
@@ -171,21 +246,29 @@ def repair(
         target_mean = (1 - alpha) * stats_a[name][0] + alpha * stats_b[name][0]
         target_std = (1 - alpha) * stats_a[name][1] + alpha * stats_b[name][1]
         scale = target_std / std.clamp_min(eps)
-        weight = module.weight
+        weight: Tensor = module.weight  # type: ignore[assignment]  # a linear or convolution layer
+        current: Tensor | None = module.bias  # type: ignore[assignment]
         view = (-1,) + (1,) * (weight.dim() - 1)
         weight.mul_(scale.to(weight.dtype).view(view))
-        bias = module.bias if module.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        bias = current if current is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
         new_bias = (bias.double() - mean) * scale + target_mean
-        if module.bias is None:
+        if current is None:
             module.bias = nn.Parameter(new_bias.to(weight.dtype).to(weight.device))
         else:
-            module.bias.copy_(new_bias.to(bias.dtype))
+            current.copy_(new_bias.to(bias.dtype))
     return interpolated
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise DataError("evaluation batches must be (inputs, targets) pairs")
+def _split_batch(batch: Any, index: int) -> tuple[Tensor, Tensor]:
+    if (
+        not isinstance(batch, (tuple, list))
+        or len(batch) < 2
+        or not isinstance(batch[0], Tensor)
+        or not isinstance(batch[1], Tensor)
+    ):
+        raise DataError(
+            f"Batch {index} is {_describe(batch)}; evaluation batches must be (inputs, targets) pairs of tensors."
+        )
     return batch[0], batch[1]
 
 
@@ -202,8 +285,14 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any], num_batches: int | Non
     are restored. Needed after interpolating (Jordan et al., REPAIR, ICLR 2023).
 
     Raises:
-        DataError: ``data`` yields no batch (statistics would be left reset).
+        ArgumentTypeError: ``model`` is not an ``nn.Module``, or
+            ``num_batches`` is not an int.
+        ArgumentValueError: ``num_batches < 1``.
+        DataError: ``data`` yields no batch (statistics would be left reset),
+            or a batch holds no input tensor.
     """
+    _check_module(model, "model", "reset_bn_stats(model, data)")
+    _check_int(num_batches, "num_batches", 1, allow_none=True)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -218,11 +307,13 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any], num_batches: int | Non
         for index, batch in enumerate(data):
             if num_batches is not None and index >= num_batches:
                 break
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(inputs.to(device))
+            model(_inputs_of(batch, index, "bn data").to(device))
             seen += 1
         if seen == 0:
-            raise DataError("reset_bn_stats got no batches (an exhausted iterator?); pass a list or a DataLoader")
+            raise DataError(
+                "Argument 'data' of reset_bn_stats yielded no batches (an exhausted iterator?); pass a list or a "
+                "DataLoader."
+            )
     finally:
         for m, momentum, training in saved:
             m.momentum = momentum
@@ -240,14 +331,20 @@ def evaluate(
     the summed loss of the batch (default: cross-entropy, ``reduction='sum'``).
 
     Raises:
-        DataError: ``data`` yields no sample.
+        ArgumentTypeError: ``model`` is not an ``nn.Module``, or ``loss_fn``
+            is not callable.
+        DataError: ``data`` yields no sample, or a batch is not an
+            ``(inputs, targets)`` pair of tensors.
     """
+    _check_module(model, "model", "evaluate(model, data)")
+    if loss_fn is not None:
+        _check_callable(loss_fn, "loss_fn", "loss_fn(logits, targets) -> summed loss")
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
     device = _device_of(model)
     total_loss, correct, count = 0.0, 0, 0
     with eval_mode(model):
-        for batch in data:
-            inputs, targets = _split_batch(batch)
+        for index, batch in enumerate(data):
+            inputs, targets = _split_batch(batch, index)
             inputs, targets = inputs.to(device), targets.to(device)
             out = model(inputs)
             loss = loss_fn(out, targets)
@@ -255,7 +352,7 @@ def evaluate(
             correct += int((out.argmax(-1) == targets).sum())
             count += targets.shape[0]
     if count == 0:
-        raise DataError("evaluation data yielded no samples")
+        raise DataError("Argument 'data' yielded no samples; pass a non-empty list of (inputs, targets) batches.")
     return total_loss / count, correct / count
 
 
@@ -282,12 +379,28 @@ def lmc_barrier(
     without BatchNorm).
 
     Raises:
+        ArgumentTypeError: (a ``TypeError``) a model is not an ``nn.Module``
+            (e.g. the arguments are swapped), ``loss_fn`` is not callable,
+            ``num_points`` is not an int, or ``data`` / ``bn_data`` /
+            ``repair_data`` is a one-shot iterator (they are read at every
+            alpha).
+        ArgumentValueError: (a ``ValueError``) ``num_points < 2``.
         SpecMismatchError: the models differ in architecture.
-        DataError: ``data`` is empty.
-        ValueError: ``num_points < 2``.
+        MaskError: a mask set is malformed for its model.
+        DataError: ``data`` is empty or its batches are not
+            ``(inputs, targets)`` pairs.
     """
-    if num_points < 2:
-        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    call = "lmc_barrier(model_a, model_b, data)"
+    _check_module(model_a, "model_a", call)
+    _check_module(model_b, "model_b", call)
+    _check_int(num_points, "num_points", 2)
+    if loss_fn is not None:
+        _check_callable(loss_fn, "loss_fn", "loss_fn(logits, targets) -> summed loss")
+    for batches, argument in ((data, "data"), (bn_data, "bn_data"), (repair_data, "repair_data")):
+        if batches is not None:
+            _check_reusable(batches, argument)
+    _check_masks(model_a, model_b, masks_a, masks_b)
+    _same_tensors(model_a, model_b)
     alphas = torch.linspace(0, 1, num_points).tolist()
     losses, errors = [], []
     for alpha in alphas:

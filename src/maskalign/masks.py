@@ -20,7 +20,6 @@ Sources:
 from __future__ import annotations
 
 import difflib
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from maskalign.errors import DOCS_URL, MaskError
+from maskalign.errors import (
+    DOCS_URL,
+    ArgumentTypeError,
+    ArgumentValueError,
+    DataError,
+    MaskError,
+    _check_fraction,
+    _check_module,
+    _describe,
+)
 
 __all__ = [
     "SparsityReport",
@@ -56,36 +64,71 @@ def _unknown_name_message(name: str, known: Sequence[str], what: str) -> str:
     return f"{what} {name!r} is not a parameter of the model.{hint}"
 
 
+def _check_mask_set(masks: object, argument: str = "masks") -> Mapping[str, Tensor]:
+    """``masks`` if it is a mapping; else an :class:`ArgumentTypeError` that
+    says what a mask set is (and, for a list of pairs, how to convert it)."""
+    if isinstance(masks, Mapping):
+        return masks
+    if isinstance(masks, nn.Module):
+        hint = "; the model and the masks look swapped"
+    elif isinstance(masks, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in masks):
+        hint = "; convert a list of (name, mask) pairs with dict(pairs)"
+    else:
+        hint = ""
+    raise ArgumentTypeError(
+        f"Argument {argument!r} is {_describe(masks)}, not a mask set; pass a dict mapping parameter names "
+        f"(as in model.named_parameters()) to torch.bool tensors{hint}."
+    )
+
+
 def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Check that ``masks`` is a well-formed mask set for ``model``.
 
     Args:
         model: the network the masks belong to; only its
             ``named_parameters()`` are read.
-        masks: parameter name -> mask. Each mask must be a ``torch.bool``
-            tensor of the parameter's shape (any device). Parameters without
-            a mask are allowed (they count as dense).
+        masks: parameter name -> mask. Each mask must be a dense (strided)
+            ``torch.bool`` tensor of the parameter's shape (any device).
+            Parameters without a mask are allowed (they count as dense).
 
     Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module`` (e.g. a
+            ``state_dict``), or ``masks`` is not a mapping (``None``, a list of
+            pairs).
         MaskError: naming the offending key, if a key is not a parameter name
             of ``model`` (close names are suggested), a value is not a
-            tensor, a mask's shape differs from its parameter's shape (both
-            shapes are given), or a mask is not ``torch.bool``.
+            tensor, is a sparse-layout tensor, has another shape than its
+            parameter (both shapes are given), or is not ``torch.bool``.
 
     Warns:
         UserWarning: if a mask prunes every entry of a (non-empty) parameter,
             which disconnects the layer.
     """
+    _check_module(model, "model", "validate_masks(model, masks)")
+    masks = _check_mask_set(masks)
     params = dict(model.named_parameters())
     for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise MaskError(
+                f"Mask key {name!r} is a {type(name).__name__}, not a parameter name; key masks by the "
+                "names (str) of model.named_parameters()."
+            )
         if name not in params:
             raise MaskError(_unknown_name_message(name, list(params), "Mask key"))
         if not isinstance(mask, Tensor):
-            raise MaskError(f"Mask for {name!r} is a {type(mask).__name__}, expected a torch.bool tensor.")
+            raise MaskError(
+                f"Mask for {name!r} is a {type(mask).__name__}, expected a torch.bool tensor; "
+                "convert it with torch.as_tensor(mask, dtype=torch.bool)."
+            )
         param = params[name]
+        if mask.layout != torch.strided:
+            raise MaskError(
+                f"Mask for {name!r} is a {mask.layout} tensor; pass a dense torch.bool tensor (mask.to_dense())."
+            )
         if mask.shape != param.shape:
             raise MaskError(
-                f"Mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape {tuple(param.shape)}."
+                f"Mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape "
+                f"{tuple(param.shape)}; pass a mask of the parameter's shape."
             )
         if mask.dtype != torch.bool:
             raise MaskError(
@@ -120,12 +163,29 @@ def default_prunable(model: nn.Module) -> list[str]:
 
 
 def _check_sparsity_value(sparsity: float) -> float:
-    """Return ``sparsity`` as a float, or raise ``ValueError`` unless it is a
-    finite number in ``[0, 1)``."""
-    value = float(sparsity)
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
-    return value
+    """Return ``sparsity`` as a float, checked to be a fraction in ``[0, 1)``.
+
+    Raises:
+        ArgumentTypeError: not a real number.
+        ArgumentValueError: outside ``[0, 1)`` (a likely percentage such as
+            ``90`` gets the fraction suggested).
+    """
+    return _check_fraction(sparsity, "sparsity", include_zero=True)
+
+
+def _check_names(params: object, argument: str = "params") -> list[str]:
+    """``params`` as a list of names; a single string or a non-iterable is an
+    :class:`ArgumentTypeError`."""
+    if isinstance(params, str):
+        raise ArgumentTypeError(
+            f"Argument {argument!r} is the str {params!r}; pass a list of parameter names: [{params!r}]."
+        )
+    if isinstance(params, Mapping) or not isinstance(params, (Sequence, set, frozenset)):
+        raise ArgumentTypeError(
+            f"Argument {argument!r} is {_describe(params)}; pass a list of parameter names "
+            "(as in model.named_parameters())."
+        )
+    return list(params)
 
 
 def global_magnitude_prune(
@@ -165,26 +225,42 @@ def global_magnitude_prune(
         ``params`` order), each of its parameter's shape and on its device.
 
     Raises:
-        ValueError: if ``sparsity`` is not in ``[0, 1)``, if there is no
-            parameter to prune, or if a kept weight is NaN (its magnitude
+        ArgumentTypeError: ``model`` is not a module, ``sparsity`` is not a
+            number, ``params`` is not a list of names, or ``masks`` is not a
+            mapping.
+        ArgumentValueError: (a ``ValueError``) ``sparsity`` is not in
+            ``[0, 1)`` (a likely percentage such as ``90`` is named as one),
+            or there is no parameter to prune.
+        DataError: (a ``ValueError``) a kept weight is NaN (its magnitude
             cannot be ranked).
         MaskError: if ``masks`` is malformed (see :func:`validate_masks`), a
             name in ``params`` is unknown or repeated, a mask key is not one
             of ``params``, or ``masks`` already prunes more than
             ``round(sparsity * total)`` entries.
     """
+    _check_module(model, "model", "global_magnitude_prune(model, sparsity)")
     target = _check_sparsity_value(sparsity)
     named = dict(model.named_parameters())
-    names = list(default_prunable(model) if params is None else params)
+    names = default_prunable(model) if params is None else _check_names(params)
     for name in names:
+        if not isinstance(name, str):
+            raise ArgumentTypeError(
+                f"Argument 'params' holds {name!r}, a {type(name).__name__}; list parameter names (str) "
+                "as in model.named_parameters()."
+            )
         if name not in named:
             raise MaskError(_unknown_name_message(name, list(named), "Parameter"))
     if len(set(names)) < len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
-        raise MaskError(f"Parameters listed more than once: {repeated}.")
+        raise MaskError(f"Argument 'params' lists {repeated} more than once; list each parameter once.")
     if not names:
-        raise ValueError("There is no parameter to prune (params is empty).")
-    current: Mapping[str, Tensor] = {} if masks is None else masks
+        if params is None:
+            raise ArgumentValueError(
+                f"Model {type(model).__name__} has no linear or convolution weight to prune "
+                "(default_prunable(model) is empty); pass params=[...] naming the parameters to prune."
+            )
+        raise ArgumentValueError("Argument 'params' is empty; pass the names of the parameters to prune.")
+    current: Mapping[str, Tensor] = {} if masks is None else _check_mask_set(masks)
     validate_masks(model, current)
     chosen = set(names)
     outside = [k for k in current if k not in chosen]
@@ -207,9 +283,10 @@ def global_magnitude_prune(
             magnitude = torch.where(keep, magnitude, magnitude.new_full((), float("-inf")))
         nan_kept = torch.isnan(magnitude)
         if bool(nan_kept.any()):
-            raise ValueError(
+            raise DataError(
                 f"Parameter {name!r} has {int(nan_kept.sum())} NaN weight(s) "
-                "among its kept entries; magnitudes cannot be ranked."
+                "among its kept entries, so magnitudes cannot be ranked; fix or reload the weights "
+                "(or prune that parameter's NaN entries in `masks`)."
             )
         scores.append(magnitude)
     flat = torch.cat(scores)
@@ -248,21 +325,41 @@ def random_masks_like(masks: Mapping[str, Tensor], generator: torch.Generator | 
         at random.
 
     Raises:
-        MaskError: naming the key, if a value is not a ``torch.bool`` tensor.
+        ArgumentTypeError: ``masks`` is not a mapping (e.g. a model), or
+            ``generator`` is not a ``torch.Generator`` (e.g. a seed).
+        MaskError: naming the key, if a value is not a dense ``torch.bool``
+            tensor.
     """
+    masks = _check_mask_set(masks)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"Argument 'generator' is {_describe(generator)}, not a torch.Generator; "
+            "pass torch.Generator().manual_seed(seed)."
+        )
     rng_device = torch.device("cpu") if generator is None else generator.device
+    _check_dense_bool(masks)
     out: dict[str, Tensor] = {}
     for name, mask in masks.items():
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise MaskError(
-                f"Mask for {name!r} must be a torch.bool tensor; convert it with `mask.bool()` or `mask != 0`."
-            )
         n_keep = int(mask.sum())
         perm = torch.randperm(mask.numel(), generator=generator, device=rng_device)
         keep = torch.zeros(mask.numel(), dtype=torch.bool, device=rng_device)
         keep[perm[:n_keep]] = True
         out[name] = keep.reshape(mask.shape).to(mask.device)
     return out
+
+
+def _check_dense_bool(masks: Mapping[str, Tensor]) -> None:
+    """Every value of ``masks`` is a dense ``torch.bool`` tensor, else a
+    :class:`MaskError` naming the first key that is not."""
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise MaskError(
+                f"Mask for {name!r} must be a torch.bool tensor; convert it with `mask.bool()` or `mask != 0`."
+            )
+        if mask.layout != torch.strided:
+            raise MaskError(
+                f"Mask for {name!r} is a {mask.layout} tensor; pass a dense torch.bool tensor (mask.to_dense())."
+            )
 
 
 @dataclass(frozen=True)
@@ -332,7 +429,8 @@ def sparsity(
         A :class:`SparsityReport`; printing it renders a table.
 
     Raises:
-        TypeError: if ``masks`` is given together with a mask set.
+        ArgumentTypeError: (a ``TypeError``) ``obj`` is neither a model nor a
+            mapping, or ``masks`` is given together with a mask set.
         MaskError: if a mask is not a ``torch.bool`` tensor, or ``masks`` is
             malformed for the model (see :func:`validate_masks`).
     """
@@ -347,13 +445,15 @@ def sparsity(
             {n: int((named[n].detach() == 0).sum()) for n in names},
             {n: named[n].numel() for n in names},
         )
+    if not isinstance(obj, Mapping):
+        raise ArgumentTypeError(
+            f"Argument 'obj' is {_describe(obj)}; pass a model or a mask set (a dict of torch.bool tensors)."
+        )
     if masks is not None:
-        raise TypeError("`masks` is only accepted together with a model.")
-    for name, mask in obj.items():
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise MaskError(
-                f"Mask for {name!r} must be a torch.bool tensor; convert it with `mask.bool()` or `mask != 0`."
-            )
+        raise ArgumentTypeError(
+            "Argument 'masks' is only accepted together with a model; call sparsity(masks) or sparsity(model, masks)."
+        )
+    _check_dense_bool(obj)
     return _report(
         {n: int((~m).sum()) for n, m in obj.items()},
         {n: m.numel() for n, m in obj.items()},
@@ -376,7 +476,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             device); not modified.
 
     Raises:
-        MaskError: see :func:`validate_masks`.
+        ArgumentTypeError, MaskError: see :func:`validate_masks`.
     """
     validate_masks(model, masks)
     named = dict(model.named_parameters())

@@ -19,9 +19,13 @@ cores.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import ArgumentTypeError, ConfigError, UnknownPresetError, _did_you_mean
 
 __all__ = ["AMP_MODES", "METHODS", "PRESETS", "ReproduceConfig", "get_preset", "preset_names"]
 
@@ -34,6 +38,31 @@ _TABLE1_SPARSITY = 0.9
 
 #: Mixed-precision modes of ``ReproduceConfig.amp`` (CUDA only).
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
+
+_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100")
+_MODELS: tuple[str, ...] = ("mlp", "resnet20", "vgg11")
+
+
+def _flag(name: str) -> str:
+    """``"Setting 'rewind_epochs' (--rewind-epochs)"``: the setting and its command-line flag."""
+    return f"Setting {name!r} (--{name.replace('_', '-')})"
+
+
+def _convert(name: str, value: Any, kind: Callable[[Any], Any]) -> Any:
+    """``kind(value)``, or a :class:`ConfigError` naming the setting."""
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{_flag(name)} is {value!r}; pass a number.")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_flag(name)} is {value!r}; pass a {kind.__name__}.") from None
+
+
+def _fraction_problem(value: float) -> str:
+    """What to do about a sparsity or rate outside ``(0, 1)``."""
+    if 2.0 <= value <= 100.0:
+        return f"{value:g} looks like a percentage; pass {value / 100:g}"
+    return "pass fractions in (0, 1)"
 
 
 @dataclass(frozen=True)
@@ -103,49 +132,84 @@ class ReproduceConfig:
         """Normalise sequences to sorted tuples and check every value.
 
         Raises:
-            ValueError: naming the setting and the allowed range.
+            ConfigError: (a ``ValueError``) naming the setting, its
+                command-line flag and what to pass.
         """
         set_ = object.__setattr__
+        for name in ("methods", "rewind_epochs", "sparsities", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ConfigError(f"{_flag(name)} is {value!r}; pass a list of values.")
         unknown = sorted(set(self.methods) - set(METHODS))
         if not self.methods or unknown:
-            raise ValueError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
-        set_(self, "rewind_epochs", tuple(sorted({int(k) for k in self.rewind_epochs})))
-        set_(self, "sparsities", tuple(sorted({float(s) for s in self.sparsities})))
-        set_(self, "hidden", tuple(int(h) for h in self.hidden))
+            raise ConfigError(
+                f"{_flag('methods')} is {list(self.methods)}; pass a non-empty subset of {list(METHODS)}."
+            )
+        set_(self, "rewind_epochs", tuple(sorted({_convert("rewind_epochs", k, int) for k in self.rewind_epochs})))
+        set_(self, "sparsities", tuple(sorted({_convert("sparsities", v, float) for v in self.sparsities})))
+        set_(self, "hidden", tuple(_convert("hidden", h, int) for h in self.hidden))
         if self.table1_sparsity is not None:
-            set_(self, "table1_sparsity", float(self.table1_sparsity))
+            set_(self, "table1_sparsity", _convert("table1_sparsity", self.table1_sparsity, float))
         if self.table1_k is not None:
-            set_(self, "table1_k", int(self.table1_k))
+            set_(self, "table1_k", _convert("table1_k", self.table1_k, int))
         set_(self, "methods", tuple(m for m in METHODS if m in set(self.methods)))
+        for name in ("epochs", "seeds", "batch_size", "width", "imp_epochs", "barrier_points", "bn_batches", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{_flag(name)} is {value!r}; pass an int.")
+        for name in ("lr", "sparse_lr", "momentum", "weight_decay", "prune_rate", "imp_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"{_flag(name)} is {value!r}; pass a finite number.")
+        if self.dataset not in _DATASETS:
+            raise ConfigError(
+                f"{_flag('dataset')} is {self.dataset!r}; pass one of {list(_DATASETS)}."
+                f"{_did_you_mean(self.dataset, _DATASETS)}"
+            )
+        if self.model not in _MODELS:
+            raise ConfigError(
+                f"{_flag('model')} is {self.model!r}; pass one of {list(_MODELS)}.{_did_you_mean(self.model, _MODELS)}"
+            )
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"{_flag('epochs')} is {self.epochs}; pass at least 1.")
         if not self.rewind_epochs or any(not 0 <= k < self.epochs for k in self.rewind_epochs):
-            raise ValueError(f"rewind epochs k={list(self.rewind_epochs)} must lie in [0, epochs={self.epochs})")
-        if not self.sparsities or any(not 0 < s < 1 for s in self.sparsities):
-            raise ValueError(f"sparsities must lie in (0, 1), got {list(self.sparsities)}")
+            raise ConfigError(
+                f"{_flag('rewind_epochs')} is {list(self.rewind_epochs)}; every rewind epoch k must lie in "
+                f"[0, epochs={self.epochs}): lower k or raise --epochs."
+            )
+        if not self.sparsities:
+            raise ConfigError(f"{_flag('sparsities')} is empty; pass at least one fraction in (0, 1).")
+        bad = [v for v in self.sparsities if not 0 < v < 1]
+        if bad:
+            raise ConfigError(f"{_flag('sparsities')} holds {bad[0]:g}, outside (0, 1); {_fraction_problem(bad[0])}.")
         if self.table1_sparsity is not None and self.table1_sparsity not in self.sparsities:
-            raise ValueError(
-                f"table1_sparsity must be one of sparsities {list(self.sparsities)}, got {self.table1_sparsity}"
+            raise ConfigError(
+                f"{_flag('table1_sparsity')} is {self.table1_sparsity}; pass one of the sparsities "
+                f"{list(self.sparsities)}."
             )
         if self.table1_k is not None and self.table1_k not in self.rewind_epochs:
-            raise ValueError(f"table1_k must be one of rewind epochs {list(self.rewind_epochs)}, got {self.table1_k}")
+            raise ConfigError(
+                f"{_flag('table1_k')} is {self.table1_k}; pass one of the rewind epochs {list(self.rewind_epochs)}."
+            )
         if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+            raise ConfigError(f"{_flag('seeds')} is {self.seeds}; pass at least 1 (the number of A/B pairs).")
         if not 0 < self.prune_rate < 1:
-            raise ValueError(f"prune_rate must lie in (0, 1), got {self.prune_rate}")
+            raise ConfigError(
+                f"{_flag('prune_rate')} is {self.prune_rate:g}, outside (0, 1); {_fraction_problem(self.prune_rate)}."
+            )
         if self.imp_epochs < 0:
-            raise ValueError(f"imp_epochs must be >= 0, got {self.imp_epochs}")
+            raise ConfigError(f"{_flag('imp_epochs')} is {self.imp_epochs}; pass 0 or more.")
         if self.barrier_points < 2:
-            raise ValueError(f"barrier_points must be >= 2, got {self.barrier_points}")
+            raise ConfigError(f"{_flag('barrier_points')} is {self.barrier_points}; pass at least 2.")
         if self.bn_batches < 1:
-            raise ValueError(f"bn_batches must be >= 1, got {self.bn_batches}")
+            raise ConfigError(f"{_flag('bn_batches')} is {self.bn_batches}; pass at least 1.")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+            raise ConfigError(f"{_flag('amp')} is {self.amp!r}; pass one of {list(AMP_MODES)}.")
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
+            raise ConfigError(f"{_flag('threads')} is {self.threads}; pass 0 (torch's default) or more.")
         for name in ("batch_size", "width"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)} is {getattr(self, name)}; pass at least 1.")
 
     def table1_level(self) -> tuple[float, int]:
         """The (sparsity, rewind point k) of the shared-mask diversity
@@ -167,13 +231,17 @@ class ReproduceConfig:
         """A copy with ``overrides`` applied (validated again).
 
         Raises:
-            TypeError: an override names no setting.
-            ValueError: as :meth:`__post_init__`.
+            ArgumentTypeError: (a ``TypeError``) an override names no setting
+                (close names are suggested).
+            ConfigError: (a ``ValueError``) as :meth:`__post_init__`.
         """
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise TypeError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
+            raise ArgumentTypeError(
+                f"Setting {unknown[0]!r} is not a setting of ReproduceConfig (unknown setting(s) {unknown}); "
+                f"valid settings are {sorted(known)}.{_did_you_mean(unknown[0], known)}"
+            )
         return dataclasses.replace(self, **overrides)
 
 
@@ -223,9 +291,12 @@ def get_preset(name: str, **overrides: Any) -> ReproduceConfig:
     """The preset ``name`` with ``overrides`` applied.
 
     Raises:
-        KeyError: unknown preset (the message lists the valid names).
-        TypeError, ValueError: as :meth:`ReproduceConfig.replace`.
+        UnknownPresetError: (a ``KeyError``) unknown preset (the message
+            lists the valid names and suggests close ones).
+        ArgumentTypeError, ConfigError: as :meth:`ReproduceConfig.replace`.
     """
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; valid presets are {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise UnknownPresetError(
+            f"Preset {name!r} is unknown; pass one of {', '.join(PRESETS)}.{_did_you_mean(name, PRESETS)}"
+        )
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

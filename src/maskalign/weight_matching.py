@@ -17,7 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, unit_positions
-from .errors import SpecError
+from .errors import (
+    ArgumentTypeError,
+    DataError,
+    SpecError,
+    SpecMismatchError,
+    _check_int,
+    _check_module,
+    _describe,
+)
 from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import PermutationSpec, build_spec
@@ -116,20 +124,52 @@ def match_weights(
         ``pi.report["restarts"]`` the final objective of every run.
 
     Raises:
+        ArgumentTypeError: (a ``TypeError``) ``model_a`` or ``model_b`` is
+            not a module (e.g. a spec or a ``state_dict`` in its place),
+            ``spec`` is not a :class:`~maskalign.spec.PermutationSpec`,
+            ``init`` is not a permutation, or ``max_iter`` / ``restarts`` /
+            ``seed`` is not an int.
+        ArgumentValueError: (a ``ValueError``) ``restarts < 1`` or
+            ``max_iter < 0``.
         SpecError: neither ``spec`` nor ``example_inputs`` was given.
-        SpecMismatchError: the models do not match the spec.
-        ValueError: ``restarts < 1``.
+        SpecMismatchError: the models do not match the spec, hold a tensor in
+            different dtypes, or ``init`` was made for another spec.
+        DataError: (a ``ValueError``) a weight the matching reads is NaN or
+            infinite (the message names the model and the tensor).
     """
+    call = "match_weights(model_a, model_b, spec)"
+    _check_module(model_a, "model_a", call)
+    _check_module(model_b, "model_b", call)
+    if spec is not None and not isinstance(spec, PermutationSpec):
+        raise ArgumentTypeError(
+            f"Argument 'spec' is {_describe(spec)}, not a PermutationSpec; pass spec=ma.build_spec(model_a, "
+            "example_inputs), or example_inputs=... instead."
+        )
+    _check_int(max_iter, "max_iter", 0)
+    _check_int(restarts, "restarts", 1)
+    _check_int(seed, "seed", 0, allow_none=True)
+    if init is not None and not isinstance(init, Permutation):
+        raise ArgumentTypeError(
+            f"Argument 'init' is {_describe(init)}, not a Permutation; pass the result of a matcher, e.g. "
+            "init=ma.match_activations(model_a, model_b, data, spec)."
+        )
     if spec is None:
         if example_inputs is None:
             raise SpecError(
-                "match_weights needs a spec: pass spec=build_spec(model_a, example_inputs) or example_inputs=..."
+                "Argument 'spec' is missing and so is 'example_inputs'; pass spec=build_spec(model_a, "
+                "example_inputs) or example_inputs=..."
             )
-        spec = build_spec(model_a, example_inputs)
+        if isinstance(example_inputs, Mapping):  # keyword inputs, as for a transformers model
+            spec = build_spec(model_a, (), dict(example_inputs))
+        else:
+            spec = build_spec(model_a, example_inputs)
+    if init is not None:
+        _check_init(init, spec)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture(state_a, spec, "model_a")
     check_same_architecture(state_b, spec, "model_b")
     carrying = [t for t, axes in spec.axes.items() if any(next(groups_of(tree), None) for tree in axes)]
+    _check_weights(state_a, state_b, carrying)
     tensors_a = {t: _working(state_a[t]) for t in carrying}
     tensors_b = {t: _working(state_b[t]) for t in carrying}
     device = next(iter(tensors_a.values())).device if tensors_a else torch.device("cpu")
@@ -143,8 +183,6 @@ def match_weights(
                 identity = isinstance(tree, Leaf)
                 rows_b = rows.reshape(positions.shape[0], -1)
                 occurrences[g].append(_Occurrence(t, d, positions.to(device), rows_b, identity))
-    if restarts < 1:
-        raise ValueError(f"restarts must be >= 1, got {restarts}")
     nested = [g for g in spec.groups if any(co_groups(spec.axes[o.tensor][o.dim], g) for o in occurrences[g])]
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
     best: tuple[dict[str, Tensor], list[float]] | None = None
@@ -170,6 +208,43 @@ def match_weights(
     perm, objective = best
     report = {"method": "weight", "objective": objective, "sweeps": len(objective) - 1, "restarts": finals}
     return Permutation(spec, perm, report=report)
+
+
+def _check_init(init: Permutation, spec: PermutationSpec) -> None:
+    """Raise :class:`SpecMismatchError` unless ``init`` has every group of
+    ``spec`` with the group's size."""
+    for name, group in spec.groups.items():
+        if name not in init or init[name].numel() != group.size:
+            got = "no such group" if name not in init else f"{init[name].numel()} units"
+            raise SpecMismatchError(
+                f"Argument 'init' does not fit the spec: group {name!r} has {group.size} units in the spec but "
+                f"{got} in init; pass a permutation made with this spec."
+            )
+
+
+def _check_weights(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], names: Sequence[str]) -> None:
+    """The tensors ``names`` of both models are finite and of one dtype.
+
+    Raises:
+        SpecMismatchError: a tensor's dtype differs between the models.
+        DataError: a tensor holds NaN or infinite entries.
+    """
+    for name in names:
+        a, b = state_a[name], state_b[name]
+        if a.is_floating_point() and b.is_floating_point() and a.dtype != b.dtype:
+            raise SpecMismatchError(
+                f"Tensor {name!r} is {a.dtype} in model_a but {b.dtype} in model_b; convert both models to "
+                f"one dtype, e.g. model_b.to({a.dtype})."
+            )
+        for which, tensor in (("model_a", a), ("model_b", b)):
+            if tensor.is_floating_point() or tensor.is_complex():
+                bad = int((~torch.isfinite(tensor.detach())).sum())
+                if bad:
+                    raise DataError(
+                        f"Tensor {name!r} of {which} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
+                        "(NaN or inf), which weight matching cannot rank; fix or reload the weights "
+                        "(a diverged training run?)."
+                    )
 
 
 def _coordinate_descent(
