@@ -293,8 +293,9 @@ def _check_no_cache(model: nn.Module, which: str, args: tuple[Any, ...], kwargs:
         output = model(*args, **kwargs)
     except Exception:  # the capture names what fails
         return
-    if isinstance(output, Mapping):
-        cache = next((output[k] for k in _CACHE_KEYS if output.get(k) is not None), None)
+    if isinstance(output, Mapping):  # a ModelOutput; only present keys are read (no deprecation warnings)
+        keys = set(output.keys())
+        cache = next((output[k] for k in _CACHE_KEYS if k in keys and output[k] is not None), None)
     else:
         cache = next((getattr(output, k) for k in _CACHE_KEYS if getattr(output, k, None) is not None), None)
     if cache is not None:
