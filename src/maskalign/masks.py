@@ -70,7 +70,7 @@ def _check_mask_set(masks: object, argument: str = "masks") -> Mapping[str, Tens
     if isinstance(masks, Mapping):
         return masks
     if isinstance(masks, nn.Module):
-        hint = "; the model and the masks look swapped"
+        hint = "; a model was passed where the masks go (swapped arguments?)"
     elif isinstance(masks, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in masks):
         hint = "; convert a list of (name, mask) pairs with dict(pairs)"
     else:
