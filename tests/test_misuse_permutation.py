@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign.errors import DOCS_URL, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
+from maskalign.errors import (
+    DOCS_URL,
+    ArgumentTypeError,
+    MaskAlignError,
+    MaskError,
+    SpecError,
+    SpecMismatchError,
+    TraceError,
+)
 from maskalign.permutation import FORMAT, check_same_architecture
 
 
@@ -241,14 +249,14 @@ CASES: list[Case] = [
     # ---------------------------------------------------------- build_spec
     (
         "build_spec-none",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'model'", "None"],
         lambda w: ma.build_spec(None, X),
         lambda w: (X,),
     ),
     (
         "build_spec-state_dict",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'model'", "state_dict", "nn.Module"],
         lambda w: ma.build_spec(w.model.state_dict(), X),
         lambda w: (w.model, X),
@@ -276,7 +284,7 @@ CASES: list[Case] = [
     ),
     (
         "build_spec-buffers-a-string",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["permutable_buffers", "'norm'"],
         lambda w: ma.build_spec(w.model, X, permutable_buffers="norm"),
         lambda w: (w.model, X),
@@ -290,7 +298,7 @@ CASES: list[Case] = [
     ),
     (
         "build_spec-kwargs-a-list",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'kwargs'", "list"],
         lambda w: ma.build_spec(w.model, X, kwargs=[X]),
         lambda w: (w.model, X),
@@ -356,14 +364,14 @@ CASES: list[Case] = [
     ),
     (
         "Permutation-indices-a-list",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'indices'", "list"],
         lambda w: ma.Permutation(w.spec, [torch.arange(_n(w))]),
         lambda w: (),
     ),
     (
         "Permutation-spec-a-model",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'spec'", "a model (Net)", "build_spec"],
         lambda w: ma.Permutation(w.model, {}),
         lambda w: (w.model,),
@@ -426,14 +434,14 @@ CASES: list[Case] = [
     ),
     (
         "load-spec-a-model",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'spec' of Permutation.load", "a model (Net)"],
         lambda w: ma.Permutation.load(w.saved, w.model),
         lambda w: (w.saved, w.model),
     ),
     (
         "load-path-a-dict",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'path'", "ma.Permutation(spec, indices)"],
         lambda w: ma.Permutation.load(dict(w.perm), w.spec),
         lambda w: (w.perm,),
@@ -490,49 +498,49 @@ CASES: list[Case] = [
     ),
     (
         "apply-swapped",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["apply_permutation(model, perm)"],
         lambda w: ma.apply_permutation(w.perm, w.model),
         lambda w: (w.perm, w.model),
     ),
     (
         "apply-none",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'model'", "None"],
         lambda w: ma.apply_permutation(None, w.perm),
         lambda w: (w.perm,),
     ),
     (
         "apply-state-dict",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'model'", "OrderedDict", "permute_state_dict"],
         lambda w: ma.apply_permutation(w.model.state_dict(), w.perm),
         lambda w: (w.model, w.perm),
     ),
     (
         "apply-spec-not-perm",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'perm'", "PermutationSpec", "random_permutation"],
         lambda w: ma.apply_permutation(w.model, w.spec),
         lambda w: (w.model,),
     ),
     (
         "apply-dict-not-perm",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'perm'", "ma.Permutation(spec, indices)"],
         lambda w: ma.apply_permutation(w.model, dict(w.perm)),
         lambda w: (w.model, w.perm),
     ),
     (
         "apply-inplace-not-bool",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'inplace'", "'yes'"],
         lambda w: ma.apply_permutation(w.model, w.perm, inplace="yes"),
         lambda w: (w.model, w.perm),
     ),
     (
         "apply-spec-a-model",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'spec' of apply_permutation", "a model (Net)"],
         lambda w: ma.apply_permutation(w.model, w.perm, spec=w.model),
         lambda w: (w.model, w.perm),
@@ -547,14 +555,14 @@ CASES: list[Case] = [
     # ----------------------------------------------------- permute_state_dict
     (
         "state-a-model",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'state'", "a model (Net)", "model.state_dict()"],
         lambda w: ma.permute_state_dict(w.model, w.perm),
         lambda w: (w.model, w.perm),
     ),
     (
         "state-swapped",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["permute_state_dict(state, perm)"],
         lambda w: ma.permute_state_dict(w.perm, w.model.state_dict()),
         lambda w: (w.perm, w.model),
@@ -575,7 +583,7 @@ CASES: list[Case] = [
     ),
     (
         "state-value-not-tensor",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Entry 'out.bias'", "list"],
         lambda w: ma.permute_state_dict({**w.model.state_dict(), "out.bias": [0.0, 0.0, 0.0]}, w.perm),
         lambda w: (w.model, w.perm),
@@ -583,7 +591,7 @@ CASES: list[Case] = [
     # ------------------------------------------------------------ permute_mask
     (
         "mask-swapped",
-        MaskError,
+        ArgumentTypeError,
         lambda w: ["Argument 'masks' is a Permutation; call permute_mask(masks, perm)."],
         lambda w: ma.permute_mask(w.perm, w.masks),
         lambda w: (w.perm, w.masks),
@@ -597,22 +605,22 @@ CASES: list[Case] = [
     ),
     (
         "mask-list-of-pairs",
-        MaskError,
-        lambda w: ["Argument 'masks'", "a list", "dict(masks)"],
+        ArgumentTypeError,
+        lambda w: ["Argument 'masks'", "a list of 14 items", "dict(pairs)"],
         lambda w: ma.permute_mask(list(w.masks.items()), w.perm),
         lambda w: (w.masks, w.perm),
     ),
     (
         "mask-none",
-        MaskError,
+        ArgumentTypeError,
         lambda w: ["Argument 'masks'", "None"],
         lambda w: ma.permute_mask(None, w.perm),
         lambda w: (w.perm,),
     ),
     (
         "mask-a-model",
-        MaskError,
-        lambda w: ["Argument 'masks'", "a model (Net)"],
+        ArgumentTypeError,
+        lambda w: ["Argument 'masks'", "a Net", "a model was passed where the masks go"],
         lambda w: ma.permute_mask(w.model, w.perm),
         lambda w: (w.model, w.perm),
     ),
@@ -653,7 +661,7 @@ CASES: list[Case] = [
     ),
     (
         "mask-perm-is-masks",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'perm' of permute_mask", "dict"],
         lambda w: ma.permute_mask(w.masks, w.masks),
         lambda w: (w.masks,),
@@ -668,21 +676,21 @@ CASES: list[Case] = [
     # ------------------------------------------------------ random_permutation
     (
         "random-int-generator",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'generator'", "torch.Generator().manual_seed(7)"],
         lambda w: ma.random_permutation(w.spec, 7),
         lambda w: (),
     ),
     (
         "random-spec-a-model",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'spec' of random_permutation", "a model (Net)", "build_spec"],
         lambda w: ma.random_permutation(w.model),
         lambda w: (w.model,),
     ),
     (
         "random-spec-none",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'spec' of random_permutation", "None"],
         lambda w: ma.random_permutation(None),
         lambda w: (),
@@ -704,7 +712,7 @@ CASES: list[Case] = [
     ),
     (
         "compose-a-dict",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'then'", "ma.Permutation(spec, indices)"],
         lambda w: w.perm.compose(dict(w.perm)),
         lambda w: (w.perm,),
@@ -726,14 +734,14 @@ CASES: list[Case] = [
     ),
     (
         "check-state-none",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'state'", "None"],
         lambda w: check_same_architecture(None, w.spec),
         lambda w: (),
     ),
     (
         "check-spec-a-permutation",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["Argument 'spec'", "spec=perm.spec"],
         lambda w: check_same_architecture(w.model, w.perm),
         lambda w: (w.model, w.perm),
@@ -755,7 +763,7 @@ CASES: list[Case] = [
     ),
     (
         "tensor-not-a-tensor",
-        SpecError,
+        ArgumentTypeError,
         lambda w: ["'out.weight'", "a list"],
         lambda w: w.perm.permute_tensor("out.weight", [[0.0]]),
         lambda w: (w.perm,),

@@ -23,7 +23,6 @@ back: see :func:`apply_permutation`.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import pickle
 from collections import OrderedDict
@@ -35,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, index_vector
-from .errors import MaskError, SpecError, SpecMismatchError
+from .errors import ArgumentTypeError, MaskError, SpecError, SpecMismatchError, _did_you_mean
+from .errors import _describe as _describe_value
 from .fileio import atomic_write
-from .masks import _unknown_name_message
+from .masks import _check_mask_set, _unknown_name_message
 from .modes import plain_tensors
 from .spec import PermutationSpec, module_types, storage_sharing
 
@@ -77,10 +77,12 @@ class Permutation(Mapping[str, Tensor]):
         report: optional diagnostics from the matcher that produced it.
 
     Raises:
-        SpecError: ``spec`` is not a :class:`PermutationSpec`, ``indices`` is
-            not a mapping, a group is not in the spec, or indices are not
-            integers (float indices such as 3.9 are refused, never truncated),
-            not 1-D, of the wrong length, out of range or repeated.
+        ArgumentTypeError: ``spec`` is not a :class:`PermutationSpec`, or
+            ``indices`` / ``report`` is not a mapping.
+        SpecError: a group is not in the spec (close names are suggested),
+            or indices are not integers (float indices such as 3.9 are
+            refused, never truncated), not 1-D, of the wrong length, out of
+            range or repeated.
     """
 
     def __init__(
@@ -95,7 +97,7 @@ class Permutation(Mapping[str, Tensor]):
         """Validate and store; ``where`` (e.g. ``" in perm.pt"``) goes into messages."""
         spec = _require_spec(spec, "spec", "Permutation")
         if not isinstance(indices, Mapping):
-            raise SpecError(
+            raise ArgumentTypeError(
                 f"Argument 'indices' of Permutation{where} is {_describe(indices)}; pass a dict mapping group name -> "
                 f"index tensor (the spec's groups: {_listing(spec.groups)})."
             )
@@ -103,7 +105,7 @@ class Permutation(Mapping[str, Tensor]):
             if name not in spec.groups:
                 raise SpecError(_unknown_group_message(name, spec, where))
         if report is not None and not isinstance(report, Mapping):
-            raise SpecError(f"Argument 'report' of Permutation is {_describe(report)}; pass a dict or None.")
+            raise ArgumentTypeError(f"Argument 'report' of Permutation is {_describe(report)}; pass a dict or None.")
         self.spec = spec
         self.report: dict[str, Any] = dict(report or {})
         self._indices: dict[str, Tensor] = {}
@@ -149,7 +151,7 @@ class Permutation(Mapping[str, Tensor]):
         """Apply ``self`` first, then ``then``: ``apply(x, p.compose(q)) == apply(apply(x, p), q)``.
 
         Raises:
-            SpecError: ``then`` is not a :class:`Permutation`.
+            ArgumentTypeError: ``then`` is not a :class:`Permutation`.
             SpecMismatchError: ``then`` belongs to another spec (the first
                 difference is named).
         """
@@ -170,7 +172,8 @@ class Permutation(Mapping[str, Tensor]):
         that :meth:`load` with another spec names the first difference.
 
         Raises:
-            SpecError: ``path`` is not a path, or is a directory.
+            ArgumentTypeError: ``path`` is not a path.
+            SpecError: ``path`` is a directory.
         """
         path = _require_path(path, "Permutation.save")
         if os.path.isdir(path):
@@ -200,10 +203,11 @@ class Permutation(Mapping[str, Tensor]):
             SpecMismatchError: the file was saved for another spec (its
                 fingerprint differs); the first difference is named when the
                 file records its spec's structure.
-            SpecError: ``spec`` is not a spec, ``path`` is a directory or not
-                a path, or the file is not a saved permutation (not a torch
-                file, no ``fingerprint`` or ``indices`` entry, indices that
-                are not a dict of integer index tensors).
+            ArgumentTypeError: ``spec`` is not a spec, or ``path`` not a path.
+            SpecError: ``path`` is a directory, or the file is not a saved
+                permutation (not a torch file, no ``fingerprint`` or
+                ``indices`` entry, indices that are not a dict of integer
+                index tensors); the message names the file and the entry.
             FileNotFoundError: ``path`` does not exist.
         """
         spec = _require_spec(spec, "spec", "Permutation.load")
@@ -239,17 +243,17 @@ class Permutation(Mapping[str, Tensor]):
         Returns a new tensor; ``tensor`` itself is not modified.
 
         Raises:
-            SpecError: ``name`` is not in the spec, or ``tensor`` is not a tensor.
+            SpecError: ``name`` is not in the spec (close names are suggested).
+            ArgumentTypeError: ``tensor`` is not a tensor.
             SpecMismatchError: ``tensor`` does not have the spec's shape.
         """
         key = name if name in self.spec.axes else self.spec.logical.get(name, name)
         axes = self.spec.axes.get(key)
         if axes is None:
-            close = difflib.get_close_matches(str(name), list(self.spec.axes), n=3, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = _did_you_mean(name, self.spec.axes)
             raise SpecError(f"Tensor {name!r} is not a parameter or buffer of the spec's model.{hint}")
         if not isinstance(tensor, Tensor):
-            raise SpecError(
+            raise ArgumentTypeError(
                 f"Value for {name!r} is {_describe(tensor)}; pass a tensor of shape {self.spec.shapes[key]}."
             )
         expected = self.spec.shapes[key]
@@ -269,7 +273,7 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
     """A uniformly random permutation of every group of ``spec`` (``torch.randperm``).
 
     Raises:
-        SpecError: ``spec`` is not a :class:`PermutationSpec`, or
+        ArgumentTypeError: ``spec`` is not a :class:`PermutationSpec`, or
             ``generator`` is not a CPU ``torch.Generator`` (pass
             ``torch.Generator().manual_seed(seed)`` for a seed).
     """
@@ -277,7 +281,7 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
     if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
         seed = generator if isinstance(generator, int) and not isinstance(generator, bool) else "seed"
         what = f"a {generator.device.type} torch.Generator" if isinstance(generator, torch.Generator) else None
-        raise SpecError(
+        raise ArgumentTypeError(
             f"Argument 'generator' of random_permutation is {what or _describe(generator)}; pass a CPU generator, "
             f"torch.Generator().manual_seed({seed}), or None."
         )
@@ -297,8 +301,8 @@ def check_same_architecture(
     Raises:
         SpecMismatchError: naming the first missing, extra or differently
             shaped tensor, or the first module of another class.
-        SpecError: ``state`` is not a mapping or a model, a value of a spec
-            tensor is not a tensor, or ``spec`` is not a spec.
+        ArgumentTypeError: ``state`` is not a mapping or a model, a value of
+            a spec tensor is not a tensor, or ``spec`` is not a spec.
     """
     spec = _require_spec(spec, "spec", "check_same_architecture")
     if isinstance(state, nn.Module):
@@ -306,7 +310,7 @@ def check_same_architecture(
         _check_modules(state, spec, f" of {what}", "the spec's model")
         return
     if not isinstance(state, Mapping):
-        raise SpecError(
+        raise ArgumentTypeError(
             f"Argument 'state' of check_same_architecture is {_describe(state)}; pass a model or its state_dict()."
         )
     _check_state(state, spec, what)
@@ -332,18 +336,20 @@ def permute_state_dict(
     Raises:
         SpecMismatchError: a tensor of the spec is missing, extra or has
             another shape, or ``spec`` is wired differently from ``perm.spec``.
-        SpecError: an argument has the wrong type (a model for ``state``,
-            swapped arguments).
+        ArgumentTypeError: an argument has the wrong type (a model for
+            ``state``, swapped arguments, a non-tensor entry).
     """
     if isinstance(state, Permutation):
-        raise SpecError("Argument 'state' is a Permutation; call permute_state_dict(state, perm).")
+        raise ArgumentTypeError("Argument 'state' is a Permutation; call permute_state_dict(state, perm).")
     if isinstance(state, nn.Module):
-        raise SpecError(
+        raise ArgumentTypeError(
             f"Argument 'state' of permute_state_dict is {_describe(state)}; pass model.state_dict(), or permute "
             "the model itself with ma.apply_permutation(model, perm)."
         )
     if not isinstance(state, Mapping):
-        raise SpecError(f"Argument 'state' of permute_state_dict is {_describe(state)}; pass a model's state_dict().")
+        raise ArgumentTypeError(
+            f"Argument 'state' of permute_state_dict is {_describe(state)}; pass a model's state_dict()."
+        )
     perm = _require_permutation(perm, "perm", "permute_state_dict")
     if spec is not None:
         spec = _require_spec(spec, "spec", "permute_state_dict")
@@ -398,23 +404,26 @@ def apply_permutation(
         SpecMismatchError: the model's tensors, module classes or (with
             ``spec``) wiring differ from the permutation's; the first
             difference is named.
-        SpecError: an argument has the wrong type (swapped arguments, a
-            state_dict for ``model``); a cache tensor appeared after the spec
-            was built; tensors share storage in a way this permutation cannot
-            keep, or (``inplace=True``) with tensors outside the model.
+        ArgumentTypeError: an argument has the wrong type (swapped
+            arguments, a state_dict for ``model``, a spec for ``perm``).
+        SpecError: a cache tensor appeared after the spec was built; tensors
+            share storage in a way this permutation cannot keep, or
+            (``inplace=True``) with tensors outside the model.
     """
     if isinstance(model, Permutation) and isinstance(perm, nn.Module):
-        raise SpecError("Argument 'model' is a Permutation and 'perm' a model; call apply_permutation(model, perm).")
+        raise ArgumentTypeError(
+            "Argument 'model' is a Permutation and 'perm' a model; call apply_permutation(model, perm)."
+        )
     if not isinstance(model, nn.Module):
         hint = (
             "for a state_dict call ma.permute_state_dict(state, perm)"
             if isinstance(model, Mapping)
             else "pass the nn.Module to permute"
         )
-        raise SpecError(f"Argument 'model' of apply_permutation is {_describe(model)}; {hint}.")
+        raise ArgumentTypeError(f"Argument 'model' of apply_permutation is {_describe(model)}; {hint}.")
     perm = _require_permutation(perm, "perm", "apply_permutation")
     if not isinstance(inplace, bool):
-        raise SpecError(f"Argument 'inplace' of apply_permutation is {_describe(inplace)}; pass True or False.")
+        raise ArgumentTypeError(f"Argument 'inplace' of apply_permutation is {_describe(inplace)}; pass True or False.")
     stale = sorted(plain_tensors(model) - perm.spec.plain_tensors)
     if stale:
         raise SpecError(
@@ -472,43 +481,51 @@ def permute_mask(
             wiring is compared with ``perm.spec``'s.
 
     Raises:
-        MaskError: ``masks`` is not a mapping (a Permutation: swapped
-            arguments; a model; a list of pairs), a key that is not a
-            parameter of the spec (close names are suggested), a value that is
-            not a dense tensor, a shape mismatch, or a non-bool mask.
-        SpecError: ``perm`` is not a :class:`Permutation`.
+        ArgumentTypeError: ``masks`` is not a mapping (a Permutation:
+            swapped arguments; a model; a list of pairs; ``None``), or
+            ``perm`` is not a :class:`Permutation`.
+        MaskError: a key that is not a parameter of the spec (close names
+            are suggested, in the wording of :func:`~maskalign.validate_masks`),
+            a value that is not a dense tensor, a shape mismatch, or a
+            non-bool mask.
         SpecMismatchError: ``spec`` is wired differently from ``perm.spec``.
     """
     if isinstance(masks, Permutation):
-        raise MaskError("Argument 'masks' is a Permutation; call permute_mask(masks, perm).")
-    if not isinstance(masks, Mapping):
-        if isinstance(masks, nn.Module):
-            hint = "pass its masks, a dict parameter name -> bool tensor (ma.masks_from_prune for a pruned model)"
-        elif isinstance(masks, (list, tuple)) and all(isinstance(p, tuple) and len(p) == 2 for p in masks):
-            hint = "pass a dict parameter name -> bool tensor: dict(masks)"
-        else:
-            hint = "pass a dict parameter name -> bool tensor"
-        raise MaskError(f"Argument 'masks' of permute_mask is {_describe(masks)}; {hint}.")
+        raise ArgumentTypeError("Argument 'masks' is a Permutation; call permute_mask(masks, perm).")
+    masks = _check_mask_set(masks)
     perm = _require_permutation(perm, "perm", "permute_mask")
     if spec is not None:
         _check_wiring(_require_spec(spec, "spec", "permute_mask"), perm.spec)
     parameters = [n for n in perm.spec.axes if n in perm.spec.parameters] + list(perm.spec.logical)
     out: dict[str, Tensor] = {}
     for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise MaskError(
+                f"Mask key {name!r} is a {type(name).__name__}, not a parameter name; key masks by the "
+                "names (str) of model.named_parameters()."
+            )
         if name not in perm.spec.parameters and name not in perm.spec.logical:
             if name in perm.spec.axes:
                 raise MaskError(
                     f"Mask key {name!r} is a buffer, not a parameter, of the permutation spec's model; masks cover "
                     "parameters only: drop it."
                 )
-            raise MaskError(_unknown_name_message(str(name), parameters, "Mask key"))
+            raise MaskError(_unknown_name_message(name, parameters, "Mask key"))
         if not isinstance(mask, Tensor):
-            raise MaskError(f"Mask for {name!r} is a {type(mask).__name__}, expected a torch.bool tensor.")
+            raise MaskError(
+                f"Mask for {name!r} is a {type(mask).__name__}, expected a torch.bool tensor; "
+                "convert it with torch.as_tensor(mask, dtype=torch.bool)."
+            )
         if mask.layout != torch.strided:
-            raise MaskError(f"Mask for {name!r} has layout {mask.layout}; pass a dense bool tensor (mask.to_dense()).")
+            raise MaskError(
+                f"Mask for {name!r} is a {mask.layout} tensor; pass a dense torch.bool tensor (mask.to_dense())."
+            )
         shape = perm.spec.shapes[perm.spec.logical.get(name, name)]
         if tuple(mask.shape) != shape:
-            raise MaskError(f"Mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape {shape}.")
+            raise MaskError(
+                f"Mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape {shape}; pass a mask "
+                "of the parameter's shape."
+            )
         if mask.dtype != torch.bool:
             raise MaskError(
                 f"Mask for {name!r} has dtype {mask.dtype}, expected torch.bool; "
@@ -520,20 +537,13 @@ def permute_mask(
 
 # ------------------------------------------------------------------ checks
 def _describe(value: object) -> str:
-    """``None``, ``a Permutation``, ``a model (MLP)``, ``a list``, ... for messages."""
-    if value is None:
-        return "None"
-    if isinstance(value, Permutation):
-        return "a Permutation"
-    if isinstance(value, PermutationSpec):
-        return "a PermutationSpec"
+    """:func:`maskalign.errors._describe` (one wording across the package),
+    naming a model as ``a model (Net)`` and a Permutation or spec by its class."""
     if isinstance(value, nn.Module):
         return f"a model ({type(value).__name__})"
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (bool, int, float, str)):
-        return f"{value!r} (a {type(value).__name__})"
-    return f"a {type(value).__name__}"
+    if isinstance(value, (Permutation, PermutationSpec)):
+        return f"a {type(value).__name__}"
+    return _describe_value(value)
 
 
 def _listing(names: Sequence[str] | Mapping[str, Any], limit: int = 5) -> str:
@@ -553,7 +563,7 @@ def _require_spec(value: Any, argument: str, function: str) -> PermutationSpec:
         hint = "build the model's spec with ma.build_spec(model, example_inputs) and pass that"
     else:
         hint = "pass the PermutationSpec from ma.build_spec(model, example_inputs)"
-    raise SpecError(f"Argument '{argument}' of {function} is {_describe(value)}; {hint}.")
+    raise ArgumentTypeError(f"Argument '{argument}' of {function} is {_describe(value)}; {hint}.")
 
 
 def _require_permutation(value: Any, argument: str, function: str) -> Permutation:
@@ -566,7 +576,7 @@ def _require_permutation(value: Any, argument: str, function: str) -> Permutatio
         hint = "wrap index tensors as ma.Permutation(spec, indices)"
     else:
         hint = "pass the Permutation from ma.match_weights, ma.match_activations or ma.random_permutation"
-    raise SpecError(f"Argument '{argument}' of {function} is {_describe(value)}; {hint}.")
+    raise ArgumentTypeError(f"Argument '{argument}' of {function} is {_describe(value)}; {hint}.")
 
 
 def _require_path(value: Any, function: str) -> str | os.PathLike[str]:
@@ -578,13 +588,12 @@ def _require_path(value: Any, function: str) -> str | os.PathLike[str]:
         if isinstance(value, Mapping)
         else ""
     )
-    raise SpecError(f"Argument 'path' of {function} is {_describe(value)}; pass a file path{hint}.")
+    raise ArgumentTypeError(f"Argument 'path' of {function} is {_describe(value)}; pass a file path{hint}.")
 
 
 def _unknown_group_message(name: object, spec: PermutationSpec, where: str) -> str:
     """Message for a group name that is not in the spec, with close names."""
-    close = difflib.get_close_matches(str(name), list(spec.groups), n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = _did_you_mean(name, spec.groups)
     return (
         f"Group {name!r}{where} is not a group of the spec.{hint} Pass indices only for the spec's groups "
         f"({_listing(spec.groups)})."
@@ -653,7 +662,9 @@ def _check_state(state: Mapping[str, Any], spec: PermutationSpec, what: str) -> 
             continue
         value = state[name]
         if not isinstance(value, Tensor):
-            raise SpecError(f"Entry {name!r} of {what} is {_describe(value)}, not a tensor; pass model.state_dict().")
+            raise ArgumentTypeError(
+                f"Entry {name!r} of {what} is {_describe(value)}, not a tensor; pass model.state_dict()."
+            )
         if tuple(value.shape) != shape:
             raise SpecMismatchError(
                 f"{what}: '{name}' has shape {tuple(value.shape)} but the spec expects {shape}; {_REBUILD}."

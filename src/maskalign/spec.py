@@ -23,7 +23,7 @@ from torch import nn
 from .atoms import AtomTable, Freeze
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, tree_size
 from .capture import CapturedGraph, capture, normalize_inputs
-from .errors import SpecError
+from .errors import ArgumentTypeError, SpecError, _describe
 from .modes import mode_difference, plain_tensors, preserved_attributes
 from .rules import Analysis, analyze
 
@@ -234,9 +234,9 @@ def build_spec(
     Raises:
         TraceError: the model cannot be captured, or the capture does not
             reproduce the eager outputs.
-        SpecError: an argument has the wrong type (a state_dict for
-            ``model``, a string for ``permutable_buffers``), or
-            ``permutable_buffers`` names no non-persistent buffer.
+        ArgumentTypeError: an argument has the wrong type (a state_dict for
+            ``model``, a string for ``permutable_buffers``).
+        SpecError: ``permutable_buffers`` names no non-persistent buffer.
     """
     _check_build_arguments(model, kwargs, permutable_buffers)
     if isinstance(model, nn.Module):
@@ -278,18 +278,18 @@ def _build(
 
 
 def _check_build_arguments(model: Any, kwargs: Any, permutable_buffers: Any) -> None:
-    """Raise :class:`SpecError` naming the argument of :func:`build_spec`
-    that has the wrong type."""
+    """Raise :class:`ArgumentTypeError` naming the argument of
+    :func:`build_spec` that has the wrong type."""
     if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
-        what = "None" if model is None else f"a {type(model).__name__}"
+        what = _describe(model)
         hint = " (a state_dict?)" if isinstance(model, Mapping) else ""
-        raise SpecError(
+        raise ArgumentTypeError(
             f"Argument 'model' is {what}{hint}; pass the nn.Module itself (or an ExportedProgram): "
             "ma.build_spec(model, example_inputs)."
         )
     if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise SpecError(
-            f"Argument 'kwargs' is a {type(kwargs).__name__}; pass a dict of forward's keyword inputs, "
+        raise ArgumentTypeError(
+            f"Argument 'kwargs' is {_describe(kwargs)}; pass a dict of forward's keyword inputs, "
             "and positional inputs as example_inputs."
         )
     listed = isinstance(permutable_buffers, (Sequence, AbstractSet))
@@ -298,7 +298,7 @@ def _check_build_arguments(model: Any, kwargs: Any, permutable_buffers: Any) -> 
         or isinstance(permutable_buffers, (str, bytes))
         or not all(isinstance(n, str) for n in permutable_buffers)
     ):
-        raise SpecError(
+        raise ArgumentTypeError(
             f"Argument 'permutable_buffers' is {permutable_buffers!r}; pass a list of buffer names, "
             "e.g. permutable_buffers=['scale']."
         )
