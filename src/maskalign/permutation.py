@@ -88,7 +88,7 @@ class Permutation(Mapping[str, Tensor]):
     def __init__(
         self,
         spec: PermutationSpec,
-        indices: Mapping[str, Tensor],
+        indices: Mapping[str, Tensor | Sequence[int]],
         report: Mapping[str, Any] | None = None,
     ) -> None:
         self._init(spec, indices, report, "")
