@@ -165,7 +165,7 @@ def test_dense_optimizer_state_cannot_leak(opt_name: str) -> None:
 
 
 @pytest.mark.parametrize("opt_name", ["sgd_nesterov_wd", "adamw"])
-def test_load_state_dict_mid_training_leak_removed_by_next_step(opt_name: str) -> None:
+def test_load_state_dict_mid_training_is_masked_as_it_loads(opt_name: str) -> None:
     model = mlp()
     dense_state = copy.deepcopy(model.state_dict())
     masks = masks_for(model)
@@ -173,9 +173,13 @@ def test_load_state_dict_mid_training_leak_removed_by_next_step(opt_name: str) -
     with enforce_masks(model, masks, optimizer=opt) as handle:
         train(model, opt, 10, masks=masks)
         model.load_state_dict(dense_state)
+        assert_masked(model, masks)
+        with torch.no_grad():  # a dense write outside autograd and load_state_dict ...
+            model[0].weight.copy_(dense_state["0.weight"])
         with pytest.raises(MaskError, match=r"'0\.weight': \d+ of \d+ masked entries"):
             assert_masked(model, masks)
-        train(model, opt, 1)
+        with pytest.warns(UserWarning, match=r"'0\.weight': \d+ masked entries"):
+            train(model, opt, 1)  # ... is removed by the next forward, which warns once
         assert_masked(model, masks)
         train(model, opt, 20, masks=masks)
         assert handle.active
@@ -195,16 +199,18 @@ def test_dense_optimizer_load_state_dict_mid_training() -> None:
         assert all(bool((v == 0).all()) for v in pruned_state_values(model, opt, masks))
 
 
-def test_weight_write_outside_autograd_without_optimizer_persists() -> None:
+def test_weight_write_outside_autograd_without_optimizer_is_zeroed_at_next_forward() -> None:
     model = mlp()
     masks = masks_for(model)
     opt = make_opt("sgd_nesterov_wd", model)
     with enforce_masks(model, masks):
         with torch.no_grad():
             model[0].weight.fill_(1.0)
-        train(model, opt, 1)
         with pytest.raises(MaskError, match=r"'0\.weight'"):
             assert_masked(model, masks)
+        with pytest.warns(UserWarning, match=r"'0\.weight': \d+ masked entries"):
+            train(model, opt, 1)
+        assert_masked(model, masks)
 
 
 # --- NaN gradients

@@ -67,11 +67,12 @@ def test_muon_dense_updates_are_re_masked_after_each_step(device: str) -> None:
     model = mlp(device=device)
     masks = {n: m for n, m in ma.global_magnitude_prune(model, 0.8).items()}
 
-    control = copy.deepcopy(model)  # gradient hooks alone: Muon's update leaks
+    control = copy.deepcopy(model)  # gradient hooks alone: Muon's update leaks after each step
     control_opt = muon(control)
     with ma.enforce_masks(control, masks):
-        for x, y in batches(3, device):
-            step(control, control_opt, x, y)
+        with pytest.warns(UserWarning, match="not passed to enforce_masks"):  # seen at the next forward
+            for x, y in batches(3, device):
+                step(control, control_opt, x, y)
         with pytest.raises(MaskError):
             ma.assert_masked(control, masks)
 
@@ -83,11 +84,11 @@ def test_muon_dense_updates_are_re_masked_after_each_step(device: str) -> None:
         assert pruned_state_is_zero(model, opt, masks)
 
 
-# --- EMA copy-back: weights written from a dense average outside autograd
+# --- EMA copy-back: weights loaded from a dense average
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ema_copy_back_is_removed_by_the_next_step(device: str) -> None:
+def test_ema_copy_back_is_masked_as_it_loads(device: str) -> None:
     model = mlp(device=device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
     ema.update_parameters(model)  # the average starts from the dense weights
@@ -100,8 +101,7 @@ def test_ema_copy_back_is_removed_by_the_next_step(device: str) -> None:
             ma.assert_masked(model, masks)
             if i % 10 == 9:  # copy the average back, as EMA training loops do
                 model.load_state_dict(ema.module.state_dict())
-                with pytest.raises(MaskError):
-                    ma.assert_masked(model, masks)
+                ma.assert_masked(model, masks)  # the load_state_dict post-hook masks what it loads
         step(model, opt, *batches(1, device, seed=9)[0])
         ma.assert_masked(model, masks)
         assert pruned_state_is_zero(model, opt, masks)

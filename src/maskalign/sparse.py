@@ -6,21 +6,50 @@
 ``torch.nn.utils.prune``, which reparametrises ``weight`` into
 ``weight_orig`` and ``weight_mask``).
 
-Two mechanisms cooperate:
+The promise: once enforced, a mask stays enforced until
+:meth:`MaskHandle.remove`; with the optimiser passed (or attached with
+:meth:`MaskHandle.attach`), masked entries of the weights, of ``.grad`` and
+of every optimiser-state tensor of the parameter's shape are exactly ``0``
+after every ``optimizer.step()``. Four mechanisms cooperate:
 
 1. a post-accumulate-grad hook per masked parameter sets ``param.grad`` to
    exactly ``0`` at pruned entries, in place, as soon as the gradient is
    accumulated: before DDP reduces it, before clipping and before the
    optimiser reads it. It works on the gradient's bits (a bitwise AND), so a
    NaN or infinite gradient there becomes ``0`` too, where ``grad * mask``
-   would keep NaN. Gradients returned by ``torch.autograd.grad`` are never
-   accumulated into ``param.grad`` and are not masked;
-2. with an optimiser, a step post-hook re-zeros the pruned weights and every
-   optimiser-state tensor of the parameter's shape after each
-   ``optimizer.step()``. This removes leaks that gradient masking cannot
-   stop: decoupled weight decay on a weight written densely outside autograd
-   (``load_state_dict``, ``copy_``), or momentum / Adam moments restored from
-   a dense checkpoint.
+   would keep NaN. Sparse (COO) gradients, as from
+   ``nn.Embedding(sparse=True)``, are masked value by value;
+2. each attached optimiser gets a step pre-hook (re-binding, see 4, and a
+   check that it does not step a replaced parameter), a step post-hook that
+   re-zeros the pruned weights and every optimiser-state tensor of the
+   parameter's shape after each ``optimizer.step()``, and a
+   ``load_state_dict`` post-hook that zeroes restored state at once. This
+   removes leaks that gradient masking cannot stop: decoupled weight decay
+   on a weight written densely outside autograd, Muon's orthogonalised
+   (dense) update, momentum or Adam moments restored from a dense checkpoint;
+3. a ``load_state_dict`` post-hook on the model zeroes the pruned entries of
+   whatever was loaded, and a forward pre-hook re-zeros weights that changed
+   since the handle last saw them (a write outside autograd, an optimiser
+   that was not passed); the first time it finds revived entries in a
+   parameter it warns. It writes only when a weight changed, so two
+   forwards before one backward are unaffected;
+4. the handle follows the *module*, not the Parameter object: the hooks of
+   3 and 2 look each masked name up in the module tree and re-bind it when
+   ``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``,
+   ``to_empty`` from the meta device or an FSDP-style re-materialisation put
+   a new Parameter there (its weights and gradient are masked and a gradient
+   hook is installed), or when ``swap_tensors`` (``torch.__future__``'s
+   ``set_swap_module_params_on_conversion``) replaced the tensor under the
+   same object. A parameter frozen at enforce time (``requires_grad=False``,
+   which cannot carry a gradient hook) gets its hook when it is unfrozen.
+
+Remaining gaps, by design: gradients returned by ``torch.autograd.grad``
+are never accumulated into ``.grad`` and are not masked (a ``.grad``
+assigned from them is masked in the weights it produces, not in itself);
+an optimiser that is not attached can revive masked weights at each step
+(they are zeroed again at the next forward, and a warning says so); under
+``torch.compile`` the forward pre-hook does nothing (the optimiser hooks
+and the ``load_state_dict`` hook still run).
 
 Sparse training with fixed masks follows the lottery-ticket protocol of
 Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019.
@@ -28,6 +57,8 @@ Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -36,58 +67,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from maskalign.errors import MaskError
+from maskalign.errors import DOCS_URL, MaskError
 from maskalign.masks import validate_masks
 
 __all__ = ["MaskHandle", "assert_masked", "enforce_masks"]
-
-
-class MaskHandle:
-    """The hooks installed by :func:`enforce_masks`.
-
-    ``remove()`` (or leaving a ``with`` block) removes every hook; it is
-    idempotent. The weights are not touched by removal: they stay as they
-    are (pruned entries zero) but are no longer kept at zero.
-
-    Attributes:
-        masks: read-only mapping name -> ``torch.bool`` mask, each a private
-            copy on its parameter's device.
-    """
-
-    def __init__(self, masks: dict[str, Tensor], hooks: list[RemovableHandle]) -> None:
-        self._masks = masks
-        self._hooks = hooks
-
-    @property
-    def masks(self) -> Mapping[str, Tensor]:
-        """Name -> ``torch.bool`` mask (parameter shape, parameter device)."""
-        return MappingProxyType(self._masks)
-
-    @property
-    def active(self) -> bool:
-        """Whether the hooks are still installed."""
-        return bool(self._hooks)
-
-    def remove(self) -> None:
-        """Remove every gradient hook and the optimiser hook. Idempotent."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-
-    def __enter__(self) -> MaskHandle:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        return f"MaskHandle({len(self._masks)} masks, {state})"
 
 
 # Integer dtype of each element size: a tensor viewed as these bits is
@@ -104,9 +87,10 @@ class _BitMask:
     ``torch.where`` / ``masked_fill_`` with a bool mask, which is what keeps
     :func:`enforce_masks` within a few percent of dense step time
     (``benchmarks/bench_sparse_training.py``). The pattern costs one integer
-    per entry of each element size in use. Tensors that cannot be viewed as
-    same-size integers (sparse layouts, 16-byte dtypes) fall back to
-    ``masked_fill_``.
+    per entry of each element size in use. Sparse COO tensors (the gradient
+    of ``nn.Embedding(sparse=True)``) are masked value by value; other
+    tensors that cannot be viewed as same-size integers (16-byte dtypes)
+    fall back to ``masked_fill_``.
     """
 
     def __init__(self, mask: Tensor) -> None:
@@ -129,28 +113,463 @@ class _BitMask:
             self.mask_(param.grad)
 
     def mask_(self, value: Tensor) -> None:
-        """Set the pruned entries of ``value`` to ``+0.0`` in place."""
+        """Set the pruned entries of ``value`` (the mask's shape, strided or
+        sparse COO) to ``+0.0`` in place."""
+        if value.layout == torch.sparse_coo:
+            # _indices()/_values() alias the (possibly uncoalesced) storage;
+            # duplicate indices are each zeroed, so their sum is zero too.
+            keep = self.mask.to(value.device)[tuple(value._indices())]  # (nnz, *dense dims)
+            value._values().masked_fill_(~keep, 0)
+            return
         pattern = self._pattern(value)
         if pattern is None:
             value.masked_fill_(~self.mask.to(value.device), 0)
         else:
             value.view(pattern.dtype).bitwise_and_(pattern)
 
+    def revived(self, value: Tensor) -> int:
+        """How many pruned entries of the strided ``value`` are not ``0``
+        (NaN counts); reads only, one device sync."""
+        return int(((value != 0) & ~self.mask.to(value.device)).sum())
 
-def _rezero(pairs: list[tuple[nn.Parameter, _BitMask]], optimizer: torch.optim.Optimizer | None) -> None:
-    """Zero the pruned entries of each parameter and, if ``optimizer`` is
-    given, of every state tensor of the parameter's shape (for a pruned 0-d
-    parameter that includes a 0-d ``step`` counter, which only restarts the
-    bias correction of a parameter that is pruned anyway).
+
+def _stamp(param: Tensor) -> tuple[int, int]:
+    """What changes when a tensor's values may have changed: its version
+    counter (every in-place op) and its data pointer (``param.data = ...``,
+    ``to_empty``)."""
+    return param._version, param.data_ptr()
+
+
+def _register_grad_hook(param: nn.Parameter, bitmask: _BitMask) -> RemovableHandle:
+    """Register ``bitmask.grad_hook`` as a post-accumulate-grad hook of
+    ``param`` (which requires grad).
+
+    ``torch.utils.swap_tensors`` (``model.to()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``) moves the
+    C++ tensor under the Python object but leaves the hooks dict behind, so a
+    hook added to that dict would never run; assigning the dict again
+    registers it with the current C++ tensor (a no-op otherwise).
     """
-    with torch.no_grad():
-        for param, bitmask in pairs:
-            bitmask.mask_(param)
-            if optimizer is None:
+    handle = param.register_post_accumulate_grad_hook(bitmask.grad_hook)
+    param._post_accumulate_grad_hooks = param._post_accumulate_grad_hooks
+    return handle
+
+
+class _Binding:
+    """One masked name and the Parameter object currently bound to it.
+
+    ``path`` and ``leaf`` locate the parameter in the module tree
+    (``"layer1.0.conv1.weight"`` -> ``("layer1", "0", "conv1")``,
+    ``"weight"``), so a replaced Parameter is found by name. ``cdata``
+    identifies the C++ tensor under the Python object (``swap_tensors``
+    changes it, and with it drops the gradient hook); ``stamp`` is
+    :func:`_stamp` of the weights when the handle last masked them.
+    ``replaced`` holds weak references to Parameter objects this name was
+    bound to before, to detect an optimiser that still steps one.
+    """
+
+    __slots__ = ("name", "path", "leaf", "source", "bitmask", "param", "cdata", "hook", "stamp", "probed", "replaced")
+
+    def __init__(self, name: str, source: Tensor) -> None:
+        prefix, _, leaf = name.rpartition(".")
+        self.name = name
+        self.path: tuple[str, ...] = tuple(prefix.split(".")) if prefix else ()
+        self.leaf = leaf
+        self.source = source  # the user's mask, private copy on its own device
+        self.bitmask = _BitMask(source)
+        self.param: nn.Parameter | None = None
+        self.cdata = 0
+        self.hook: RemovableHandle | None = None
+        self.stamp = (-1, -1)
+        self.probed = False
+        self.replaced: list[weakref.ref[Tensor]] = []
+
+
+class _ModelHook:
+    """Forward pre-hook (``kind="forward"``) or ``load_state_dict``
+    post-hook (``kind="load"``) of a :class:`MaskHandle` on its model.
+
+    A plain object, not a closure, so that ``copy.deepcopy`` and pickling of
+    the model carry it over: the copy gets its own handle (see
+    :meth:`MaskHandle.__reduce__`).
+    """
+
+    __slots__ = ("handle", "kind")
+
+    def __init__(self, handle: MaskHandle, kind: str) -> None:
+        self.handle = handle
+        self.kind = kind
+
+    def __call__(self, module: nn.Module, _arg: Any) -> None:
+        handle = self.handle
+        if handle._removed or module is not handle._model:  # a DataParallel replica, a shallow copy
+            return
+        if self.kind == "load":
+            handle._sync(remask=True, probe=False)
+        elif not torch.compiler.is_compiling():
+            handle._sync(remask=not handle._stepping, probe=True)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ModelHook, (self.handle, self.kind))
+
+
+class _OptimizerHook:
+    """Step pre-hook, step post-hook or ``load_state_dict`` post-hook of a
+    :class:`MaskHandle` on an attached optimiser. A copy (``deepcopy`` or
+    pickle of the optimiser) does nothing: a copied optimiser is not
+    attached."""
+
+    __slots__ = ("handle", "kind")
+
+    def __init__(self, handle: MaskHandle | None, kind: str) -> None:
+        self.handle = handle
+        self.kind = kind
+
+    def __call__(self, optimizer: torch.optim.Optimizer, *_args: Any) -> None:
+        handle = self.handle
+        if handle is None or handle._removed:
+            return
+        if self.kind == "pre":
+            handle._before_step(optimizer)
+        elif self.kind == "post":
+            handle._after_step(optimizer)
+        else:
+            handle._mask_optimizer(optimizer)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_OptimizerHook, (None, self.kind))
+
+
+# Dicts of nn.Module that hold the hooks a MaskHandle registers on its model.
+_MODEL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_load_state_dict_post_hooks")
+
+
+class MaskHandle:
+    """Masks enforced on a model by :func:`enforce_masks`.
+
+    The handle follows the model's module tree: a masked name whose
+    Parameter object is replaced (``load_state_dict(assign=True)``,
+    ``module.weight = nn.Parameter(...)``, ``to_empty``) is re-bound at the
+    next forward, ``load_state_dict``, attached optimiser step, or read of
+    :attr:`active`.
+
+    ``remove()`` (or leaving a ``with`` block) removes every hook; it is
+    idempotent. The weights are not touched by removal: they stay as they
+    are (pruned entries zero) but are no longer kept at zero.
+
+    ``copy.deepcopy(model)`` (and pickling) of an enforced model gives a copy
+    with its own handle, enforcing the same masks without an optimiser:
+    ``MaskHandle.of(copy)`` returns it, and ``attach`` adds the copy's
+    optimiser. ``copy.deepcopy((model, handle))`` returns the copy and its
+    handle together.
+
+    Handles are made by :func:`enforce_masks`, not constructed directly.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+        self._model = model
+        self._bindings = [_Binding(name, mask) for name, mask in masks.items()]
+        self._removed = False
+        self._stepping = False  # inside an attached optimiser's step (LBFGS calls forward there)
+        self._hook_ids: tuple[int, ...] = ()  # ids of the model hooks, the same in copies
+        self._attached: list[tuple[weakref.ref[torch.optim.Optimizer], list[RemovableHandle]]] = []
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Read-only name -> ``torch.bool`` mask (parameter shape, on the
+        parameter's device), private copies of the masks passed."""
+        return MappingProxyType({b.name: b.bitmask.mask for b in self._bindings})
+
+    @property
+    def active(self) -> bool:
+        """Whether every mask is enforced: ``False`` after :meth:`remove`, or
+        when a masked name no longer holds a Parameter of its mask's shape
+        (deleted, reparametrised by ``torch.nn.utils.parametrize`` or
+        ``prune``, flattened by FSDP); the next forward or attached
+        optimiser step then raises :class:`~maskalign.MaskError`. Reading it
+        re-binds Parameter objects replaced since the last forward (masking
+        them), as the next forward would."""
+        if self._removed:
+            return False
+        try:
+            self._sync(remask=not self._stepping, probe=True)
+        except MaskError:
+            return False
+        return True
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> MaskHandle:
+        """Protect ``optimizer`` too (idempotent): zero the pruned entries of
+        its state now, and install its step pre-/post-hooks and
+        ``load_state_dict`` post-hook (see :func:`enforce_masks`).
+
+        Use it for an optimiser made after :func:`enforce_masks` (rebuilt
+        after ``load_state_dict(assign=True)``, the optimiser of a deep copy,
+        a second optimiser for other parameter groups).
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer`` stepping (some of) the
+                masked parameters.
+
+        Returns:
+            This handle.
+
+        Raises:
+            MaskError: if ``optimizer`` is not a ``torch.optim.Optimizer``,
+                the handle was removed, or a masked name no longer holds a
+                Parameter of its mask's shape.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise MaskError(
+                f"Argument 'optimizer' is a {type(optimizer).__name__}, not a torch.optim.Optimizer; "
+                "pass the optimizer that steps the model's parameters (or None)."
+            )
+        if self._removed:
+            raise MaskError(
+                "This MaskHandle was removed; call ma.enforce_masks(model, masks, optimizer) to enforce the "
+                "masks again."
+            )
+        if any(ref() is optimizer for ref, _ in self._attached):
+            return self
+        self._sync(remask=True, probe=False)
+        _rezero(self._bindings, optimizer)
+        hooks = [
+            optimizer.register_step_pre_hook(_OptimizerHook(self, "pre")),
+            optimizer.register_step_post_hook(_OptimizerHook(self, "post")),
+            optimizer.register_load_state_dict_post_hook(_OptimizerHook(self, "load")),
+        ]
+        self._attached = [(ref, h) for ref, h in self._attached if ref() is not None]
+        self._attached.append((weakref.ref(optimizer), hooks))
+        return self
+
+    def remove(self) -> None:
+        """Remove every gradient, model and optimiser hook. Idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        for binding in self._bindings:
+            if binding.hook is not None:
+                binding.hook.remove()
+                binding.hook = None
+        for _, hooks in self._attached:
+            for hook in hooks:
+                hook.remove()
+        self._attached.clear()
+        for dict_name in _MODEL_HOOK_DICTS:
+            hook_dict = getattr(self._model, dict_name, None)
+            if not isinstance(hook_dict, dict):
                 continue
-            for value in optimizer.state.get(param, {}).values():
+            for hook_id in self._hook_ids:
+                entry = hook_dict.get(hook_id)
+                if entry is True or (isinstance(entry, _ModelHook) and entry.handle is self):
+                    del hook_dict[hook_id]
+
+    @staticmethod
+    def of(model: nn.Module) -> tuple[MaskHandle, ...]:
+        """The handles enforcing masks on ``model`` (not removed), in the
+        order they were made; for a deep copy of an enforced model, the
+        copy's own handle.
+
+        Args:
+            model: any ``nn.Module``.
+
+        Returns:
+            A tuple of :class:`MaskHandle`, empty if none enforces on
+            ``model`` itself (handles on submodules are not included).
+        """
+        hooks = getattr(model, "_forward_pre_hooks", {})
+        found = []
+        for hook in hooks.values():
+            if isinstance(hook, _ModelHook) and hook.handle._model is model and not hook.handle._removed:
+                if hook.handle not in found:
+                    found.append(hook.handle)
+        return tuple(found)
+
+    def __enter__(self) -> MaskHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"MaskHandle({len(self._bindings)} masks, {state})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # deepcopy / pickle: a handle for the copied model with the same
+        # masks, bound lazily (at the copy's first forward, load_state_dict,
+        # attach or read of ``active``), without the optimisers.
+        sources = {b.name: b.source for b in self._bindings}
+        return (_rebuilt_handle, (self._model, sources, self._hook_ids, self._removed))
+
+    # ----------------------------------------------------------- internal
+
+    def _install(self) -> None:
+        """Bind every masked name (masking weights and existing gradients)
+        and register the model hooks."""
+        self._sync(remask=True, probe=False)
+        forward = self._model.register_forward_pre_hook(_ModelHook(self, "forward"), prepend=True)
+        load = self._model.register_load_state_dict_post_hook(_ModelHook(self, "load"))
+        self._hook_ids = (forward.id, load.id)
+
+    def _resolve(self, binding: _Binding) -> Tensor | None:
+        """What the model holds under ``binding``'s name now: a Parameter, a
+        plain tensor standing in for it (``torch.func.functional_call``), or
+        ``None`` if nothing is registered there."""
+        module: Any = self._model
+        for part in binding.path:
+            module = module._modules.get(part)
+            if module is None:
+                return None
+        value = module._parameters.get(binding.leaf)
+        return value if isinstance(value, Tensor) else None
+
+    def _sync(self, *, remask: bool, probe: bool) -> None:
+        """Make the hooks match the model as it is now.
+
+        For each masked name: re-bind a replaced Parameter (mask its weights
+        and gradient, move the gradient hook), install the gradient hook of
+        a parameter that has started to require grad, and if ``remask``
+        re-zero weights that changed since the handle last masked them
+        (``probe``: warn the first time that finds revived entries).
+
+        Raises:
+            MaskError: naming the parameter, if a masked name no longer
+                holds a tensor, or holds one of another shape than its mask.
+        """
+        for b in self._bindings:
+            param = self._resolve(b)
+            if param is None:
+                raise MaskError(
+                    f"Parameter {b.name!r} is no longer a parameter of the model (deleted, reparametrised by "
+                    "torch.nn.utils.parametrize or prune, or flattened by FSDP), so its mask cannot be enforced; "
+                    "call handle.remove() before changing the model's structure and enforce_masks again with "
+                    "masks for its new parameters."
+                )
+            if not isinstance(param, nn.Parameter):
+                continue  # a stand-in for the duration of a functional call: leave it alone
+            if param is not b.param or param._cdata != b.cdata:
+                self._bind(b, param)
+                continue
+            if b.hook is None and param.requires_grad:  # unfrozen since
+                b.hook = _register_grad_hook(param, b.bitmask)
+                if param.grad is not None:
+                    b.bitmask.mask_(param.grad)
+            if remask and _stamp(param) != b.stamp:
+                self._remask(b, param, probe)
+
+    def _bind(self, b: _Binding, param: nn.Parameter) -> None:
+        """Bind ``b``'s name to ``param``: mask its weights and gradient, and
+        give it the gradient hook (if it requires grad)."""
+        if tuple(param.shape) != tuple(b.source.shape):
+            raise MaskError(
+                f"Parameter {b.name!r} was replaced by one of shape {tuple(param.shape)}, but its mask has shape "
+                f"{tuple(b.source.shape)}; call handle.remove() and enforce_masks with masks of the new shape."
+            )
+        if b.hook is not None:
+            b.hook.remove()
+            b.hook = None
+        if b.param is not None and b.param is not param:
+            b.replaced.append(weakref.ref(b.param))
+        if b.bitmask.mask.device != param.device:
+            b.bitmask = _BitMask(b.source.to(param.device))
+        b.param, b.cdata = param, param._cdata
+        with torch.no_grad():
+            b.bitmask.mask_(param)
+            if param.grad is not None:
+                b.bitmask.mask_(param.grad)
+        if param.requires_grad:
+            b.hook = _register_grad_hook(param, b.bitmask)
+        b.stamp = _stamp(param)
+
+    def _remask(self, b: _Binding, param: nn.Parameter, probe: bool) -> None:
+        """Re-zero ``param``'s pruned weights, which changed since the handle
+        last masked them; the first probe that finds revived entries warns."""
+        if probe and not b.probed:
+            b.probed = True
+            if param.layout == torch.strided and param.device.type != "meta":
+                count = b.bitmask.revived(param.detach())
+                if count:
+                    warnings.warn(
+                        f"{b.name!r}: {count} masked entries had become non-zero since the handle last masked "
+                        "them, written by an optimizer not passed to enforce_masks (momentum from dense steps, or "
+                        "an update that is dense by design such as Muon's) or outside autograd (copy_, "
+                        "reset_parameters, load_state_dict of a submodule); they are zeroed again at every "
+                        "forward, but after each step of such an optimizer they are not: pass it to "
+                        "enforce_masks(model, masks, optimizer) or handle.attach(optimizer). "
+                        f"See {DOCS_URL}/how-to/sparse-train/#guarantees",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+        stamp = _stamp(param)
+        with torch.no_grad():
+            b.bitmask.mask_(param)
+            if stamp[1] != b.stamp[1] and param.grad is not None:
+                b.bitmask.mask_(param.grad)  # new memory (to_empty, .to()) came with a new .grad too
+        b.stamp = _stamp(param)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step pre-hook: re-bind, re-zero changed weights, and refuse to let
+        ``optimizer`` step a Parameter object the model no longer uses."""
+        self._sync(remask=True, probe=True)
+        stale = [b for b in self._bindings if b.replaced]
+        if stale:
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for b in stale:
+                b.replaced = [ref for ref in b.replaced if ref() is not None]
+                if any(id(ref()) in stepped for ref in b.replaced):
+                    raise MaskError(
+                        f"Parameter {b.name!r} was replaced by a new Parameter object after enforce_masks "
+                        "(load_state_dict(assign=True), attribute assignment, to_empty from meta), but this "
+                        "optimizer still steps the old one, so the model's parameter would not train; build a new "
+                        "optimizer over model.parameters() and pass it to handle.attach(optimizer)."
+                    )
+        self._stepping = True
+
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step post-hook: re-zero weights and the optimiser's state."""
+        self._stepping = False
+        _rezero(self._bindings, optimizer)
+
+    def _mask_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimiser ``load_state_dict`` post-hook: zero restored state now."""
+        _rezero(self._bindings, optimizer)
+
+
+def _rebuilt_handle(model: nn.Module, masks: dict[str, Tensor], hook_ids: tuple[int, ...], removed: bool) -> MaskHandle:
+    """The handle of a deep-copied or unpickled model (``model`` may not be
+    fully built yet: it is only read at the first sync)."""
+    handle = MaskHandle(model, masks)
+    handle._hook_ids = tuple(hook_ids)
+    handle._removed = removed
+    return handle
+
+
+def _rezero(bindings: list[_Binding], optimizer: torch.optim.Optimizer | None) -> None:
+    """Zero the pruned entries of each bound parameter and, if ``optimizer``
+    is given, of every state tensor of the parameter's shape (for a pruned
+    0-d parameter that includes a 0-d ``step`` counter, which only restarts
+    the bias correction of a parameter that is pruned anyway); record the
+    weights' stamps."""
+    state = optimizer.state if optimizer is not None else None
+    with torch.no_grad():
+        for b in bindings:
+            param = b.param
+            if param is None:
+                continue
+            b.bitmask.mask_(param)
+            b.stamp = _stamp(param)
+            if state is None:
+                continue
+            for value in state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    bitmask.mask_(value)
+                    b.bitmask.mask_(value)
 
 
 def enforce_masks(
@@ -159,85 +578,112 @@ def enforce_masks(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> MaskHandle:
     """Keep the pruned entries of ``model``'s parameters at exactly zero
-    during training.
+    during training, until ``handle.remove()``.
 
-    Steps, in order: validate ``masks`` (nothing is touched if they are
-    malformed); copy each mask to its parameter's device; zero the pruned
-    weights **in place**; register one gradient hook per masked parameter
-    that requires grad; if ``optimizer`` is given, zero the pruned entries of
-    its state **in place** and register a step post-hook that, after every
-    ``optimizer.step()``, re-zeros the pruned weights and every optimiser
-    state tensor with the parameter's shape (momentum buffers, Adam
-    ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq``, ...).
+    Steps, in order: validate ``masks`` and ``optimizer`` (nothing is
+    touched if they are malformed); copy each mask to its parameter's
+    device; zero the pruned weights and any ``.grad`` already there (a step
+    taken before, gradient accumulation in progress) **in place**; register
+    a gradient hook per masked parameter (a frozen one gets it when it is
+    unfrozen), a forward pre-hook and a ``load_state_dict`` post-hook on
+    ``model``; if ``optimizer`` is given, :meth:`MaskHandle.attach` it: zero
+    the pruned entries of its state **in place** and register hooks that
+    re-zero the pruned weights and every optimiser-state tensor with the
+    parameter's shape (momentum buffers, Adam ``exp_avg`` / ``exp_avg_sq`` /
+    ``max_exp_avg_sq``, ...) after every ``optimizer.step()`` and after
+    ``optimizer.load_state_dict``.
 
-    Without an optimiser only gradients are masked, so a dense write to the
-    weights outside autograd (``model.load_state_dict``, ``param.copy_``)
-    persists; with one it is removed by the next ``optimizer.step()``. Use
-    :func:`assert_masked` to check.
+    What is guaranteed:
 
-    Hooks live on the parameter objects: ``copy.deepcopy(model)`` gives a
-    plain copy (weights masked, no hooks); call ``enforce_masks`` on the copy
-    if it should stay masked.
+    * with the optimiser (every optimiser stepping masked parameters)
+      attached, masked entries of weights, gradients and same-shape state are
+      exactly ``0`` after every ``optimizer.step()``;
+    * with or without it, gradients are masked as they are accumulated,
+      ``model.load_state_dict`` zeroes what it loads, and every forward sees
+      masked weights (a weight written outside autograd is re-zeroed at the
+      next forward, except under ``torch.compile``);
+    * a Parameter object replaced under a masked name is followed by name;
+      an attached optimiser that still steps the old object raises a
+      :class:`~maskalign.MaskError` at its next step.
+
+    An optimiser that is not attached can revive masked weights at each step
+    (dense momentum from steps taken before ``enforce_masks``, Muon's dense
+    update); they are zeroed again at the next forward and a warning says
+    so once. Gradients from ``torch.autograd.grad`` are not masked.
+    ``copy.deepcopy(model)`` gives a copy enforcing the same masks, without
+    an optimiser (``MaskHandle.of(copy)[0].attach(copy_optimizer)``).
 
     Args:
         model: network to mask in place.
         masks: name -> ``torch.bool`` mask of the parameter's shape (any
             device); not modified (the handle keeps its own copies).
-        optimizer: optional optimiser stepping the masked parameters.
+        optimizer: optional optimiser stepping the masked parameters;
+            more can be added with :meth:`MaskHandle.attach`.
 
     Returns:
         A :class:`MaskHandle`; ``handle.remove()`` or a ``with`` block
         uninstalls the hooks.
 
     Raises:
-        MaskError: see :func:`validate_masks`.
+        MaskError: see :func:`~maskalign.validate_masks`; also if
+            ``optimizer`` is not a ``torch.optim.Optimizer``.
     """
     validate_masks(model, masks)
-    named = dict(model.named_parameters())
-    device_masks = {name: mask.detach().to(device=named[name].device, copy=True) for name, mask in masks.items()}
-    pairs = [(named[name], _BitMask(mask)) for name, mask in device_masks.items()]
-    _rezero(pairs, optimizer)
-    hooks = [
-        param.register_post_accumulate_grad_hook(bitmask.grad_hook) for param, bitmask in pairs if param.requires_grad
-    ]
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise MaskError(
+            f"Argument 'optimizer' is a {type(optimizer).__name__}, not a torch.optim.Optimizer; "
+            "pass the optimizer that steps the model's parameters (or None)."
+        )
+    handle = MaskHandle(model, {name: mask.detach().clone() for name, mask in masks.items()})
+    handle._install()
     if optimizer is not None:
-
-        def step_post_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            _rezero(pairs, opt)
-
-        hooks.append(optimizer.register_step_post_hook(step_post_hook))
-    return MaskHandle(device_masks, hooks)
+        handle.attach(optimizer)
+    return handle
 
 
-def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0.0) -> None:
+def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0.0, *, grads: bool = False) -> None:
     """Check that every pruned weight is zero (``|w| <= atol``; NaN fails).
+
+    Only what the model holds is checked: gradients returned by
+    ``torch.autograd.grad`` never reach ``.grad`` and are not masked by
+    :func:`enforce_masks` (mask them yourself, e.g. ``g * mask``, before
+    using them).
 
     Args:
         model: network to check; not modified.
         masks: name -> ``torch.bool`` mask of the parameter's shape (any
             device).
         atol: tolerance on ``|w|`` at pruned entries, ``>= 0``.
+        grads: also check ``param.grad`` (dense or sparse) where present.
 
     Raises:
-        ValueError: if ``atol`` is negative or NaN.
-        MaskError: if ``masks`` is malformed (see :func:`validate_masks`), or
-            naming each parameter with the number of pruned entries that are
-            not zero and their largest magnitude.
+        MaskError: if ``atol`` is negative or NaN; if ``masks`` is malformed
+            (see :func:`~maskalign.validate_masks`); or naming each parameter
+            with the number of pruned entries that are not zero and their
+            largest magnitude.
     """
     if not atol >= 0.0:
-        raise ValueError(f"atol must be >= 0, got {atol!r}.")
+        raise MaskError(f"Argument 'atol' must be >= 0, got {atol!r}; pass a tolerance such as 0.0.")
     validate_masks(model, masks)
     named = dict(model.named_parameters())
     problems = []
     for name, mask in masks.items():
-        weight = named[name].detach()
-        pruned = ~mask.to(weight.device)
-        leaked = pruned & ~(weight.abs() <= atol)
-        count = int(leaked.sum())
-        if count:
-            worst = weight[leaked].abs().max().item()
-            problems.append(
-                f"{name!r}: {count} of {int(pruned.sum())} masked entries are non-zero (max |w| = {worst:.3g})"
-            )
+        values = [("", named[name].detach())]
+        grad = named[name].grad
+        if grads and grad is not None:
+            values.append((".grad", grad.to_dense() if grad.is_sparse else grad))
+        for suffix, value in values:
+            pruned = ~mask.to(value.device)
+            leaked = pruned & ~(value.abs() <= atol)
+            count = int(leaked.sum())
+            if count:
+                worst = value[leaked].abs().max().item()
+                problems.append(
+                    f"{name + suffix!r}: {count} of {int(pruned.sum())} masked entries are non-zero "
+                    f"(max |w| = {worst:.3g})"
+                )
     if problems:
-        raise MaskError(f"Masked weights are not zero (atol={atol}): " + "; ".join(problems) + ".")
+        raise MaskError(
+            "; ".join(problems) + f" (atol={atol}): masked entries must be exactly 0; enforce the masks with "
+            "ma.enforce_masks(model, masks, optimizer) so that no step revives them, or zero them with ma.apply_masks."
+        )
