@@ -419,6 +419,13 @@ def sparsity_of_sparse_masks():
     return lambda: ma.sparsity(masks), (masks,)
 
 
+@case(ArgumentTypeError, "'model'", "state_dict", old=T)
+def default_prunable_of_a_state_dict():
+    model = mlp()
+    state = model.state_dict()
+    return lambda: ma.masks.default_prunable(state), (model, state)
+
+
 # --- IMP
 
 
@@ -667,6 +674,19 @@ def match_activations_dict_batches_for_a_positional_spec():
     a, b = _pair()
     data = [{"x": x} for x in inputs_for_net()]
     return lambda: ma.match_activations(a, b, data, spec=net_spec(), progress=False), (a, b, data)
+
+
+@case(ArgumentValueError, "'cost'", "'pearson'", old=V)
+def activation_stats_unknown_cost():
+    stats = ma.activation_matching.ActivationStats(3)
+    stats.update(torch.randn(5, 3), torch.randn(5, 3))
+    return lambda: stats.similarity("pearson"), ()
+
+
+@case(DataError, "ActivationStats has no samples", "update(a, b)", old=V)
+def activation_stats_without_samples():
+    stats = ma.activation_matching.ActivationStats(3)
+    return lambda: stats.similarity(), ()
 
 
 # --- weight matching
@@ -968,6 +988,13 @@ def amp_without_cuda():
     out = Path(tempfile.mkdtemp(prefix="maskalign-misuse-")) / "run"  # must stay absent
     config = get_preset("digits", amp="bf16", device="cpu")
     return lambda: reproduce(config, out=out), (out,)
+
+
+@case(ArgumentTypeError, "'config'", "dict", "ReproduceConfig", old=T)
+def reproduce_with_a_dict_of_settings():
+    out = Path(tempfile.mkdtemp(prefix="maskalign-misuse-")) / "run"  # must stay absent
+    settings = {"seeds": 1}
+    return lambda: reproduce(settings, out=out), (out, settings)
 
 
 # ------------------------------------------------------------------- battery

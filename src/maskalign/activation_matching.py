@@ -140,10 +140,12 @@ class ActivationStats:
         covariance. ``euclidean``: minus the mean squared distance.
 
         Raises:
+            ArgumentValueError: an unknown ``cost``.
             DataError: no samples were accumulated.
         """
+        _check_choice(cost, "cost", COSTS)
         if self.count == 0:
-            raise DataError("no samples were accumulated")
+            raise DataError("ActivationStats has no samples; call update(a, b) with at least one batch first.")
         cov = self.cross / self.count
         if cost == "covariance":
             return cov

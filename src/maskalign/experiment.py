@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from .activation_matching import match_activations
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError, _describe
 from .fileio import atomic_write
 from .imp import IMPRound, imp_schedule, iterative_magnitude_pruning
 from .lmc import LMCResult, evaluate, lmc_barrier
@@ -746,10 +746,16 @@ def reproduce(
 
     Raises:
         StageMismatchError: a stored stage was computed with other settings.
+        ArgumentTypeError: ``config`` is not a :class:`ReproduceConfig`.
         ConfigError: (a ``ValueError``) as :func:`resolve_device`, or
             ``amp`` without CUDA.
         DataError, ValueError: as :func:`~maskalign.data.load_dataset`.
     """
+    if config is not None and not isinstance(config, ReproduceConfig):
+        raise ArgumentTypeError(
+            f"Argument 'config' is {_describe(config)}, not a ReproduceConfig; pass get_preset(name, **overrides) "
+            "or ReproduceConfig(...)."
+        )
     began = time.perf_counter()
     config = config or PRESETS["digits"]
     device = resolve_device(config.device)

@@ -153,7 +153,11 @@ def default_prunable(model: nn.Module) -> list[str]:
     not included. A weight shared by several modules is listed once, under
     its ``named_parameters()`` name; a weight that is not a registered
     parameter (e.g. computed by a parametrisation) is skipped.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
     """
+    _check_module(model, "model", "default_prunable(model)")
     prunable_ids = {
         id(module.weight)
         for module in model.modules()
