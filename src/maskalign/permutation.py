@@ -452,7 +452,7 @@ def apply_permutation(
     with torch.no_grad():
         for name in perm.spec.nonpersistent:  # opted-in buffers outside the state_dict
             target.get_buffer(name).copy_(new_values[name])
-        if not inplace:  # deepcopy gives each Parameter its own storage: share it again
+        if shared and not inplace:  # deepcopy gives each Parameter its own storage: share it again
             copied = _written_tensors(target, perm.spec)
             for names, contents in shared:
                 for name in names:
