@@ -8,7 +8,10 @@ MLP 784-1024-1024-10 (batch 128), each linear/conv weight pruned to 90 %.
 
 * dense: no masks.
 * enforce_masks: ``ma.enforce_masks(model, masks, optimizer)``: one gradient
-  hook per masked parameter and a step post-hook re-masking weights and
+  hook per masked parameter, a forward pre-hook and a step pre-hook that only
+  check the parameters' identity and version counters (issue 12: they re-bind
+  replaced parameters and re-zero weights written outside the optimiser, which
+  no step of this loop does), and a step post-hook re-masking weights and
   momentum.
 * prune: ``torch.nn.utils.prune.custom_from_mask`` on the same masks: a
   forward pre-hook recomputes ``weight = weight_orig * weight_mask`` every
@@ -16,7 +19,7 @@ MLP 784-1024-1024-10 (batch 128), each linear/conv weight pruned to 90 %.
 
 The variants run interleaved, in an order rotated every round (A B C, B C A,
 ...), so that drift of a noisy machine and position effects hit them alike; each ratio is the median over rounds of the
-per-round ratio. Targets (issue 5): enforce_masks / dense <= 1.05, and
+per-round ratio. Targets (issues 5 and 12): enforce_masks / dense <= 1.05, and
 enforce_masks no slower than prune.
 
 Usage: ``python benchmarks/bench_sparse_training.py [--device cuda]

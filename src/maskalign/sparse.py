@@ -43,13 +43,15 @@ after every ``optimizer.step()``. Four mechanisms cooperate:
    same object. A parameter frozen at enforce time (``requires_grad=False``,
    which cannot carry a gradient hook) gets its hook when it is unfrozen.
 
-Remaining gaps, by design: gradients returned by ``torch.autograd.grad``
-are never accumulated into ``.grad`` and are not masked (a ``.grad``
-assigned from them is masked in the weights it produces, not in itself);
-an optimiser that is not attached can revive masked weights at each step
-(they are zeroed again at the next forward, and a warning says so); under
-``torch.compile`` the forward pre-hook does nothing (the optimiser hooks
-and the ``load_state_dict`` hook still run).
+Remaining gaps (``docs/how-to/sparse-train.md#guarantees``): gradients
+returned by ``torch.autograd.grad`` are never accumulated into ``.grad`` and
+are not masked (an attached optimiser's step still re-zeros the weights made
+from a ``.grad`` assigned from them); an optimiser that is not attached can
+revive masked weights at each of its steps (they are zeroed again at the
+next forward, and a warning says so once); under ``torch.compile`` the
+forward pre-hook does nothing, and writes through ``param.data`` bypass the
+version counter it checks (the optimiser hooks and the ``load_state_dict``
+hook still run).
 
 Sparse training with fixed masks follows the lottery-ticket protocol of
 Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019.
@@ -96,6 +98,12 @@ class _BitMask:
     def __init__(self, mask: Tensor) -> None:
         self.mask = mask  # bool, parameter shape and device
         self._patterns: dict[int, Tensor] = {}
+
+    def retarget(self, mask: Tensor) -> None:
+        """Use ``mask`` (same values, on the parameter's new device) from now
+        on; the gradient hook, a bound method, stays valid."""
+        self.mask = mask
+        self._patterns.clear()
 
     def _pattern(self, value: Tensor) -> Tensor | None:
         bits = _BITS_OF_SIZE.get(value.element_size())
@@ -310,21 +318,18 @@ class MaskHandle:
 
         Args:
             optimizer: a ``torch.optim.Optimizer`` stepping (some of) the
-                masked parameters.
+                masked parameters, or a wrapper with its ``param_groups``,
+                ``state`` and step-hook API.
 
         Returns:
             This handle.
 
         Raises:
-            MaskError: if ``optimizer`` is not a ``torch.optim.Optimizer``,
-                the handle was removed, or a masked name no longer holds a
-                Parameter of its mask's shape.
+            MaskError: if ``optimizer`` is not an optimiser (a list of them,
+                a scheduler, a class), the handle was removed, or a masked
+                name no longer holds a Parameter of its mask's shape.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise MaskError(
-                f"Argument 'optimizer' is a {type(optimizer).__name__}, not a torch.optim.Optimizer; "
-                "pass the optimizer that steps the model's parameters (or None)."
-            )
+        _check_optimizer(optimizer)
         if self._removed:
             raise MaskError(
                 "This MaskHandle was removed; call ma.enforce_masks(model, masks, optimizer) to enforce the "
@@ -337,8 +342,9 @@ class MaskHandle:
         hooks = [
             optimizer.register_step_pre_hook(_OptimizerHook(self, "pre")),
             optimizer.register_step_post_hook(_OptimizerHook(self, "post")),
-            optimizer.register_load_state_dict_post_hook(_OptimizerHook(self, "load")),
         ]
+        if hasattr(optimizer, "register_load_state_dict_post_hook"):  # a wrapper may not forward it
+            hooks.append(optimizer.register_load_state_dict_post_hook(_OptimizerHook(self, "load")))
         self._attached = [(ref, h) for ref, h in self._attached if ref() is not None]
         self._attached.append((weakref.ref(optimizer), hooks))
         return self
@@ -472,13 +478,19 @@ class MaskHandle:
                 f"Parameter {b.name!r} was replaced by one of shape {tuple(param.shape)}, but its mask has shape "
                 f"{tuple(b.source.shape)}; call handle.remove() and enforce_masks with masks of the new shape."
             )
+        if type(param.detach()) is not Tensor and param.layout == torch.strided:
+            raise MaskError(
+                f"Parameter {b.name!r} is a {type(param.detach()).__name__} (a tensor subclass, such as the DTensor "
+                "of FSDP2's fully_shard), which enforce_masks cannot mask; enforce the masks on a model of plain "
+                "tensors, or apply them with ma.apply_masks after each optimizer step."
+            )
         if b.hook is not None:
             b.hook.remove()
             b.hook = None
         if b.param is not None and b.param is not param:
             b.replaced.append(weakref.ref(b.param))
         if b.bitmask.mask.device != param.device:
-            b.bitmask = _BitMask(b.source.to(param.device))
+            b.bitmask.retarget(b.source.to(param.device))
         b.param, b.cdata = param, param._cdata
         with torch.no_grad():
             b.bitmask.mask_(param)
@@ -508,6 +520,8 @@ class MaskHandle:
                         stacklevel=2,
                     )
         stamp = _stamp(param)
+        if b.bitmask.mask.device != param.device:  # model.to(device): same object, new memory
+            b.bitmask.retarget(b.source.to(param.device))
         with torch.no_grad():
             b.bitmask.mask_(param)
             if stamp[1] != b.stamp[1] and param.grad is not None:
@@ -540,6 +554,26 @@ class MaskHandle:
     def _mask_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Optimiser ``load_state_dict`` post-hook: zero restored state now."""
         _rezero(self._bindings, optimizer)
+
+
+_OPTIMIZER_API = ("param_groups", "state", "register_step_pre_hook", "register_step_post_hook")
+
+
+def _check_optimizer(optimizer: object) -> None:
+    """Accept a ``torch.optim.Optimizer`` or a wrapper with its hook API.
+
+    Raises:
+        MaskError: naming the argument, for anything else (a list of
+            optimisers, a learning-rate scheduler, a class).
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return
+    if isinstance(optimizer, type) or not all(hasattr(optimizer, a) for a in _OPTIMIZER_API):
+        raise MaskError(
+            f"Argument 'optimizer' is a {type(optimizer).__name__}, not a torch.optim.Optimizer; pass the "
+            "optimizer instance that steps the model's parameters (or None), and attach more with "
+            "handle.attach(optimizer)."
+        )
 
 
 def _rebuilt_handle(model: nn.Module, masks: dict[str, Tensor], hook_ids: tuple[int, ...], removed: bool) -> MaskHandle:
@@ -626,14 +660,11 @@ def enforce_masks(
 
     Raises:
         MaskError: see :func:`~maskalign.validate_masks`; also if
-            ``optimizer`` is not a ``torch.optim.Optimizer``.
+            ``optimizer`` is not an optimiser (see :meth:`MaskHandle.attach`).
     """
     validate_masks(model, masks)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise MaskError(
-            f"Argument 'optimizer' is a {type(optimizer).__name__}, not a torch.optim.Optimizer; "
-            "pass the optimizer that steps the model's parameters (or None)."
-        )
+    if optimizer is not None:
+        _check_optimizer(optimizer)
     handle = MaskHandle(model, {name: mask.detach().clone() for name, mask in masks.items()})
     handle._install()
     if optimizer is not None:
