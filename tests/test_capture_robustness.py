@@ -524,3 +524,58 @@ def test_pruned_model_is_left_as_it_was_and_still_permutes() -> None:
         wrong = ma.apply_permutation(model, perm)
         wrong[2].weight.copy_(wrong[2].weight.roll(1, 1))
         assert (wrong(x) - model(x)).abs().max() > 1e-3
+
+
+class _Tagger(nn.Module):
+    """Keyword inputs, as a tokenizer's batch feeds a transformers model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.hidden = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = torch.relu(self.hidden(self.embed(input_ids)))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.out(h).sum(1)
+
+
+def _tagger_batch(n: int, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 11, (n, 5), generator=g), "attention_mask": torch.ones(n, 5)}
+
+
+def test_a_dict_batch_is_taken_as_keyword_inputs() -> None:
+    """``build_spec(model, batch)`` with a dict that fits forward's parameters
+    means ``model(**batch)``; ``build_spec(model, kwargs=batch)`` the same
+    without positional inputs. Both give the spec of the explicit call."""
+    model = _Tagger().double().eval()
+    batch = _tagger_batch(4)
+    explicit = ma.build_spec(model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]})
+    for spec in (ma.build_spec(model, batch), ma.build_spec(model, kwargs=batch)):
+        assert spec.groups.keys() == explicit.groups.keys() and len(spec.groups) == 2
+        assert spec.coverage == explicit.coverage == 1.0
+        perm = ma.random_permutation(spec, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(**batch)
+            assert torch.allclose(ma.apply_permutation(model, perm)(**batch), expected, rtol=1e-12, atol=1e-12)
+            wrong = ma.apply_permutation(model, perm)
+            wrong.out.weight.copy_(wrong.out.weight.roll(1, 1))  # negative control
+            assert (wrong(**batch) - expected).abs().max() > 1e-3
+    with pytest.raises(ma.TraceError, match=r"^Argument 'example_inputs' is missing"):
+        ma.build_spec(model)
+
+
+def test_dynamic_batch_covers_keyword_inputs() -> None:
+    """``capture(..., dynamic_batch=True)`` marks dim 0 of keyword tensor
+    inputs dynamic too (it was ignored when there were keywords): the graph
+    then runs a batch of another size."""
+    model = _Tagger().double().eval()
+    captured = capture(model, None, _tagger_batch(2), check=False, dynamic_batch=True)
+    shapes = [n.meta["val"].shape for n in captured.graph.nodes if n.op == "placeholder"]
+    inputs = [s for n, s in zip(captured.graph.nodes, shapes) if captured.roles[n.name].kind == "input"]
+    assert len(inputs) == 2 and all(not isinstance(s[0], int) for s in inputs)
+    static = capture(model, None, _tagger_batch(2), check=False)
+    assert all(isinstance(n.meta["val"].shape[0], int) for n in static.graph.nodes if n.op == "placeholder")

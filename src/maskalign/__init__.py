@@ -13,13 +13,26 @@ Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
 from . import metrics
 from .activation_matching import match_activations
 from .equivalence import EquivalenceReport, check_equivalence
-from .errors import DataError, MaskAlignError, MaskError, SpecError, SpecMismatchError, TraceError
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    ConfigError,
+    DataError,
+    MaskAlignError,
+    MaskError,
+    MissingFileError,
+    SpecError,
+    SpecMismatchError,
+    TraceError,
+)
 from .imp import IMPResult, IMPRound, imp_schedule, iterative_magnitude_pruning
 from .lmc import LMCResult, interpolate, lmc_barrier, repair, reset_bn_stats
 from .masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
 from .permutation import (
     Permutation,
     apply_permutation,
+    check_same_architecture,
     permute_mask,
     permute_state_dict,
     random_permutation,
@@ -33,6 +46,10 @@ from .weight_matching import match_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ArgumentValueError",
+    "ConfigError",
     "DataError",
     "EquivalenceReport",
     "IMPResult",
@@ -41,6 +58,7 @@ __all__ = [
     "MaskAlignError",
     "MaskError",
     "MaskHandle",
+    "MissingFileError",
     "Permutation",
     "PermutationSpec",
     "RuleContext",
@@ -51,6 +69,7 @@ __all__ = [
     "apply_permutation",
     "assert_masked",
     "build_spec",
+    "check_same_architecture",
     "check_equivalence",
     "enforce_masks",
     "global_magnitude_prune",

@@ -484,10 +484,7 @@ def capture(
     """
     if isinstance(model, torch.export.ExportedProgram):
         return _capture_program(model, example_inputs, kwargs, check=check, rtol=rtol, atol=atol)
-    if example_inputs is None:
-        raise TraceError("build_spec needs example_inputs: a tensor or a tuple of forward's positional inputs")
-    args = normalize_inputs(example_inputs)
-    kwargs = dict(kwargs or {})
+    args, kwargs = split_inputs(model, example_inputs, kwargs)
     with _in_mode(model, train), torch.no_grad():
         _check_signature(model, args, kwargs)
         try:
@@ -496,7 +493,7 @@ def capture(
                 # about the attribute write, which is exactly the form we support
                 assigned = r"The tensor attributes? .* (?:was|were) assigned during export"
                 warnings.filterwarnings("ignore", message=assigned)
-                dynamic = _batch_dims(args) if dynamic_batch and not kwargs else None
+                dynamic = _batch_dims(model, args, kwargs) if dynamic_batch else None
                 program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as exc:  # torch raises many unrelated types here
             raise _export_error(model, exc, args, kwargs) from exc
@@ -618,9 +615,60 @@ def _frame_selves(exc: BaseException) -> list[nn.Module]:
     return selves[::-1]
 
 
-def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``dynamic_shapes`` marking dim 0 of every tensor argument ``Dim.AUTO``."""
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
+def _batch_dims(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO``:
+    a tuple for positional inputs alone, else a dict keyed by forward's
+    parameter names (what ``torch.export`` takes when there are keywords)."""
+
+    def batch(value: Any) -> Any:
+        return {0: torch.export.Dim.AUTO} if isinstance(value, Tensor) and value.dim() > 0 else None
+
+    if not kwargs:
+        return tuple(batch(a) for a in args)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: batch(v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(batch(v) for v in value)
+        else:
+            out[name] = batch(value)
+    return out
+
+
+def split_inputs(
+    model: nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` for ``model(*args, **kwargs)``: a tensor or a list
+    becomes a tuple; a mapping whose keys fit forward's parameters (a
+    tokenizer's ``BatchEncoding``, a dict batch) becomes the keywords, as for
+    ``model(**batch)``; ``None`` with keywords given means no positional input.
+
+    Raises:
+        TraceError: neither positional nor keyword inputs are given.
+    """
+    if example_inputs is None and not kwargs:
+        raise TraceError(
+            "Argument 'example_inputs' is missing; pass a tensor or a tuple of forward's positional inputs "
+            "(or keyword inputs as kwargs=...)"
+        )
+    if isinstance(example_inputs, Mapping) and kwargs is None and _binds_as_keywords(model, example_inputs):
+        return (), dict(example_inputs)
+    return (() if example_inputs is None else normalize_inputs(example_inputs)), dict(kwargs or {})
+
+
+def _binds_as_keywords(model: nn.Module, inputs: Mapping[Any, Any]) -> bool:
+    """Whether ``model(**inputs)`` fits forward's signature (and ``inputs`` is
+    not forward's one positional argument)."""
+    if not all(isinstance(k, str) for k in inputs):
+        return False
+    try:
+        inspect.signature(model.forward).bind(**inputs)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _capture_program(

@@ -25,6 +25,7 @@ __all__ = [
     "ArgumentValueError",
     "ConfigError",
     "UnknownPresetError",
+    "MissingFileError",
     "TraceError",
     "SpecError",
     "SpecMismatchError",
@@ -107,6 +108,13 @@ class UnknownPresetError(ConfigError, KeyError):
     docs_page = "troubleshooting/#unknownpreseterror"
 
 
+class MissingFileError(ArgumentError, FileNotFoundError):
+    """A file or folder the caller named does not exist. Also a
+    :class:`FileNotFoundError`."""
+
+    docs_page = "troubleshooting/#missingfileerror"
+
+
 class TraceError(MaskAlignError):
     """A model could not be captured as a ``torch.fx`` graph, or the captured
     graph does not reproduce the eager model on the example inputs."""
@@ -114,8 +122,9 @@ class TraceError(MaskAlignError):
     docs_page = "troubleshooting/#traceerror"
 
 
-class SpecError(MaskAlignError):
-    """A permutation spec, or a permutation, is inconsistent with a model."""
+class SpecError(MaskAlignError, ValueError):
+    """A permutation spec, or a permutation, is inconsistent with a model.
+    Also a :class:`ValueError`."""
 
     docs_page = "troubleshooting/#specerror"
 

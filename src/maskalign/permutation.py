@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, index_vector
-from .errors import ArgumentTypeError, MaskError, SpecError, SpecMismatchError, _did_you_mean
+from .errors import ArgumentTypeError, MaskError, MissingFileError, SpecError, SpecMismatchError, _did_you_mean
 from .errors import _describe as _describe_value
 from .fileio import atomic_write
 from .masks import _check_mask_set, _unknown_name_message
@@ -208,7 +208,8 @@ class Permutation(Mapping[str, Tensor]):
                 permutation (not a torch file, no ``fingerprint`` or
                 ``indices`` entry, indices that are not a dict of integer
                 index tensors); the message names the file and the entry.
-            FileNotFoundError: ``path`` does not exist.
+            MissingFileError: ``path`` does not exist (also a
+                ``FileNotFoundError``).
         """
         spec = _require_spec(spec, "spec", "Permutation.load")
         path = _require_path(path, "Permutation.load")
@@ -218,7 +219,7 @@ class Permutation(Mapping[str, Tensor]):
                 f"(e.g. {Path(path) / 'perm.pt'})."
             )
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist; pass the file that Permutation.save wrote.")
+            raise MissingFileError(f"{path} does not exist; pass the file that Permutation.save wrote.")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .atoms import AtomTable, Freeze
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, tree_size
-from .capture import CapturedGraph, capture, normalize_inputs
+from .capture import CapturedGraph, capture, split_inputs
 from .errors import ArgumentTypeError, SpecError, _describe
 from .modes import mode_difference, plain_tensors, preserved_attributes
 from .rules import Analysis, analyze
@@ -261,8 +261,8 @@ def _build(
         )
     train = None
     if isinstance(model, nn.Module):
-        args = normalize_inputs(example_inputs)
-        difference = mode_difference(model, args, dict(kwargs or {}))
+        args, kwargs = split_inputs(model, example_inputs, kwargs)
+        difference = mode_difference(model, args, kwargs)
         if difference is not None:
             train = capture(model, args, kwargs, train=True, check=False)
         train_mode = "same graph as eval mode" if difference is None else f"own graph analysed ({difference})"
