@@ -649,8 +649,8 @@ def match_activations(
                     _check_no_cache(model, which, args, kwargs)
                 if spec is None:
                     spec = build_spec(model_a, args, kwargs)
-                check_same_architecture(state_a, spec, "model_a")
-                check_same_architecture(state_b, spec, "model_b")
+                check_same_architecture(model_a, spec, "model_a")
+                check_same_architecture(model_b, spec, "model_b")
                 plan = _Plan(spec, max_joint)
                 if plan.skipped:
                     warnings.warn(

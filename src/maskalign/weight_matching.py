@@ -166,8 +166,8 @@ def match_weights(
     if init is not None:
         _check_init(init, spec)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    check_same_architecture(state_a, spec, "model_a")
-    check_same_architecture(state_b, spec, "model_b")
+    check_same_architecture(model_a, spec, "model_a")
+    check_same_architecture(model_b, spec, "model_b")
     carrying = [t for t, axes in spec.axes.items() if any(next(groups_of(tree), None) for tree in axes)]
     _check_weights(state_a, state_b, carrying)
     tensors_a = {t: _working(state_a[t]) for t in carrying}
