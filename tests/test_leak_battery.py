@@ -851,6 +851,9 @@ def test_optimizer_argument_and_removed_handle_errors() -> None:
     handle.remove()
     with pytest.raises(MaskError, match="removed"):
         handle.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    for atol in (-1.0, float("nan"), "0", True):
+        with pytest.raises(MaskError, match=r"^Argument 'atol' must be a number >= 0"):
+            ma.assert_masked(model, masks, atol=atol)  # type: ignore[arg-type]
 
 
 def test_attach_is_idempotent_and_masks_state_at_once() -> None:

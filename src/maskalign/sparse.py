@@ -59,6 +59,7 @@ Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -688,13 +689,13 @@ def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0
         grads: also check ``param.grad`` (dense or sparse) where present.
 
     Raises:
-        MaskError: if ``atol`` is negative or NaN; if ``masks`` is malformed
+        MaskError: if ``atol`` is not a number, negative or NaN; if ``masks`` is malformed
             (see :func:`~maskalign.validate_masks`); or naming each parameter
             with the number of pruned entries that are not zero and their
             largest magnitude.
     """
-    if not atol >= 0.0:
-        raise MaskError(f"Argument 'atol' must be >= 0, got {atol!r}; pass a tolerance such as 0.0.")
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0.0:
+        raise MaskError(f"Argument 'atol' must be a number >= 0, got {atol!r}; pass a tolerance such as 0.0.")
     validate_masks(model, masks)
     named = dict(model.named_parameters())
     problems = []
