@@ -152,3 +152,29 @@ def test_models_are_fx_traceable(name: str) -> None:
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(traced(x), model(x))
+
+
+def test_vgg11_without_batch_norm_is_the_plain_vgg_and_permutes_exactly() -> None:
+    """``batch_norm=False``: no BatchNorm, a bias on every convolution; a random
+    permutation of its spec keeps the function (float64, non-trivial weights),
+    a wrong one (one conv's output channels rolled alone) does not."""
+    import maskalign as ma
+
+    torch.manual_seed(0)
+    model = VGG11(num_classes=5, in_channels=3, image_size=16, batch_norm=False).double().eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 8 and all(c.bias is not None for c in convs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    spec = ma.build_spec(model, x)
+    assert len(spec.groups) == 8 and spec.coverage == 1.0
+    perm = ma.random_permutation(spec, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(ma.apply_permutation(model, perm)(x), expected, rtol=1e-10, atol=1e-12)
+        wrong = ma.apply_permutation(model, perm)
+        wrong.features.conv3.weight.copy_(wrong.features.conv3.weight.roll(1, 0))
+        assert (wrong(x) - expected).abs().max() > 1e-3 * expected.abs().max()

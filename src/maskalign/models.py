@@ -154,6 +154,9 @@ class VGG11(nn.Module):
 
     Convolutions have no bias: the BatchNorm that follows each one makes a bias
     redundant (REPAIR's reference code keeps it; the function is the same).
+    With ``batch_norm=False`` there is no ``bn<i>`` and every convolution has a
+    bias: the VGG11 without normalisation of the paper's Figure 3 (REPAIR's
+    "plain" VGG).
 
     Input ``(N, in_channels, image_size, image_size)``; output ``(N, num_classes)``.
 
@@ -161,7 +164,14 @@ class VGG11(nn.Module):
         ValueError: if a size argument is not positive.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1, image_size: int = 32) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 1,
+        image_size: int = 32,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
         _check_positive(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -175,8 +185,9 @@ class VGG11(nn.Module):
                 continue
             n_conv += 1
             out_channels = int(item) * width
-            layers[f"conv{n_conv}"] = nn.Conv2d(channels, out_channels, 3, padding=1, bias=False)
-            layers[f"bn{n_conv}"] = nn.BatchNorm2d(out_channels)
+            layers[f"conv{n_conv}"] = nn.Conv2d(channels, out_channels, 3, padding=1, bias=not batch_norm)
+            if batch_norm:
+                layers[f"bn{n_conv}"] = nn.BatchNorm2d(out_channels)
             layers[f"relu{n_conv}"] = nn.ReLU()
             channels = out_channels
         self.features = nn.Sequential(layers)
