@@ -25,6 +25,7 @@ from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
 from .errors import (
     DOCS_URL,
     ArgumentTypeError,
+    ArgumentValueError,
     DataError,
     SpecError,
     SpecMismatchError,
@@ -34,14 +35,28 @@ from .errors import (
     _check_int,
     _check_module,
     _describe,
+    _did_you_mean,
 )
 from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import ActivationPoint, PermutationSpec, build_spec
 
-__all__ = ["ActivationStats", "match_activations"]
+__all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations"]
 
 COSTS = ("correlation", "covariance", "euclidean")
+POINTS = ("pre", "post", "both")
+"""Choices of ``match_activations(..., points=...)``."""
+STREAM_POINTS = ("all", "last")
+"""Choices of ``match_activations(..., stream_points=...)``."""
+DEFAULT_POINTS = "pre"
+"""Default ``points`` of :func:`match_activations`, and of every group a
+``points`` mapping leaves out."""
+DEFAULT_STREAM_POINTS = "all"
+"""Default ``stream_points`` of :func:`match_activations`."""
+
+PointsChoice = str | Mapping[str, str] | Callable[[str], str]
+"""``points``: one of :data:`POINTS`, a mapping group name -> choice, or a
+callable group name -> choice."""
 
 
 class ActivationStats:
@@ -468,8 +483,95 @@ def _units(joint: Tensor, positions: Tensor | None) -> Tensor:
     return joint[:, positions].transpose(1, 2).reshape(-1, positions.shape[0])
 
 
-_Stats = dict[str, "ActivationStats"]
+_Key = tuple[str, str]
+"""A pooled statistic: ``(group, "primary")`` or ``(group, "tiebreak")``."""
+_Use = tuple[ActivationPoint, "_Key | None", "Tensor | None", "AxisTree | None"]
+_Stats = dict[_Key, "ActivationStats"]
 _JointStats = dict[AxisTree, "ActivationStats"]
+PRIMARY, TIEBREAK = "primary", "tiebreak"
+
+
+def _check_points(points: Any) -> None:
+    """Raise unless ``points`` is a choice, a mapping or a callable (the
+    groups of a mapping are checked once the spec is known)."""
+    if isinstance(points, str):
+        _check_choice(points, "points", POINTS)
+    elif not isinstance(points, Mapping) and not callable(points):
+        raise ArgumentTypeError(
+            f"Argument 'points' is {_describe(points)}; pass one of {', '.join(map(repr, POINTS))}, a dict "
+            "group name -> choice, or a function group name -> choice."
+        )
+
+
+def _resolve_points(points: PointsChoice, spec: PermutationSpec) -> dict[str, str]:
+    """Group name -> ``"pre"``, ``"post"`` or ``"both"`` for every group of
+    ``spec``; groups a mapping leaves out get :data:`DEFAULT_POINTS`.
+
+    Raises:
+        ArgumentValueError: ``points`` is an unknown choice, a mapping names a
+            group the spec does not have, or a mapping or callable gives an
+            unknown choice for a group (named, with close matches suggested).
+        ArgumentTypeError: ``points`` is neither a str, a mapping nor callable.
+    """
+    _check_points(points)
+    if isinstance(points, str):
+        return dict.fromkeys(spec.groups, points)
+    if isinstance(points, Mapping):
+        unknown = [name for name in points if name not in spec.groups]
+        if unknown:
+            listed = ", ".join(repr(g) for g in list(spec.groups)[:6])
+            raise ArgumentValueError(
+                f"Argument 'points' names {unknown[0]!r}, which is not a group of the spec (its groups: {listed}"
+                f"{', ...' if len(spec.groups) > 6 else ''}).{_did_you_mean(unknown[0], spec.groups)}"
+            )
+        chosen = {g: points.get(g, DEFAULT_POINTS) for g in spec.groups}
+    else:
+        chosen = {g: points(g) for g in spec.groups}
+    for group, choice in chosen.items():
+        if not (isinstance(choice, str) and choice in POINTS):
+            raise ArgumentValueError(
+                f"Argument 'points' gives {choice!r} for group {group!r}; pass one of "
+                f"{', '.join(map(repr, POINTS))}.{_did_you_mean(choice, POINTS)}"
+            )
+    return chosen
+
+
+def _unique_nodes(points: Iterable[ActivationPoint]) -> list[ActivationPoint]:
+    """``points`` without repeated graph nodes (the first point of each kept)."""
+    out: dict[str, ActivationPoint] = {}
+    for point in points:
+        out.setdefault(point.node, point)
+    return list(out.values())
+
+
+def select_points(
+    points: Sequence[ActivationPoint], group: str, choice: str, stream_points: str
+) -> tuple[list[ActivationPoint], list[ActivationPoint]]:
+    """The points one group is matched on, and those that break its ties.
+
+    Args:
+        points: ``spec.activations[group]`` (graph order).
+        group: the group's name.
+        choice: ``"pre"``, ``"post"`` or ``"both"`` (see :func:`match_activations`).
+        stream_points: ``"all"`` or ``"last"``.
+
+    Returns:
+        ``(primary, tiebreak)``, both in graph order: the points whose pooled
+        statistic is matched, and the pre-activation points whose statistic
+        breaks ties of the primary one (empty unless ``choice`` is ``"post"``
+        and the group has nonlinearity outputs and is not nested in a joint axis).
+    """
+    nested = any(co_groups(p.tree, group) for p in points)
+    pre = [p for p in points if p.kind == "pre"] or list(points)
+    post = [p for p in points if p.kind == "post"]
+    if stream_points == "last" and not nested:
+        pre, post = pre[-1:], post[-1:]
+    if choice == "pre" or not post:
+        return _unique_nodes(pre), []
+    if choice == "post":
+        return _unique_nodes(post), ([] if nested else _unique_nodes(pre))
+    picked = {id(p) for p in (*pre, *post)}
+    return _unique_nodes(p for p in points if id(p) in picked), []
 
 
 class _Plan:
@@ -477,50 +579,65 @@ class _Plan:
 
     A group whose units never share positions with another group's (``co_groups``
     empty: channels of a conv, hidden units of an MLP, a residual stream) pools
-    its samples into one ``(n, n)`` statistic. Points where groups are nested
+    its samples into one ``(n, n)`` statistic (and, where ties are broken, a
+    second one of its pre-activations). Points where groups are nested
     (heads x head_dim, concatenated q/k/v) keep the full statistic of their
     joint axis, so that heads can be matched as blocks and head dims inside
     aligned heads; at most ``max_joint`` units per joint axis.
     """
 
-    def __init__(self, spec: PermutationSpec, max_joint: int) -> None:
-        self.clean: dict[str, list[tuple[ActivationPoint, Tensor | None]]] = {}
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        primary: Mapping[str, Sequence[ActivationPoint]],
+        tiebreak: Mapping[str, Sequence[ActivationPoint]],
+        max_joint: int,
+    ) -> None:
+        self.clean: dict[_Key, list[tuple[ActivationPoint, Tensor | None]]] = {}
         self.joint: dict[AxisTree, list[ActivationPoint]] = {}
         self.skipped: list[str] = []
-        for group, points in spec.activations.items():
+        for group, points in primary.items():
             for point in points:
                 tree = point.tree
                 if not co_groups(tree, group):
-                    positions = unit_positions(tree, group)
-                    assert positions is not None
-                    if isinstance(tree, Leaf):  # the joint axis is the group: no gather
-                        positions = None
-                    self.clean.setdefault(group, []).append((point, positions))
+                    self.clean.setdefault((group, PRIMARY), []).append((point, self._positions(tree, group)))
                 elif tree_size(tree) <= max_joint:
                     if point not in self.joint.setdefault(tree, []):
                         self.joint[tree].append(point)
                 elif point.node not in self.skipped:
                     self.skipped.append(point.node)
+        for group, points in tiebreak.items():
+            pooled = [p for p in points if not co_groups(p.tree, group)]
+            if (group, PRIMARY) in self.clean and pooled:
+                self.clean[(group, TIEBREAK)] = [(p, self._positions(p.tree, group)) for p in pooled]
         self.points = list(
             dict.fromkeys(
                 [p for uses in self.clean.values() for p, _ in uses] + [p for ps in self.joint.values() for p in ps]
             )
         )
 
-    def uses(self) -> dict[str, list[tuple[ActivationPoint, str | None, Tensor | None, AxisTree | None]]]:
-        """Per graph node: ``(point, group, positions, None)`` for pooled
+    @staticmethod
+    def _positions(tree: AxisTree, group: str) -> Tensor | None:
+        if isinstance(tree, Leaf):  # the joint axis is the group: no gather
+            return None
+        positions = unit_positions(tree, group)
+        assert positions is not None
+        return positions
+
+    def uses(self) -> dict[str, list[_Use]]:
+        """Per graph node: ``(point, key, positions, None)`` for pooled
         statistics and ``(point, None, None, tree)`` for joint ones."""
-        out: dict[str, list[tuple[ActivationPoint, str | None, Tensor | None, AxisTree | None]]] = {}
-        for group, uses in self.clean.items():
+        out: dict[str, list[_Use]] = {}
+        for key, uses in self.clean.items():
             for point, positions in uses:
-                out.setdefault(point.node, []).append((point, group, positions, None))
+                out.setdefault(point.node, []).append((point, key, positions, None))
         for tree, points in self.joint.items():
             for point in points:
                 out.setdefault(point.node, []).append((point, None, None, tree))
         return out
 
     def stats(self, spec: PermutationSpec, device: torch.device) -> tuple[_Stats, _JointStats]:
-        clean = {g: ActivationStats(spec.groups[g].size, device) for g in self.clean}
+        clean = {key: ActivationStats(spec.groups[key[0]].size, device) for key in self.clean}
         joint = {tree: ActivationStats(tree_size(tree), device) for tree in self.joint}
         return clean, joint
 
@@ -550,6 +667,8 @@ def match_activations(
     num_batches: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
     cost: str = "correlation",
+    points: PointsChoice = DEFAULT_POINTS,
+    stream_points: str = DEFAULT_STREAM_POINTS,
     progress: bool = True,
     max_joint: int = 4096,
 ) -> Permutation:
@@ -631,6 +750,8 @@ def match_activations(
     if input_fn is not None:
         _check_callable(input_fn, "input_fn", "input_fn(batch) -> forward's inputs (a tensor, a tuple or a dict)")
     _check_choice(cost, "cost", COSTS)
+    _check_points(points)
+    _check_choice(stream_points, "stream_points", STREAM_POINTS)
     _check_int(num_batches, "num_batches", 1, allow_none=True)
     _check_int(max_joint, "max_joint", 1)
     device, dtype = _models_device_dtype(model_a, model_b)
@@ -639,7 +760,8 @@ def match_activations(
     input_fn = input_fn or _default_input_fn
     prober: _Prober | None = None
     plan: _Plan | None = None
-    clean: dict[str, ActivationStats] = {}
+    clean: _Stats = {}
+    chosen: dict[str, str] = {}
     joint: dict[AxisTree, ActivationStats] = {}
     with eval_mode(model_a, model_b), torch.no_grad():
         for index, batch in enumerate(_batches(data, num_batches, progress)):
@@ -651,7 +773,18 @@ def match_activations(
                     spec = build_spec(model_a, args, kwargs)
                 check_same_architecture(model_a, spec, "model_a")
                 check_same_architecture(model_b, spec, "model_b")
-                plan = _Plan(spec, max_joint)
+                chosen = _resolve_points(points, spec)
+                selected = {
+                    g: select_points(spec.activations[g], g, chosen[g], stream_points)
+                    for g in spec.groups
+                    if spec.activations.get(g)
+                }
+                plan = _Plan(
+                    spec,
+                    {g: primary for g, (primary, _) in selected.items()},
+                    {g: tiebreak for g, (_, tiebreak) in selected.items() if tiebreak},
+                    max_joint,
+                )
                 if plan.skipped:
                     warnings.warn(
                         f"activation matching skips nodes {plan.skipped[:3]}: their joint axis has more than "
@@ -674,40 +807,46 @@ def match_activations(
     distributed = dist.is_available() and dist.is_initialized()
     solved: list[Any] = [None]
     if not distributed or dist.get_rank() == 0:
-        similarities = {g: st.similarity(cost).cpu() for g, st in clean.items() if st.count}
+        similarities = {g: st.similarity(cost).cpu() for (g, k), st in clean.items() if k == PRIMARY and st.count}
+        tiebreaks = {g: st.similarity(cost).cpu() for (g, k), st in clean.items() if k == TIEBREAK and st.count}
         joint_similarities = {t: st.similarity(cost).cpu() for t, st in joint.items() if st.count}
-        solved = [_solve(spec, similarities, joint_similarities)]
+        solved = [_solve(spec, similarities, joint_similarities, tiebreaks)]
     if distributed:
         dist.broadcast_object_list(solved, src=0)
     indices, report = solved[0]
-    return Permutation(spec, indices, report={"method": "activation", "cost": cost, "groups": report})
+    recipe: str | dict[str, str] = points if isinstance(points, str) else dict(chosen)
+    return Permutation(
+        spec,
+        indices,
+        report={
+            "method": "activation",
+            "cost": cost,
+            "points": recipe,
+            "stream_points": stream_points,
+            "groups": report,
+        },
+    )
 
 
 class _Visitor:
     """Updates the statistics of one batch from each activation as it is computed."""
 
-    def __init__(
-        self,
-        uses: Mapping[str, list[tuple[ActivationPoint, str | None, Tensor | None, AxisTree | None]]],
-        clean: _Stats,
-        joint: _JointStats,
-        batch: int,
-    ) -> None:
+    def __init__(self, uses: Mapping[str, list[_Use]], clean: _Stats, joint: _JointStats, batch: int) -> None:
         self.uses, self.clean, self.joint, self.batch = uses, clean, joint, batch
 
     def __call__(self, node: str, value_a: Tensor, value_b: Tensor) -> None:
         touched = []
-        for point, group, positions, tree in self.uses[node]:
+        for point, key, positions, tree in self.uses[node]:
             if tree is not None:
                 stats = self.joint[tree]
                 stats.update(_joint(value_a, point), _joint(value_b, point))
             elif positions is None:  # one carrying dim that is the group: a view, no copy
-                assert group is not None
-                stats = self.clean[group]
+                assert key is not None
+                stats = self.clean[key]
                 stats.update(_layout(value_a, point.dims[0]), _layout(value_b, point.dims[0]))
             else:
-                assert group is not None
-                stats = self.clean[group]
+                assert key is not None
+                stats = self.clean[key]
                 where = positions.to(value_a.device)
                 stats.update(_units(_joint(value_a, point), where), _units(_joint(value_b, point), where))
             touched.append(stats)
@@ -740,17 +879,63 @@ def _block_relaxation(tree: AxisTree, similarity: Tensor, group: str, max_block:
     return block_lap_values(similarity[positions[:, None, :, None], positions[None, :, None, :]])
 
 
+def _tie_classes(similarity: Tensor) -> list[Tensor]:
+    """Indices of the rows of ``similarity`` that are exactly equal, per class
+    of more than one row (``-0.0`` and ``0.0`` count as equal)."""
+    _, inverse, counts = torch.unique(similarity + 0.0, dim=0, return_inverse=True, return_counts=True)
+    return [torch.nonzero(inverse == c).flatten() for c in torch.nonzero(counts > 1).flatten().tolist()]
+
+
+def _break_ties(primary: Tensor, secondary: Tensor, idx: Tensor) -> tuple[Tensor, int]:
+    """Re-match, by ``secondary``, units that ``primary`` cannot tell apart.
+
+    ``idx`` is an optimal assignment of ``primary`` (``idx[j]``: A's unit
+    matched to B's unit ``j``, as :func:`~maskalign.lap.solve_lap` returns).
+    A's units whose rows of ``primary`` are exactly equal (dead or constant
+    units: a correlation row of zeros) can trade the B units they were given
+    without changing the primary total at all; so can B's units whose columns
+    are equal. Each such class is re-matched among itself by one LAP on
+    ``secondary`` (rows first, then columns). The primary total is exactly
+    that of ``idx``, so the result is still an optimal assignment of
+    ``primary``; among those, the secondary total never decreases.
+
+    Returns:
+        ``(idx, pairs)``: the new assignment and the number of matched pairs
+        that lie in a tie class (0 when there is nothing to break; ``idx`` is
+        then unchanged).
+    """
+    idx = idx.clone()
+    decided = torch.zeros(idx.numel(), dtype=torch.bool)
+    column_of = torch.empty_like(idx)
+    column_of[idx] = torch.arange(idx.numel())
+    for rows in _tie_classes(primary):  # A's units that look the same: trade their columns
+        cols = column_of[rows]
+        idx[cols] = rows[solve_lap(secondary[rows[:, None], cols[None, :]])]
+        decided[cols] = True
+    for cols in _tie_classes(primary.T):  # B's units that look the same: trade their rows
+        rows = idx[cols]
+        idx[cols] = rows[solve_lap(secondary[rows[:, None], cols[None, :]])]
+        decided[cols] = True
+    return idx, int(decided.sum())
+
+
 def _solve(
     spec: PermutationSpec,
     clean: Mapping[str, Tensor],
     joint: Mapping[AxisTree, Tensor],
+    tiebreak: Mapping[str, Tensor] | None = None,
     max_sweeps: int = 100,
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:
-    """One LAP per group on its pooled statistic; then, where groups are nested
+    """One LAP per group on its pooled statistic, ties broken by the group's
+    ``tiebreak`` statistic (:func:`_break_ties`); then, where groups are nested
     in joint axes, block matching to start and coordinate ascent (Git Re-Basin
     Alg. 1 applied to activations) on the total matched similarity."""
     perm: dict[str, Tensor] = {g: solve_lap(sim) for g, sim in clean.items()}
     nested = [g for g in spec.groups if any(g in set(groups_of(t)) for t in joint)]
+    tied: dict[str, int] = {}
+    for g, secondary in (tiebreak or {}).items():
+        if g in perm and g not in nested:
+            perm[g], tied[g] = _break_ties(clean[g], secondary, perm[g])
     for g in nested:
         if g not in perm:
             init = sum(
@@ -787,4 +972,6 @@ def _solve(
         ar = torch.arange(before.shape[0])
         scale = len([t for t in joint if g in set(groups_of(t))]) + (1 if g in clean else 0)
         report[g] = {"before": float(before[ar, ar].mean()) / scale, "after": float(after[perm[g], ar].mean()) / scale}
+        if g in tied:
+            report[g]["tied"] = tied[g]
     return perm, report

@@ -62,16 +62,35 @@ class FrozenAxis:
     structural: bool = False
 
 
+ACTIVATION_KINDS = ("pre", "post", "value")
+"""The kinds of :class:`ActivationPoint`, see :attr:`ActivationPoint.kind`."""
+
+
 @dataclass(frozen=True)
 class ActivationPoint:
     """A graph value that carries groups: its dims ``dims`` (those with a
     permuted factor) decompose as ``trees``. Activation matching moves these
     dims last and flattens them into one *joint axis* whose tree is ``tree``;
-    every other dim (batch, spatial, sequence) indexes samples."""
+    every other dim (batch, spatial, sequence) indexes samples.
+
+    ``kind`` says what the value is to the nonlinearities of the graph (nodes
+    whose op has the ``"nonlinearity"`` role: ReLU, GELU, SiLU, tanh...):
+
+    * ``"pre"``: the input of a nonlinearity (a pre-activation);
+    * ``"post"``: the output of a nonlinearity (a post-activation);
+    * ``"value"``: any other non-view value carrying the group; listed only
+      for groups that meet no nonlinearity input (a pre-norm transformer's
+      residual stream, attention heads, a group whose nonlinearity reads it
+      through a reshape).
+
+    A value that is both (``relu(relu(x))``'s middle value) is listed once
+    per kind.
+    """
 
     node: str
     dims: tuple[int, ...]
     trees: tuple[AxisTree, ...]
+    kind: str = "pre"
 
     @property
     def tree(self) -> AxisTree:
@@ -116,8 +135,12 @@ class PermutationSpec:
             constants, so they freeze their axes. Tensors that appear there
             later (a cache that forward filled) would not be permuted, and
             :func:`~maskalign.apply_permutation` refuses such a model.
-        activations: group name -> graph values that carry it, used by
-            activation matching.
+        activations: group name -> the graph values that carry it, in graph
+            order, each an :class:`ActivationPoint` whose ``kind`` is
+            ``"pre"`` (input of a nonlinearity), ``"post"`` (its output) or
+            ``"value"`` (any other non-view value, listed only for groups that
+            meet no nonlinearity input). Activation matching picks among them
+            (``match_activations(..., points=..., stream_points=...)``).
         module_types: module path (``""`` for the model itself) -> class
             name, for every module that holds a parameter or buffer or
             contains one that does (see :func:`module_types`). It is what
@@ -464,34 +487,40 @@ class _TreeBuilder:
 def _activation_points(
     analysis: Analysis, trees: _TreeBuilder, captured: CapturedGraph
 ) -> dict[str, list[ActivationPoint]]:
-    """Per group, the graph values used by activation matching: the inputs of
-    nonlinearities (pre-activations); every other non-view value when a group
-    meets no nonlinearity (e.g. a pre-norm transformer's residual stream).
+    """Per group, in graph order, the graph values activation matching may use:
+    the inputs of nonlinearities (kind ``"pre"``) and their outputs (kind
+    ``"post"``); for a group that meets no nonlinearity input, every other
+    non-view value carrying it (kind ``"value"``, e.g. a pre-norm
+    transformer's residual stream).
 
-    Pre-activations hold everything the post-activations do (ReLU(x) is a
-    function of x) and stay informative where a ReLU unit is dead, which made
-    self-recovery fail on post-activations. Measured on the digits pipeline
-    (3 seeds), permuted-mask accuracy and the barrier after matching match
-    those of post+pre pooling within noise, at half the statistics cost."""
-    preferred_nodes: set[str] = set()
+    Which of them a match uses is chosen there (``points=``,
+    ``stream_points=``, see :func:`~maskalign.match_activations`); the spec
+    lists them all so that one spec serves every choice."""
+    pre_nodes: set[str] = set()
+    post_nodes: set[str] = set()
     for node in captured.flat_graph.nodes:
-        if analysis.node_roles.get(node.name) == "nonlinearity" and isinstance(node.args[0], torch.fx.Node):
-            preferred_nodes.add(node.args[0].name)
-    preferred: dict[str, list[ActivationPoint]] = {}
-    other: dict[str, list[ActivationPoint]] = {}
-    for node, dims in analysis.node_dims.items():
+        if analysis.node_roles.get(node.name) == "nonlinearity":
+            post_nodes.add(node.name)
+            if node.args and isinstance(node.args[0], torch.fx.Node):
+                pre_nodes.add(node.args[0].name)
+    listed: dict[str, list[ActivationPoint]] = {}
+    has_pre: set[str] = set()
+    for node, dims in analysis.node_dims.items():  # graph order
         role = analysis.node_roles.get(node)
         if role is None or role == "view":
             continue
-        target = preferred if node in preferred_nodes else other
         carrying = [(d, trees.dim(dim)) for d, dim in enumerate(dims)]
         carrying = [(d, tree) for d, tree in carrying if next(groups_of(tree), None) is not None]
         if not carrying:
             continue
-        point = ActivationPoint(node, tuple(d for d, _ in carrying), tuple(t for _, t in carrying))
-        for name in dict.fromkeys(groups_of(point.tree)):
-            target.setdefault(name, []).append(point)
-    return {name: preferred.get(name) or other.get(name, []) for name in trees.sizes}
+        kinds = [k for k, nodes in (("pre", pre_nodes), ("post", post_nodes)) if node in nodes] or ["value"]
+        for kind in kinds:
+            point = ActivationPoint(node, tuple(d for d, _ in carrying), tuple(t for _, t in carrying), kind)
+            for name in dict.fromkeys(groups_of(point.tree)):
+                listed.setdefault(name, []).append(point)
+                if kind == "pre":
+                    has_pre.add(name)
+    return {name: [p for p in listed.get(name, []) if p.kind != "value" or name not in has_pre] for name in trees.sizes}
 
 
 def _coverage(analysis: Analysis, parameters: frozenset[str]) -> tuple[float, dict[str, float]]:
