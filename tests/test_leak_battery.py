@@ -843,7 +843,7 @@ def test_optimizer_argument_and_removed_handle_errors() -> None:
     model = mlp()
     masks = mlp_masks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(MaskError, match=r"^Argument 'optimizer' is a list, not a torch\.optim\.Optimizer"):
+    with pytest.raises(ma.ArgumentTypeError, match=r"^Argument 'optimizer' is a list, not a torch\.optim\.Optimizer"):
         ma.enforce_masks(model, masks, [torch.optim.SGD(model.parameters(), lr=0.1)])  # type: ignore[arg-type]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing touched
     assert ma.MaskHandle.of(model) == ()
@@ -852,7 +852,7 @@ def test_optimizer_argument_and_removed_handle_errors() -> None:
     with pytest.raises(MaskError, match="removed"):
         handle.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     for atol in (-1.0, float("nan"), "0", True):
-        with pytest.raises(MaskError, match=r"^Argument 'atol' must be a number >= 0"):
+        with pytest.raises(ma.ArgumentValueError, match=r"^Argument 'atol' must be a number >= 0"):
             ma.assert_masked(model, masks, atol=atol)  # type: ignore[arg-type]
 
 

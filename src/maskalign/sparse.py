@@ -70,7 +70,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from maskalign.errors import DOCS_URL, MaskError
+from maskalign.errors import DOCS_URL, ArgumentTypeError, ArgumentValueError, MaskError
 from maskalign.masks import validate_masks
 
 __all__ = ["MaskHandle", "assert_masked", "enforce_masks"]
@@ -326,9 +326,10 @@ class MaskHandle:
             This handle.
 
         Raises:
-            MaskError: if ``optimizer`` is not an optimiser (a list of them,
-                a scheduler, a class), the handle was removed, or a masked
-                name no longer holds a Parameter of its mask's shape.
+            ArgumentTypeError: if ``optimizer`` is not an optimiser (a list
+                of them, a scheduler, a class); also a ``TypeError``.
+            MaskError: if the handle was removed, or a masked name no longer
+                holds a Parameter of its mask's shape.
         """
         _check_optimizer(optimizer)
         if self._removed:
@@ -564,13 +565,13 @@ def _check_optimizer(optimizer: object) -> None:
     """Accept a ``torch.optim.Optimizer`` or a wrapper with its hook API.
 
     Raises:
-        MaskError: naming the argument, for anything else (a list of
+        ArgumentTypeError: naming the argument, for anything else (a list of
             optimisers, a learning-rate scheduler, a class).
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         return
     if isinstance(optimizer, type) or not all(hasattr(optimizer, a) for a in _OPTIMIZER_API):
-        raise MaskError(
+        raise ArgumentTypeError(
             f"Argument 'optimizer' is a {type(optimizer).__name__}, not a torch.optim.Optimizer; pass the "
             "optimizer instance that steps the model's parameters (or None), and attach more with "
             "handle.attach(optimizer)."
@@ -689,13 +690,14 @@ def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0
         grads: also check ``param.grad`` (dense or sparse) where present.
 
     Raises:
-        MaskError: if ``atol`` is not a number, negative or NaN; if ``masks`` is malformed
+        ArgumentValueError: if ``atol`` is not a number, negative or NaN.
+        MaskError: if ``masks`` is malformed
             (see :func:`~maskalign.validate_masks`); or naming each parameter
             with the number of pruned entries that are not zero and their
             largest magnitude.
     """
     if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0.0:
-        raise MaskError(f"Argument 'atol' must be a number >= 0, got {atol!r}; pass a tolerance such as 0.0.")
+        raise ArgumentValueError(f"Argument 'atol' must be a number >= 0, got {atol!r}; pass a tolerance such as 0.0.")
     validate_masks(model, masks)
     named = dict(model.named_parameters())
     problems = []
