@@ -3,7 +3,9 @@ of their activations on the same data (Li et al. 2015; Ainsworth et al.,
 "Git Re-Basin", ICLR 2023, Sec. 3.1; the method used by Adnan et al., ICML 2025).
 
 Both models run once per batch on the same inputs, through one captured graph
-that returns every activation the spec needs. Per group, centred statistics
+that returns every activation the chosen recipe needs (``points``: pre- or
+post-activations or both, ``stream_points``: every point of a residual stream
+or only its last). Per group, centred statistics
 are accumulated in float64 (means, variances, cross-covariance: memory O(d^2)
 per group, never the activations themselves); one linear assignment per group
 then maximises the total matched similarity.
@@ -674,13 +676,65 @@ def match_activations(
 ) -> Permutation:
     """Find the permutation that aligns ``model_a``'s hidden units to ``model_b``'s.
 
-    For every group of the spec, the activations of all graph values that carry
-    it (pre-activations, i.e. inputs of nonlinearities; see :class:`~maskalign.spec.PermutationSpec`) are
-    pooled over batch and spatial/sequence positions, and one linear assignment
-    maximises the summed similarity of matched units (Git Re-Basin, Sec. 3.1).
-    Nested groups (attention heads and the dims inside each head, concatenated
-    slices) are matched as blocks first, then inside the aligned blocks, then
-    refined by coordinate ascent over the groups.
+    For every group of the spec, the activations of the graph values chosen by
+    ``points`` and ``stream_points`` are pooled over batch and spatial/sequence
+    positions (and over the chosen values: each one adds its samples), and one
+    linear assignment maximises the summed similarity of matched units (Git
+    Re-Basin, Sec. 3.1). Nested groups (attention heads and the dims inside
+    each head, concatenated slices) are matched as blocks first, then inside
+    the aligned blocks, then refined by coordinate ascent over the groups.
+    Both models run once over ``data`` whatever the choice.
+
+    Which values (see :class:`~maskalign.spec.ActivationPoint`): a
+    *nonlinearity* is a graph node whose op has the ``"nonlinearity"`` role
+    (ReLU, ReLU6, GELU, SiLU, tanh, sigmoid, LeakyReLU, ELU, PReLU, ...;
+    :func:`~maskalign.register_rule` adds more).
+
+    * ``points="pre"``: the inputs of the nonlinearities that carry the group
+      (pre-activations: a conv's BatchNorm output, a linear layer's output, a
+      residual block's sum before its ReLU). A group that meets no
+      nonlinearity input (a pre-norm transformer's residual stream, attention
+      heads, the input of a final linear layer fed without a nonlinearity)
+      uses every non-view value that carries it instead.
+    * ``points="post"``: the outputs of those nonlinearities
+      (post-activations, as in the code of Adnan et al. 2025 and REPAIR). A
+      group with no nonlinearity output falls back to what ``"pre"`` uses.
+      Units whose post-activation statistic cannot tell them apart (a dead
+      ReLU unit is constant 0 and has correlation 0 with everything) are
+      matched among themselves by the pre-activation statistic of the same
+      units (see *Ties* below).
+    * ``points="both"``: the values of ``"pre"`` and of ``"post"`` pooled into
+      one statistic (a value that is both counts once).
+    * a mapping group name -> one of those (groups left out get
+      :data:`DEFAULT_POINTS`), or a callable ``points(group_name) -> choice``,
+      to choose per group (``spec.groups`` lists the names).
+
+    ``stream_points`` says what a group carried by a *residual stream* uses.
+    Such a group is carried by several nonlinearities: every block of a
+    stage adds into the same units (in a ResNet one group is one stage's
+    stream: the stream changes width, and so group, only at the downsampling
+    shortcut conv between stages). ``"all"`` pools every chosen value of
+    the group (for a ResNet stage with ``"pre"``: the stem's or first block's
+    BatchNorm output and every block's sum); ``"last"`` keeps only the last
+    one in graph order (with ``"post"``: the output of the stage's last block,
+    the paper's choice; with ``"both"``: the last pre-activation and the last
+    post-activation; the tie-break of ``"post"`` then uses the last
+    pre-activation). A group with one chosen value (every group of a plain
+    MLP or VGG, a block's inner units) is the same under both, and groups
+    nested in a joint axis (heads) always pool all of theirs.
+
+    Ties: after the LAP on the chosen statistic, A's units whose rows of the
+    similarity matrix are exactly equal (a row of zeros for dead or constant
+    units under ``"correlation"`` and ``"covariance"``; equal rows of equal
+    constants under ``"euclidean"``) can trade the B units they were given
+    without changing the matched total; so can B's units with equal columns.
+    Each such class is re-matched among itself by a second LAP on the
+    pre-activation similarity (same ``cost``) of the same units. The
+    primary total is exactly unchanged, so this is a lexicographic
+    optimum restricted to the ties, never a trade of primary similarity for
+    secondary. Matching a model against a permuted copy of itself thus
+    recovers the permutation for every choice, as long as a unit that is
+    constant after its nonlinearity varies before it.
 
     Args:
         model_a: the model to align (the permutation applies to it).
@@ -701,8 +755,15 @@ def match_activations(
         num_batches: use at most this many batches.
         input_fn: maps a batch to forward's inputs: a tensor, a tuple of
             positional inputs, or a mapping of keyword inputs.
-        cost: ``"correlation"`` (Pearson, default), ``"covariance"`` or
-            ``"euclidean"``.
+        cost: ``"correlation"`` (exact Pearson correlation, default; a unit
+            with zero variance has correlation 0 with everything),
+            ``"covariance"`` or ``"euclidean"`` (minus the mean squared
+            distance); any of them with any ``points``.
+        points: ``"pre"``, ``"post"``, ``"both"``, a mapping group name ->
+            choice or a callable group name -> choice (see above). Default
+            :data:`DEFAULT_POINTS`.
+        stream_points: ``"all"`` or ``"last"`` (see above). Default
+            :data:`DEFAULT_STREAM_POINTS`.
         progress: show a tqdm progress bar (when tqdm is installed).
         max_joint: largest joint axis (e.g. heads x head_dim) whose full
             ``(N, N)`` statistic is kept for nested groups; larger ones are
@@ -710,17 +771,28 @@ def match_activations(
 
     Returns:
         A :class:`Permutation` ``pi`` with ``apply_permutation(model_a, pi)``
-        aligned to ``model_b``. ``pi.report["groups"][name]`` holds the mean
-        matched similarity before (identity) and after matching.
+        aligned to ``model_b``. ``pi.report`` holds ``"method"``
+        (``"activation"``), ``"cost"``, ``"points"`` (the string passed, or a
+        dict group name -> choice when a mapping or callable was passed),
+        ``"stream_points"``, and ``"groups"``: per group name the mean
+        matched similarity of the chosen statistic before (identity) and
+        after matching, plus, for groups matched on post-activations with a
+        pre-activation tie-break, ``"tied"``: the number of matched pairs
+        that lay in a tie class (decided by the tie-break). All of it is
+        JSON-serialisable.
 
     Raises:
         ArgumentTypeError: (a ``TypeError``) ``model_a`` or ``model_b`` is
             not a module (e.g. the arguments are swapped), ``data`` is not an
             iterable of batches (a tensor, a single dict, a model), ``spec``
             is not a :class:`~maskalign.spec.PermutationSpec`, ``input_fn`` is
-            not callable, or ``num_batches`` / ``max_joint`` is not an int.
-        ArgumentValueError: (a ``ValueError``) an unknown ``cost``, or
-            ``num_batches`` / ``max_joint`` below 1.
+            not callable, ``points`` is neither a str, a mapping nor callable,
+            or ``num_batches`` / ``max_joint`` is not an int.
+        ArgumentValueError: (a ``ValueError``) an unknown ``cost``,
+            ``points`` or ``stream_points`` (close names are suggested), a
+            ``points`` mapping that names a group the spec does not have, a
+            ``points`` mapping or callable that gives an unknown choice for a
+            group (named), or ``num_batches`` / ``max_joint`` below 1.
         SpecMismatchError: the models differ in parameter names or shapes, sit
             on different devices, or hold their weights in different dtypes.
         SpecError: ``spec`` was not made by :func:`~maskalign.build_spec`.

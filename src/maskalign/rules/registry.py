@@ -36,7 +36,9 @@ Role = Literal["op", "nonlinearity", "view", "metadata"]
 
 * ``"op"``: an ordinary op; its output is an activation-matching candidate.
 * ``"nonlinearity"``: an elementwise activation (ReLU, GELU...); activation
-  matching correlates the values that flow into it (pre-activations).
+  matching correlates the values that flow into it (pre-activations), its
+  outputs (post-activations) or both, as ``match_activations(points=...)``
+  chooses.
 * ``"view"``: reshapes, transposes, copies: same values in another layout,
   never an activation-matching point of its own.
 * ``"metadata"``: reads shapes, asserts: no constraint, its rule is not run.
