@@ -54,22 +54,38 @@ def test_match_weights_recovers_permutation(name: str) -> None:
         assert ma.match_weights(permuted, model_b, spec) == sigma.inverse()
 
 
-@pytest.mark.parametrize("name", RECOVERY_MODELS)
-def test_match_activations_recovers_permutation(name: str) -> None:
+# every activation recipe (points x stream_points); "last" only where there are
+# residual streams (elsewhere it selects what "all" does: test_activation_points)
+RECOVERY_RECIPES = [
+    pytest.param(name, points, stream, id=f"{name}-{points}-{stream}")
+    for name in RECOVERY_MODELS
+    for points in ("pre", "post", "both")
+    for stream in ("all", "last")
+    if stream == "all" or name.startswith("resnet")
+]
+
+
+@pytest.mark.parametrize(("name", "points", "stream"), RECOVERY_RECIPES)
+def test_match_activations_recovers_permutation(name: str, points: str, stream: str) -> None:
     model_b = make_model(name, seed=23)
     spec = spec_for(name)
     batches = data_batches()
     generator = torch.Generator().manual_seed(24)
-    for _ in range(2):
+    recipe = {"points": points, "stream_points": stream, "progress": False}
+    if points != "pre":  # dead ReLU units have correlation 0 after the ReLU: "after" is that of the model with itself
+        itself = ma.match_activations(model_b, model_b, batches, spec, **recipe).report["groups"]
+    for _ in range(2 if points == "pre" else 1):  # one round for the other recipes keeps the suite's time
         sigma = ma.random_permutation(spec, generator)
         permuted = ma.apply_permutation(model_b, sigma)
-        pi = ma.match_activations(model_b, permuted, batches, spec, progress=False)
+        pi = ma.match_activations(model_b, permuted, batches, spec, **recipe)
         assert pi == sigma
+        assert (pi.report["points"], pi.report["stream_points"]) == (points, stream)
         report = pi.report["groups"]
         assert set(report) == set(spec.groups)
         for group in spec.groups:
-            assert report[group]["after"] == pytest.approx(1.0, abs=1e-9)
-    back = ma.match_activations(permuted, model_b, batches, spec, progress=False)
+            expected = 1.0 if points == "pre" else itself[group]["after"]
+            assert report[group]["after"] == pytest.approx(expected, abs=1e-9)
+    back = ma.match_activations(permuted, model_b, batches, spec, **recipe)
     assert back == sigma.inverse()
 
 
