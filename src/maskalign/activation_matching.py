@@ -43,7 +43,7 @@ from .lap import block_lap_values, solve_lap
 from .permutation import Permutation, check_same_architecture
 from .spec import ActivationPoint, PermutationSpec, build_spec
 
-__all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations"]
+__all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations", "select_points"]
 
 COSTS = ("correlation", "covariance", "euclidean")
 POINTS = ("pre", "post", "both")
