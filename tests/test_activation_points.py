@@ -291,6 +291,27 @@ def test_resnet_self_recovery_with_other_costs(points: str, cost: str) -> None:
     assert pi == sigma
 
 
+@pytest.mark.parametrize(("points", "stream"), [("post", "last"), ("both", "last"), ("post", "all")])
+@pytest.mark.parametrize("build", ["vit", "gpt2"])
+def test_transformer_self_recovery_for_other_recipes(build: str, points: str, stream: str) -> None:
+    """Nested head groups, a residual stream with no nonlinearity input
+    (fallback values; "last" keeps the final LayerNorm's output) and GELU
+    MLPs: every recipe recovers the permutation."""
+    from test_matching_architectures import _gpt2, _noisy, _transformers, _vit
+
+    model, make = {"vit": _vit, "gpt2": _gpt2}[build](_transformers())
+    model = _noisy(model, seed=73)
+    generator = torch.Generator().manual_seed(75)
+    data = [make(generator) for _ in range(3)]
+    spec = ma.build_spec(model, data[0])
+    sigma = ma.random_permutation(spec, generator)
+    permuted = ma.apply_permutation(model, sigma)
+    found = ma.match_activations(
+        model, permuted, data, spec, points=points, stream_points=stream, progress=False, input_fn=lambda b: b
+    )
+    assert found == sigma
+
+
 # ------------------------------------------------------ negative controls
 def _no_tie_break(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(am, "_break_ties", lambda primary, secondary, idx: (idx, 0))
