@@ -11,7 +11,8 @@ benchmark prints, per recipe, mean +- std over the pairs of:
   along ``(1 - alpha) A' + alpha B`` (11 points, ``ma.lmc_barrier``), A' the
   permuted A, with BatchNorm statistics re-estimated at every alpha;
 * **stability**: the share of units (over all groups) that two matches on two
-  disjoint halves of the matching data assign alike (1.0 for data-free weight
+  disjoint halves of the matching data (``--samples`` training images, 1024 by
+  default, in batches of ``--batch``) assign alike (1.0 for data-free weight
   matching: it reads no data);
 * **time** of one match (s).
 
@@ -89,9 +90,12 @@ def padded(ds: TensorDataset) -> TensorDataset:
     return TensorDataset(F.pad(x, (12, 12, 12, 12)).repeat(1, 3, 1, 1), y)
 
 
-def split_batches(ds: TensorDataset, size: int) -> Batches:
+def split_batches(ds: TensorDataset, size: int, limit: int | None = None, drop_last: bool = False) -> Batches:
+    """``(inputs, targets)`` batches of ``size`` from the first ``limit`` samples."""
     x, y = ds.tensors
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+    n = len(x) if limit is None else min(limit, len(x))
+    stop = n - n % size if drop_last else n
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, stop, size)]
 
 
 def trained(arch: Arch, seed: int, splits: DatasetSplits, cache: Path, epochs: int) -> nn.Module:
@@ -179,11 +183,11 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
-def bench_arch(arch: Arch, pairs: int, cache: Path, epochs: int, batch: int) -> dict[str, Row]:
+def bench_arch(arch: Arch, pairs: int, cache: Path, epochs: int, batch: int, samples: int) -> dict[str, Row]:
     splits = load_digits(seed=0)
     train_ds = padded(splits.train) if arch.padded else splits.train
     test_ds = padded(splits.test) if arch.padded else splits.test
-    match_data = split_batches(train_ds, batch)
+    match_data = split_batches(train_ds, batch, samples, drop_last=True)  # one batch shape: one graph
     halves = (match_data[0::2], match_data[1::2])
     test = split_batches(test_ds, 256)
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in arch.build().modules())
@@ -235,7 +239,7 @@ def sparse_check(rows: dict[str, Row], pairs: int, cache: Path, sparsity: float,
     """Sparse training of B's init with A's mask permuted by the two best recipes (MLP, digits)."""
     arch = ARCHS["mlp"]
     splits = load_digits(seed=0)
-    match_data = split_batches(splits.train, 128)
+    match_data = split_batches(splits.train, 128, 1024, drop_last=True)
     ranked = sorted((n for n in rows if n != "identity (no matching)"), key=lambda n: statistics.fmean(rows[n].barrier))
     best = ranked[:2]
     available = recipes(False)
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparse", action="store_true", help="also the sparse-training check (MLP)")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--batch", type=int, default=128, help="matching batch size")
+    parser.add_argument("--samples", type=int, default=1024, help="training samples used for matching")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"maskalign {ma.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
@@ -276,13 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.archs.split(","):
         arch = ARCHS[name]
         epochs = max(1, arch.config.epochs // 3) if args.quick else arch.config.epochs
-        rows = bench_arch(arch, args.pairs, args.cache, epochs, args.batch)
+        rows = bench_arch(arch, args.pairs, args.cache, epochs, args.batch, args.samples)
         print_table(name, rows, args.pairs)
         if name == "mlp":
             mlp_rows = rows
     if args.sparse:
         if mlp_rows is None:
-            mlp_rows = bench_arch(ARCHS["mlp"], args.pairs, args.cache, ARCHS["mlp"].config.epochs, args.batch)
+            mlp_rows = bench_arch(
+                ARCHS["mlp"], args.pairs, args.cache, ARCHS["mlp"].config.epochs, args.batch, args.samples
+            )
         epochs = max(1, ARCHS["mlp"].config.epochs // 3) if args.quick else ARCHS["mlp"].config.epochs
         sparse_check(mlp_rows, args.pairs, args.cache, args.sparsity, epochs)
     return 0
