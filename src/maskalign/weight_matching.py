@@ -282,23 +282,24 @@ def match_weights(
     best: _Run | None = None
     finals: list[float] = []
     for restart in range(restarts):
+        greedy: list[str] | None = None
         if restart == 0 and init is not None:
             start = {g: init[g].to(device) for g in spec.groups}
-        elif restart == 0:
+        elif restart < 2 and init is None:  # greedy first sweeps, in model order, then in reverse
             start = {g: torch.arange(grp.size, device=device) for g, grp in spec.groups.items()}
+            greedy = list(spec.groups) if restart == 0 else list(reversed(spec.groups))
         else:  # later restarts begin at a random permutation
             start = {g: torch.randperm(grp.size, generator=generator).to(device) for g, grp in spec.groups.items()}
-        greedy = restart == 0 and init is None
-        if greedy and nested:
+        if greedy is not None and nested:
             # flat groups first, then nested ones (heads) as blocks, then everything
-            flat = [g for g in spec.groups if g not in nested]
+            flat = [g for g in greedy if g not in nested]
             first = _coordinate_descent(
-                spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, flat, True
+                spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, flat, flat
             )
             start = first.perm
             for g in nested:
                 start[g] = solve_lap(_block_start(spec, tensors_a, start, g, occurrences[g])).to(device)
-            greedy = False
+            greedy = None
         run = _coordinate_descent(
             spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, None, greedy
         )
@@ -404,7 +405,7 @@ def _coordinate_descent(
     tol: float,
     generator: torch.Generator,
     groups: Sequence[str] | None = None,
-    greedy: bool = False,
+    greedy: Sequence[str] | None = None,
 ) -> _Run:
     """Git Re-Basin Alg. 1 from ``perm``: sweeps over the groups (all, or
     ``groups``) in random order, each solving one LAP with the others fixed
@@ -412,24 +413,25 @@ def _coordinate_descent(
     sweep changes nothing, the sweep's relative improvement of the objective
     is at most ``tol``, or ``max_iter`` sweeps ran.
 
-    With ``greedy``, the first sweep visits the groups in the spec's (model)
-    order and scores each only by the tensors whose other groups it already
-    visited (all of the group's tensors if there are none): the start's
-    pairing of a not yet matched neighbour is arbitrary, and counting it adds
-    noise. That sweep is kept only if it does not lower the objective."""
+    With ``greedy`` (an order of the groups), the first sweep visits the
+    groups in that order and scores each only by the tensors whose other
+    groups it already visited (all of the group's tensors if there are
+    none): the start's pairing of a not yet matched neighbour is arbitrary,
+    and counting it adds noise. That sweep is kept only if it does not lower
+    the objective."""
     aligned = _Aligned(spec, tensors_a, perm)
     names: Sequence[str] = list(spec.groups) if groups is None else list(groups)
     parts = [target.parts(aligned, tensors_b)]
     objective = [target.value(parts[0])]
     converged = False
-    if greedy and max_iter > 0:
+    if greedy is not None and max_iter > 0:
         carried: dict[str, set[str]] = {o.tensor: set() for occs in occurrences.values() for o in occs}
         for g, occs in occurrences.items():
             for o in occs:
                 carried[o.tensor].add(g)
         visited: set[str] = set()
         changed = False
-        for g in [g for g in spec.groups if g in set(names)]:
+        for g in greedy:
             visited.add(g)
             known = [o for o in occurrences[g] if carried[o.tensor] <= visited]
             changed |= _step(aligned, g, known or occurrences[g], occurrences[g], spec.groups[g].size)
@@ -437,20 +439,24 @@ def _coordinate_descent(
         if changed and target.value(greedy_parts) >= objective[0]:
             parts.append(greedy_parts)
             objective.append(target.value(greedy_parts))
+            converged = _small_gain(objective, tol)
         else:  # the greedy sweep did not help: start over from perm
             aligned = _Aligned(spec, tensors_a, perm)
-    while len(objective) <= max_iter:
+    while not converged and len(objective) <= max_iter:
         changed = False
         for i in torch.randperm(len(names), generator=generator).tolist():
             g = names[i]
             changed |= _step(aligned, g, occurrences[g], occurrences[g], spec.groups[g].size)
         parts.append(target.parts(aligned, tensors_b))
         objective.append(target.value(parts[-1]))
-        gain = objective[-1] - objective[-2]
-        if not changed or (tol > 0 and gain <= tol * max(abs(objective[-2]), 1e-300)):
-            converged = True
-            break
+        converged = not changed or _small_gain(objective, tol)
     return _Run(aligned.perm, objective, [p[0] for p in parts], [p[1] for p in parts], converged)
+
+
+def _small_gain(objective: Sequence[float], tol: float) -> bool:
+    """Whether the last sweep raised the objective by at most ``tol`` times
+    its previous value (never with ``tol == 0``)."""
+    return tol > 0 and objective[-1] - objective[-2] <= tol * max(abs(objective[-2]), 1e-300)
 
 
 def _step(aligned: _Aligned, group: str, scored: list[_Occurrence], moved: list[_Occurrence], n: int) -> bool:
