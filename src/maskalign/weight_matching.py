@@ -158,12 +158,27 @@ def match_weights(
 
     Buffers are left out by default, as in Git Re-Basin's own code (its
     specs list parameters only): running statistics are not weights, and
-    where they are large they dominate the objective. On ResNet20 with
-    BatchNorm statistics they are about 30 times the parameter term at the
-    identity; including them ends with a parameter-only objective about 12%
-    lower than Git Re-Basin's. A group that no tensor of non-zero weight
-    carries (only buffers, with buffers excluded) is still matched, by its
-    buffers, so that a permuted copy is recovered exactly.
+    where they are large they dominate the objective and pull the match away
+    from the parameters' optimum. On three ResNet20 w=1 pairs trained briefly
+    on digits (buffer term 5-7 times the parameter term at the identity),
+    the parameter-only objective ended 3.1-3.7% below the mean of Git
+    Re-Basin's code over 5 seeds with ``include_buffers=True``, and 0.4-0.7%
+    above it, above their best seed on every pair, with the default. A group
+    that no tensor of non-zero weight carries (only buffers, with buffers
+    excluded) is still matched, by its buffers, so that a permuted copy is
+    recovered exactly.
+
+    The first run starts at the identity with a greedy sweep: the groups in
+    model order, each scored only by the tensors whose other groups are
+    already matched (the identity pairing of a neighbour not matched yet is
+    arbitrary and only adds noise to its similarity); coordinate descent
+    follows. Like Git Re-Basin's, the result is a local optimum that depends
+    on the group order. Against their code over 5 seeds, the greedy start
+    beat every seed on MLPs (by 1.5-7%) and on trained or freshly initialised
+    ResNet20 pairs (by 0.4-0.7% of their mean); on ResNet20 pairs with random
+    BatchNorm weights it was above their mean on average, by less than their
+    seed-to-seed spread (about 0.1%). ``restarts=2`` adds a run with the
+    greedy sweep in reverse model order.
 
     Args:
         model_a: the model to align (the permutation applies to it); not
@@ -175,16 +190,18 @@ def match_weights(
         include_buffers: whether permuted floating-point buffers enter the
             objective, and with what weight: ``False`` (default; same as
             ``0.0``) parameters only, ``True`` (same as ``1.0``) buffers
-            count like parameters (maskalign before 0.x), a float ``c >= 0``
-            buffers count ``c`` times.
+            count like parameters (what earlier versions always did), a
+            float ``c >= 0`` buffers count ``c`` times.
         max_iter: maximum number of sweeps over all groups per run.
         tol: stop once a sweep improves the objective by at most ``tol``
             times its previous value (relative improvement); ``0.0``
             (default) stops only when a sweep changes no group, as Git
             Re-Basin does.
-        restarts: number of runs; the first starts at ``init`` (identity if
-            None), later ones at random permutations; the run with the best
-            final objective is returned.
+        restarts: number of runs; the first starts at ``init`` (without
+            it, at the identity with a greedy sweep in model order), the
+            second without ``init`` at the identity with a greedy sweep in
+            reverse order, later ones at random permutations; the run with
+            the best final objective is returned.
         init: warm start (e.g. an activation-matching result).
         seed: seed of the random group orders and random restarts.
 
@@ -206,8 +223,8 @@ def match_weights(
             not a module (e.g. a spec or a ``state_dict`` in its place),
             ``spec`` is not a :class:`~maskalign.spec.PermutationSpec`,
             ``init`` is not a permutation, ``max_iter`` / ``restarts`` /
-            ``seed`` is not an int, or ``include_buffers`` / ``tol`` is not
-            a bool or real number.
+            ``seed`` is not an int, ``include_buffers`` is not a bool or a
+            real number, or ``tol`` is not a real number (or is a bool).
         ArgumentValueError: (a ``ValueError``) ``restarts < 1``,
             ``max_iter < 0``, or ``include_buffers`` / ``tol`` is negative,
             NaN or infinite.
