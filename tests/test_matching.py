@@ -166,12 +166,12 @@ def test_match_weights_objective_is_non_decreasing_and_correct(name: str) -> Non
         assert later >= earlier - 1e-12 * scale
     assert objective[-1] > objective[0]
 
-    # objective = sum_t <pi(W_A[t]), W_B[t]> over tensors carrying a group
+    # objective = sum_t <pi(W_A[t]), W_B[t]> over parameters carrying a group (buffers excluded by default)
     def inner(perm: ma.Permutation) -> float:
         sa, sb = model_a.state_dict(), model_b.state_dict()
         total = 0.0
         for tensor in spec.axes:
-            if is_permuted(spec, tensor):
+            if is_permuted(spec, tensor) and tensor in spec.parameters:
                 total += float((perm.permute_tensor(tensor, sa[tensor]) * sb[tensor]).sum())
         return total
 
