@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,15 +35,15 @@ STAGE1 = "conv1.weight:0"  # ResNet20's first residual stream (stem + layer1)
 
 
 # ----------------------------------------------------------------- helpers
-def dead_mlp(seed: int, dead: tuple[int, ...] = (1, 4, 5, 9, 17, 30), hidden: tuple[int, int] = (32, 24)) -> nn.Module:
+def dead_mlp(seed: int, dead: tuple[int, ...] = (1, 4, 5, 9, 17, 30), hidden: tuple[int, int] = (32, 24)) -> MLP:
     """A float64 ReLU MLP for ``(N, 1, 8, 8)`` inputs whose first hidden layer
     has dead units ``dead`` (bias -1e3: 0 after the ReLU on every input, yet
     different pre-activations) and whose second has three."""
     torch.manual_seed(seed)
     model = MLP(in_features=64, hidden=hidden).double().eval()
     with torch.no_grad():
-        model.layers[0].bias[list(dead)] = -1e3
-        model.layers[1].bias[[0, 7, 11]] = -1e3
+        model.layers[0].bias[list(dead)] = -1e3  # type: ignore[operator]
+        model.layers[1].bias[[0, 7, 11]] = -1e3  # type: ignore[operator]
     return model
 
 
@@ -85,13 +86,13 @@ def record(model: nn.Module, modules: dict[str, nn.Module], data: list[Tensor]) 
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def mlp_values(model: nn.Module, data: list[Tensor]) -> dict[str, dict[str, np.ndarray]]:
+def mlp_values(model: Any, data: list[Tensor]) -> dict[str, dict[str, np.ndarray]]:
     """``{"pre": {layer: ...}, "post": {layer: ...}}`` of the MLP's hidden layers."""
     linear = record(model, {f"layers.{i}": layer for i, layer in enumerate(model.layers)}, data)
     return {"pre": linear, "post": {k: np.maximum(v, 0.0) for k, v in linear.items()}}
 
 
-def stage1_values(model: nn.Module, data: list[Tensor]) -> dict[str, list[np.ndarray]]:
+def stage1_values(model: Any, data: list[Tensor]) -> dict[str, list[np.ndarray]]:
     """The values of ResNet20's first residual stream, by hand: the stem's
     BatchNorm output and each layer1 block's sum (before its ReLU), and the
     ReLU of each (the stem's ReLU and each block's output)."""
@@ -229,7 +230,8 @@ def test_resnet_stream_statistics_match_the_hand_pooled_values(points: str, stre
     layer1's last block (the paper's choice), "pre"/"all" the stem's
     BatchNorm output and every block's sum, and so on; a block's inner group
     is the same for "all" and "last"."""
-    model_a, model_b = make_model("resnet20_w1", seed=41), make_model("resnet20_w1", seed=42)
+    model_a: Any = make_model("resnet20_w1", seed=41)
+    model_b: Any = make_model("resnet20_w1", seed=42)
     spec = spec_for("resnet20_w1")
     data = batches(3, 32)
     pi = ma.match_activations(model_a, model_b, data, spec, points=points, stream_points=stream, progress=False)
@@ -263,7 +265,7 @@ def test_dead_unit_mlp_self_recovery_for_every_recipe_and_cost(points: str, stre
     for _ in range(2):
         sigma = ma.random_permutation(spec, generator)
         permuted = ma.apply_permutation(model, sigma)
-        kw = {"points": points, "stream_points": stream, "cost": cost, "progress": False}
+        kw: dict[str, Any] = {"points": points, "stream_points": stream, "cost": cost, "progress": False}
         assert ma.match_activations(model, permuted, data, spec, **kw) == sigma
         assert ma.match_activations(permuted, model, data, spec, **kw) == sigma.inverse()
 
