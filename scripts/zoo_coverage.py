@@ -48,8 +48,10 @@ or the first broken promise, *frozen by* the most common reasons axes were
 frozen (count in parentheses; structural axes included).
 
 This page holds the models that CI checks: every pattern and transformers
-model, and the torchvision and timm models of `tests/vision` that are not
-marked slow (the ones that cannot be built at 64 px are left out). A model
+model, every torchvision classification model but the two above 600M
+parameters, and the timm models of `tests/vision` that are not marked slow
+(those that cannot be built at 64 px are left out; see `SKIP` and `SLOW` in
+`tests/vision/test_vision_zoo.py`). A model
 refused with a typed error (a kernel without float64, data-dependent control
 flow) has no coverage and is counted apart. Regenerate (the vision tier
 appears only when run where torchvision and timm are installed, e.g. in
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     versions = [f"torch {torch.__version__}"]
     for tier in args.tiers:
         cases = TIERS[tier]()
+        if cases and tier in ("torchvision", "timm"):  # what CI runs: not SKIPped, not marked slow
+            from vision.test_vision_zoo import SKIP, is_slow
+
+            cases = [c for c in cases if c.name not in SKIP and not is_slow(c)]
         if not cases:
             print(f"{tier}: not importable, skipped", file=sys.stderr)
             continue
