@@ -239,5 +239,21 @@ def randomize(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
     return model
 
 
+class CrossTied(nn.Module):
+    """``b.weight`` is a transposed view of ``a.weight`` on a path where the
+    graph does not tie their axes: a non-identity permutation cannot keep the
+    shared storage consistent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4).double()
+        self.h = nn.Linear(4, 4).double()
+        self.b = nn.Linear(4, 4).double()
+        self.b.weight = nn.Parameter(self.a.weight.t())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.h(torch.relu(self.a(x)))))
+
+
 def randn(*shape: int, seed: int = 0) -> Tensor:
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CrossTied, randomize
 from torch import Tensor, nn
 
 import maskalign as ma
@@ -66,32 +67,6 @@ class Net(nn.Module):
         for block in self.blocks:
             x = x + block(x) if self.flag else block(x)
         return self.out(F.relu(x))
-
-
-class CrossTied(nn.Module):
-    """``b.weight`` is a transposed view of ``a.weight`` that the graph does not tie."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4).double()
-        self.h = nn.Linear(4, 4).double()
-        self.b = nn.Linear(4, 4).double()
-        self.b.weight = nn.Parameter(self.a.weight.t())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.b(F.relu(self.h(F.relu(self.a(x)))))
-
-
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=torch.float64) + 0.5)
-            elif tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * 0.5)
-    return model
 
 
 X = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -190,12 +165,12 @@ class World:
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory: pytest.TempPathFactory) -> World:
-    model = randomized(Net())
+    model = randomize(Net())
     spec = ma.build_spec(model, X)
     perm = ma.random_permutation(spec, torch.Generator().manual_seed(0))
-    residual = randomized(Net(ResidualBlock))
+    residual = randomize(Net(ResidualBlock))
     residual.load_state_dict(model.state_dict())
-    flagged = randomized(Net(flag=True))
+    flagged = randomize(Net(flag=True))
     flagged.load_state_dict(model.state_dict())
     masks = {
         name: torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) > 0.5
@@ -226,8 +201,8 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> World:
         residual=residual,
         flagged=flagged,
         flag_spec=ma.build_spec(flagged, X),
-        wide=randomized(Net(width=12)),
-        deep=randomized(Net(depth=3)),
+        wide=randomize(Net(width=12)),
+        deep=randomize(Net(depth=3)),
         masks=masks,
         group=group,
         tmp=tmp,

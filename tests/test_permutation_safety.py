@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CrossTied, randomize
 from torch import Tensor, nn
 
 import maskalign as ma
@@ -105,35 +106,6 @@ class TiedAutoencoder(nn.Module):
         return self.dec(F.relu(self.enc(x)))
 
 
-class CrossTied(nn.Module):
-    """``b.weight`` is a transposed view of ``a.weight`` on a path where the
-    graph does not tie their axes: a non-identity permutation cannot keep the
-    shared storage consistent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4).double()
-        self.h = nn.Linear(4, 4).double()
-        self.b = nn.Linear(4, 4).double()
-        self.b.weight = nn.Parameter(self.a.weight.t())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.b(F.relu(self.h(F.relu(self.a(x)))))
-
-
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """``model`` in float64 eval mode with random weights and BatchNorm statistics."""
-    generator = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=torch.float64) + 0.5)
-            elif tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * 0.5)
-    return model
-
-
 def inputs(batch: int = 5, features: int = 8, seed: int = 1) -> Tensor:
     return torch.randn(batch, features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -151,13 +123,13 @@ def same_weights(source: nn.Module, target: nn.Module) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def plain() -> tuple[nn.Module, ma.PermutationSpec]:
-    model = randomized(Net(Block))
+    model = randomize(Net(Block))
     return model, ma.build_spec(model, inputs())
 
 
 @pytest.fixture(scope="module")
 def flagged(plain: tuple[nn.Module, ma.PermutationSpec]) -> tuple[nn.Module, ma.PermutationSpec]:
-    model = same_weights(plain[0], randomized(Net(Block, flag=True)))
+    model = same_weights(plain[0], randomize(Net(Block, flag=True)))
     return model, ma.build_spec(model, inputs())
 
 
@@ -183,7 +155,7 @@ def test_permutation_keeps_the_function_of_its_own_model(plain) -> None:
 def test_wrong_architecture_raises_naming_the_module_and_the_check_matters(plain) -> None:
     model, spec = plain
     perm = nontrivial(spec)
-    residual = same_weights(model, randomized(Net(ResidualBlock)))
+    residual = same_weights(model, randomize(Net(ResidualBlock)))
     assert residual.state_dict().keys() == model.state_dict().keys()
     before = copy.deepcopy(residual.state_dict())
     with pytest.raises(SpecMismatchError) as info:
@@ -205,8 +177,8 @@ def test_wrong_architecture_raises_naming_the_module_and_the_check_matters(plain
 
 
 def test_wrong_model_class_at_the_root_is_named() -> None:
-    plain_model = randomized(PlainMLP())
-    residual = same_weights(plain_model, randomized(ResidualMLP()))
+    plain_model = randomize(PlainMLP())
+    residual = same_weights(plain_model, randomize(ResidualMLP()))
     perm = nontrivial(ma.build_spec(plain_model, inputs()))
     with pytest.raises(SpecMismatchError, match=r"^The model is a ResidualMLP here but a PlainMLP"):
         ma.apply_permutation(residual, perm)
@@ -242,14 +214,14 @@ def test_same_classes_other_wiring_is_caught_with_the_models_spec(plain, flagged
     with pytest.raises(SpecMismatchError, match="'then'"):
         perm.compose(nontrivial(flag_spec))
     # spec= must be the model's own spec
-    other = randomized(PlainMLP())
+    other = randomize(PlainMLP())
     with pytest.raises(SpecMismatchError):
         ma.apply_permutation(model, perm, spec=ma.build_spec(other, inputs()))
 
 
 def test_an_extra_layer_the_spec_does_not_know_is_refused(plain) -> None:
     model, spec = plain
-    deeper = randomized(Net(Block, depth=3))
+    deeper = randomize(Net(Block, depth=3))
     with pytest.raises(SpecMismatchError, match=r"tensor 'blocks\.2\.fc1\.weight' \(shape \(16, 16\)\)"):
         ma.apply_permutation(deeper, nontrivial(spec))
     with pytest.raises(SpecMismatchError, match="blocks.2"):
@@ -299,7 +271,7 @@ def test_save_load_round_trips_the_fingerprint_and_names_the_difference(plain, t
     assert payload["modules"] == spec.module_types
     loaded = ma.Permutation.load(path, spec)
     assert loaded == perm and loaded.fingerprint == perm.fingerprint
-    residual_spec = ma.build_spec(same_weights(model, randomized(Net(ResidualBlock))), inputs())
+    residual_spec = ma.build_spec(same_weights(model, randomize(Net(ResidualBlock))), inputs())
     with pytest.raises(SpecMismatchError) as info:
         ma.Permutation.load(path, residual_spec)
     message = str(info.value)
@@ -316,7 +288,7 @@ def test_legacy_file_loads_when_its_fingerprint_matches(plain, tmp_path: Path) -
     path = tmp_path / "old.pt"
     torch.save({"format": "maskalign.Permutation/1", "fingerprint": spec.fingerprint, "indices": dict(perm)}, path)
     assert ma.Permutation.load(path, spec) == perm
-    residual_spec = ma.build_spec(same_weights(model, randomized(Net(ResidualBlock))), inputs())
+    residual_spec = ma.build_spec(same_weights(model, randomize(Net(ResidualBlock))), inputs())
     with pytest.raises(SpecMismatchError, match="older format"):
         ma.Permutation.load(path, residual_spec)
 
