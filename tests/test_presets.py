@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maskalign.cli import main
+from maskalign.cli import _overrides, _parser, main
 from maskalign.presets import METHODS, PRESETS, ReproduceConfig, get_preset, preset_names
 
 
@@ -55,6 +55,8 @@ def test_overrides_apply_and_validate() -> None:
         {"barrier_points": 1},
         {"table1_sparsity": 0.5},  # not among the sparsities
         {"table1_k": 3},  # not among the rewind points
+        {"match_points": "relu"},
+        {"match_stream_points": "first"},
     ],
 )
 def test_config_rejects_bad_settings(kwargs: dict) -> None:
@@ -84,3 +86,15 @@ def test_cli_rejects_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "'rewind_epochs' (--rewind-epochs) is [3]" in err and "epochs=2" in err
     assert err.count("\n") == 1 and err.startswith("maskalign: ") and "troubleshooting/#configerror" in err
+
+
+def test_matching_recipe_flags_reach_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"Setting 'match_points' \(--match-points\) is 'pots'.*'post'"):
+        ReproduceConfig(match_points="pots")
+    args = _parser().parse_args(["reproduce", "--match-points", "post", "--match-stream-points", "last"])
+    assert _overrides(args) == {"match_points": "post", "match_stream_points": "last"}
+    assert main(["reproduce", "--match-points", "both", "--out", "unused", "--seeds", "0"]) == 2
+    assert "seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--match-points", "relu"])
+    assert "invalid choice: 'relu'" in capsys.readouterr().err

@@ -4,13 +4,22 @@ changed setting is detected and reported, never mixed in."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+from maskalign.activation_matching import match_activations
+from maskalign.data import load_dataset
 from maskalign.experiment import reproduce
+from maskalign.models import build_model
+from maskalign.permutation import Permutation
 from maskalign.presets import ReproduceConfig
+from maskalign.spec import build_spec
 from maskalign.stages import StageMismatchError
+from maskalign.training import batches
 
 CONFIG = ReproduceConfig(
     epochs=3,
@@ -23,6 +32,13 @@ CONFIG = ReproduceConfig(
     hidden=(24, 24),
     threads=1,
 )
+
+
+def _dense(out: Path, key: str, config: ReproduceConfig) -> nn.Module:
+    """The final dense model ``key`` of the run in ``out``."""
+    model = build_model("mlp", num_classes=10, in_channels=1, image_size=8, hidden=config.hidden)
+    model.load_state_dict(torch.load(out / "stages/dense" / key / "final.pt", weights_only=True))
+    return model.eval()
 
 
 class Killed(Exception):
@@ -144,3 +160,44 @@ def test_killed_fake_cifar_resnet_run_resumes_to_identical_results(tmp_path: Pat
     with pytest.raises(Killed):
         reproduce(config, out=tmp_path / "killed", on_stage_end=kill)
     assert _numbers(reproduce(config, out=tmp_path / "killed")) == _numbers(full)
+
+
+def test_matching_recipe_is_recorded_and_recomputes_only_what_depends_on_it(tmp_path: Path) -> None:
+    """The recipe reaches match_activations (the stored permutation is the one
+    a direct call with that recipe gives), is recorded in results.json, and a
+    changed recipe recomputes the match, the permuted runs and LMC, never the
+    dense, IMP, LTH or naive stages."""
+    small = CONFIG.replace(seeds=1, rewind_epochs=(1,), sparsities=(0.5,), methods=("lth", "naive", "permuted"))
+    first = reproduce(small, out=tmp_path)
+    assert first["matching"][0]["recipe"] == {
+        "method": "activation",
+        "cost": "correlation",
+        "points": small.match_points,
+        "stream_points": small.match_stream_points,
+        "samples": len(load_dataset("digits").train),
+        "batch_size": 256,
+    }
+    other = "post" if small.match_points != "post" else "pre"
+    with pytest.raises(
+        StageMismatchError, match=f"stage 'match/seed0'.*match_points: '{small.match_points}' -> '{other}'"
+    ):
+        reproduce(small.replace(match_points=other), out=tmp_path)
+    recomputed: list[tuple[str, str]] = []
+    changed = reproduce(
+        small.replace(match_points=other), out=tmp_path, force=True, on_stage_end=lambda s, k: recomputed.append((s, k))
+    )
+    stages = {s for s, _ in recomputed}
+    assert ("match", "seed0") in recomputed and ("sparse", "seed0/k1/s0.5/permuted") in recomputed
+    assert ("lmc", "seed0") in recomputed
+    assert not stages & {"dense", "imp", "imp-round"}
+    assert ("sparse", "seed0/k1/s0.5/lth") not in recomputed and ("sparse", "seed0/k1/s0.5/naive") not in recomputed
+    assert changed["matching"][0]["recipe"]["points"] == other
+    stored = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert stored["match_points"] == other
+    # the stored permutation is what match_activations gives with that recipe
+    splits = load_dataset("digits")
+    a, b = (_dense(tmp_path, f"seed0-{role}", small) for role in "AB")
+    spec = build_spec(a, splits.train.tensors[0][:2])
+    direct = match_activations(a, b, batches(splits.train, 256), spec, points=other, progress=False)
+    stored_perm = Permutation.load(tmp_path / "stages/match/seed0/perm.pt", spec)
+    assert all(torch.equal(direct[g], stored_perm[g]) for g in direct)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .activation_matching import POINTS, STREAM_POINTS
 from .errors import DOCS_URL, MaskAlignError
 from .experiment import reproduce
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
@@ -70,6 +71,13 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--methods", nargs="+", choices=METHODS, default=keep)
     add("--table1-sparsity", type=float, default=keep, help="sparsity of the shared-mask diversity table")
     add("--table1-k", type=int, default=keep, help="rewind point of the shared-mask diversity table")
+    add("--match-points", choices=POINTS, default=keep, help="activations matched: pre, post or both (nonlinearity)")
+    add(
+        "--match-stream-points",
+        choices=STREAM_POINTS,
+        default=keep,
+        help="residual streams: match every point of a stage (all) or its last one",
+    )
     add("--barrier-points", type=int, default=keep, help="interpolation points per LMC curve")
     add("--bn-batches", type=int, default=keep, help="training batches for BatchNorm re-estimation in LMC")
     add("--device", default=keep, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

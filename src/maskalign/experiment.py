@@ -120,10 +120,12 @@ _DENSE = (
     "amp",
 )
 _IMP = (*_DENSE, "sparsities", "prune_rate", "imp_epochs", "imp_lr")
-_MATCH = _DENSE
+# The matching recipe: what the permutation (and so every stage that uses it) depends on.
+_RECIPE = ("match_points", "match_stream_points")
+_MATCH = (*_DENSE, *_RECIPE)
 _SPARSE = (*_IMP, "sparse_lr")
-_LMC = (*_SPARSE, "methods", "barrier_points", "bn_batches")
-_DIVERSITY = (*_SPARSE, "methods", "seeds")
+_LMC = (*_SPARSE, *_RECIPE, "methods", "barrier_points", "bn_batches")
+_DIVERSITY = (*_SPARSE, *_RECIPE, "methods", "seeds")
 
 _EVAL_BATCH = 512
 _MATCH_BATCH = 256
@@ -186,6 +188,12 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 
 def _level_key(value: float) -> str:
     return f"{value:g}"
+
+
+def _sparse_fields(method: str) -> tuple[str, ...]:
+    """The settings a sparse run of ``method`` depends on: the permuted mask
+    also on the matching recipe."""
+    return (*_SPARSE, *_RECIPE) if method == "permuted" else _SPARSE
 
 
 def _sparse_key(seed: int, k: int, target: float, method: str) -> str:
@@ -405,10 +413,29 @@ class _Run:
             with self.stage(stage, key):
                 model_b = self.load_model("dense", f"seed{seed_b}-B", "final.pt")
                 data = batches(self.splits.train, _MATCH_BATCH, device=self.device)
-                perm = match_activations(model_a, model_b, data, spec, progress=False)
+                c = self.config
+                perm = match_activations(
+                    model_a,
+                    model_b,
+                    data,
+                    spec,
+                    points=c.match_points,
+                    stream_points=c.match_stream_points,
+                    progress=False,
+                )
                 perm.save(self.store.path(stage, key, "perm.pt"))
                 identity = {"seed": seed_b} if seed_a == seed_b else {"seed": seed_b, "seed_a": seed_a}
-                record = self.store.finish(stage, key, settings, {**identity, "groups": perm.report.get("groups", {})})
+                recipe = {
+                    "method": perm.report["method"],
+                    "cost": perm.report["cost"],
+                    "points": perm.report["points"],
+                    "stream_points": perm.report["stream_points"],
+                    "samples": len(self.splits.train),
+                    "batch_size": _MATCH_BATCH,
+                }
+                record = self.store.finish(
+                    stage, key, settings, {**identity, "recipe": recipe, "groups": perm.report.get("groups", {})}
+                )
         return record, Permutation.load(self.store.path(stage, key, "perm.pt"), spec)
 
     def method_masks(self, seed: int, target: float, perm: Permutation) -> dict[str, dict[str, Tensor]]:
@@ -426,7 +453,7 @@ class _Run:
         """Sparse-train ``method`` of ``seed`` from rewind point ``k`` at ``target``
         (LTH from A_k, the others from B_k of the same seed)."""
         start = f"seed{seed}-{'A' if method == 'lth' else 'B'}"
-        settings = self.settings(_SPARSE, seed=seed, k=k, sparsity=target, method=method)
+        settings = self.settings(_sparse_fields(method), seed=seed, k=k, sparsity=target, method=method)
         return self._train_sparse("sparse", settings, start, seed, k, target, method, masks)
 
     def shared_sparse(self, seed: int, k: int, target: float, method: str) -> dict[str, Any]:
@@ -440,7 +467,7 @@ class _Run:
             return self.sparse(0, k, target, method, self.method_masks(0, target, self.match(0)[1])[method])
         masks = self.method_masks(0, target, self.shared_match(seed)[1])[method]
         start = "seed0-A" if method == "lth" else f"seed{seed}-B"
-        settings = self.settings(_SPARSE, seed=seed, k=k, sparsity=target, method=method, mask_seed=0)
+        settings = self.settings(_sparse_fields(method), seed=seed, k=k, sparsity=target, method=method, mask_seed=0)
         return self._train_sparse("shared-sparse", settings, start, seed, k, target, method, masks)
 
     def shared_model(self, seed: int, k: int, target: float, method: str) -> nn.Module:

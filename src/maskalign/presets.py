@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .activation_matching import DEFAULT_POINTS, DEFAULT_STREAM_POINTS, POINTS, STREAM_POINTS
 from .errors import ArgumentTypeError, ConfigError, UnknownPresetError, _did_you_mean
 
 __all__ = ["AMP_MODES", "METHODS", "PRESETS", "ReproduceConfig", "get_preset", "preset_names"]
@@ -91,6 +92,15 @@ class ReproduceConfig:
             shared by every member); ``None``: 0.9 (the paper's level) when
             it is among ``sparsities``, else the smallest sparsity, and the
             largest rewind point. See :meth:`table1_level`.
+        match_points, match_stream_points: the activation-matching recipe
+            of the permutation A_T -> B_T, passed to
+            :func:`~maskalign.match_activations` as ``points`` (``"pre"``,
+            ``"post"`` or ``"both"``) and ``stream_points`` (``"all"`` or
+            ``"last"``); defaults: the library's
+            (:data:`~maskalign.activation_matching.DEFAULT_POINTS`,
+            :data:`~maskalign.activation_matching.DEFAULT_STREAM_POINTS`),
+            chosen by ``benchmarks/bench_matching_quality.py``. Recorded with
+            every match stage in ``results.json`` (``matching[i]["recipe"]``).
         barrier_points: interpolation points of each LMC curve.
         bn_batches: training batches used to re-estimate BatchNorm statistics
             at each interpolation point (models with BatchNorm only).
@@ -122,6 +132,8 @@ class ReproduceConfig:
     methods: tuple[str, ...] = METHODS
     table1_sparsity: float | None = None
     table1_k: int | None = None
+    match_points: str = DEFAULT_POINTS
+    match_stream_points: str = DEFAULT_STREAM_POINTS
     barrier_points: int = 11
     bn_batches: int = 20
     device: str = "auto"
@@ -205,6 +217,12 @@ class ReproduceConfig:
             raise ConfigError(f"{_flag('bn_batches')} is {self.bn_batches}; pass at least 1.")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"{_flag('amp')} is {self.amp!r}; pass one of {list(AMP_MODES)}.")
+        for name, choices in (("match_points", POINTS), ("match_stream_points", STREAM_POINTS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(
+                    f"{_flag(name)} is {value!r}; pass one of {list(choices)}.{_did_you_mean(str(value), choices)}"
+                )
         if self.threads < 0:
             raise ConfigError(f"{_flag('threads')} is {self.threads}; pass 0 (torch's default) or more.")
         for name in ("batch_size", "width"):

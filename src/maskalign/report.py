@@ -98,8 +98,18 @@ def _settings_line(config: dict[str, Any]) -> str:
         f"SGD momentum {config['momentum']}, weight decay {config['weight_decay']}, cosine schedule, "
         f"dense lr {config['lr']}, sparse lr {config['sparse_lr']}, augmentation {config['augment']}; "
         f"IMP without rewinding: {config['prune_rate']:g} of the remaining weights per round, "
-        f"{config['imp_epochs']} epochs per round at lr {config['imp_lr']}."
+        f"{config['imp_epochs']} epochs per round at lr {config['imp_lr']}. "
+        f"{_recipe_words(config)}"
     )
+
+
+def _recipe_words(config: dict[str, Any]) -> str:
+    """The matching recipe in words (results from before it was a setting: the then-only recipe)."""
+    points = config.get("match_points", "pre")
+    stream = config.get("match_stream_points", "all")
+    where = {"pre": "pre-activations", "post": "post-activations", "both": "pre- and post-activations"}[points]
+    streams = "every point of a residual stage" if stream == "all" else "the last point of each residual stage"
+    return f"Permutation: activation matching (correlation) of {where}; residual streams on {streams}."
 
 
 def markdown_table(results: dict[str, Any]) -> str:
