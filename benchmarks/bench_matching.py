@@ -25,8 +25,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import maskalign as ma
-import maskalign.weight_matching as wm
-from maskalign.lap import solve_lap
+import maskalign.matching.weight as wm
+from maskalign.matching.lap import solve_lap
 from maskalign.models import VGG11, ResNet20
 
 

@@ -54,9 +54,9 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import maskalign as ma
-from maskalign.data import DatasetSplits, load_digits
 from maskalign.models import MLP, VGG11, ResNet20
-from maskalign.training import TrainConfig, train
+from maskalign.repro.data import DatasetSplits, load_digits
+from maskalign.repro.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
 Batches = list[tuple[Tensor, Tensor]]

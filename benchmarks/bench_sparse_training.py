@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign.masks import default_prunable
 from maskalign.models import ResNet20
+from maskalign.sparse.masks import default_prunable
 
 SPARSITY = 0.9
 

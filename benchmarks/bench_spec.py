@@ -66,10 +66,10 @@ import torch
 from torch import nn
 
 import maskalign
-from maskalign import capture as capture_module
-from maskalign.modes import mode_difference
-from maskalign.rules import analyze
-from maskalign.spec import spec_from_analysis
+from maskalign._utils.modes import mode_difference
+from maskalign.spec import capture as capture_module
+from maskalign.spec.permutation_spec import spec_from_analysis
+from maskalign.spec.rules import analyze
 
 Builder = Callable[[], tuple[nn.Module, tuple[Any, ...]]]
 
@@ -227,7 +227,7 @@ def time_build(model: nn.Module, args: tuple[Any, ...]) -> tuple[float, int]:
 def _instrumented(timers: dict[str, float]) -> Iterator[None]:
     """Time the export, the check and the graph run inside ``capture`` by
     wrapping them (benchmark-only monkeypatching, restored on exit)."""
-    # _check_reproduces and CapturedGraph.run are internals of maskalign.capture: if they
+    # _check_reproduces and CapturedGraph.run are internals of maskalign.spec.capture: if they
     # are renamed, the check columns read nan instead of the benchmark failing.
     export = torch.export.export
     check = getattr(capture_module, "_check_reproduces", None)

@@ -76,9 +76,9 @@ import torch
 import torch.nn.functional as F
 
 import maskalign as ma
-from maskalign.data import load_digits
+from maskalign.repro.data import load_digits
 from maskalign.models import MLP
-from maskalign.training import TrainConfig, batches, train
+from maskalign.repro.training import TrainConfig, batches, train
 
 torch.manual_seed(0)
 data = load_digits(seed=0)  # float32 images (N, 1, 8, 8), int64 labels, stratified split

@@ -49,10 +49,10 @@ import numpy as np
 import torch
 
 import maskalign as ma
-from maskalign.data import load_digits
-from maskalign.lmc import evaluate
+from maskalign.repro.data import load_digits
+from maskalign.evaluation.lmc import evaluate
 from maskalign.models import MLP
-from maskalign.training import TrainConfig, batches, train
+from maskalign.repro.training import TrainConfig, batches, train
 
 torch.set_num_threads(1)  # these models are tiny: one thread is faster than several fighting over 2 cores
 start = time.perf_counter()
@@ -334,10 +334,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import maskalign as ma
-from maskalign.data import load_cifar
-from maskalign.lmc import evaluate
+from maskalign.repro.data import load_cifar
+from maskalign.evaluation.lmc import evaluate
 from maskalign.models import ResNet20
-from maskalign.training import TrainConfig, batches, train
+from maskalign.repro.training import TrainConfig, batches, train
 
 QUICK = True
 WIDTH = 4                                       # ResNet20x4 (the paper also uses x1)

@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 import maskalign as ma
-import maskalign.activation_matching as am
+import maskalign.matching.activation as am
 from maskalign.errors import ArgumentTypeError, ArgumentValueError
 from maskalign.models import MLP
 

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign.capture import REGIONS_META, _GraphRunner, capture, flatten_wrappers
+from maskalign.spec.capture import REGIONS_META, _GraphRunner, capture, flatten_wrappers
 
 
 def randn(*shape: int, seed: int = 0) -> Tensor:

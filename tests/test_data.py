@@ -1,4 +1,4 @@
-"""Tests for maskalign.data: digits split, CIFAR reader, augmentation, dispatch."""
+"""Tests for maskalign.repro.data: digits split, CIFAR reader, augmentation, dispatch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskalign.data import (
+from maskalign.errors import DataError
+from maskalign.repro.data import (
     CIFAR_STATS,
     DatasetSplits,
     augment_crop_flip,
@@ -22,7 +23,6 @@ from maskalign.data import (
     splits_to_device,
     write_fake_cifar,
 )
-from maskalign.errors import DataError
 
 _N_DIGITS = 1797
 

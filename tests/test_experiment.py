@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskalign.activation_matching import match_activations
-from maskalign.cli import main
-from maskalign.data import load_dataset, write_fake_cifar
-from maskalign.experiment import reproduce, resolve_device
-from maskalign.fileio import atomic_write
-from maskalign.imp import imp_schedule
-from maskalign.masks import sparsity
+from maskalign._utils.fileio import atomic_write
+from maskalign.matching.activation import match_activations
 from maskalign.models import build_model
 from maskalign.permutation import Permutation, permute_mask
-from maskalign.presets import METHODS, ReproduceConfig
-from maskalign.report import markdown_table, render, summarize
+from maskalign.repro.cli import main
+from maskalign.repro.data import load_dataset, write_fake_cifar
+from maskalign.repro.experiment import reproduce, resolve_device
+from maskalign.repro.presets import METHODS, ReproduceConfig
+from maskalign.repro.report import markdown_table, render, summarize
+from maskalign.repro.training import batches
+from maskalign.sparse.imp import imp_schedule
+from maskalign.sparse.masks import sparsity
 from maskalign.spec import build_spec
-from maskalign.training import batches
 
 TINY = ReproduceConfig(
     epochs=3,
@@ -114,7 +114,7 @@ SHARED = TINY.replace(seeds=3, rewind_epochs=(0, 1), sparsities=(0.5, 0.8), meth
 def shared_run(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch) -> tuple:
     """A 3-seed run that records the starting weights, mask and data-order
     seed of every sparse-training stage (wrapping ``train``)."""
-    import maskalign.experiment as experiment
+    import maskalign.repro.experiment as experiment
 
     pending: list[tuple[dict, dict, int]] = []
     starts: dict[tuple[str, str], tuple[dict, dict, int]] = {}

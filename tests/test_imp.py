@@ -1,4 +1,4 @@
-"""Tests for maskalign.imp: the IMP schedule, the three rewinding conventions,
+"""Tests for maskalign.sparse.imp: the IMP schedule, the three rewinding conventions,
 resuming, leak handling and bad input."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import maskalign as ma
 from maskalign.errors import MaskError
-from maskalign.imp import IMPRound, imp_schedule, iterative_magnitude_pruning
+from maskalign.sparse.imp import IMPRound, imp_schedule, iterative_magnitude_pruning
 
 
 class Net(nn.Module):
@@ -251,7 +251,7 @@ def test_imp_finds_trainable_tickets_on_digits() -> None:
 
 
 def ma_data_digits() -> tuple[Tensor, Tensor]:
-    from maskalign.data import load_digits
+    from maskalign.repro.data import load_digits
 
     train = load_digits().train
     return train.tensors[0].flatten(1), train.tensors[1]

@@ -1,4 +1,4 @@
-"""Tests for maskalign.lmc: interpolation, BatchNorm re-estimation, loss barriers."""
+"""Tests for maskalign.evaluation.lmc: interpolation, BatchNorm re-estimation, loss barriers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import maskalign as ma
 from maskalign.errors import DataError, SpecMismatchError
-from maskalign.lmc import LMCResult, evaluate
+from maskalign.evaluation.lmc import LMCResult, evaluate
 from maskalign.models import MLP
 
 
@@ -268,7 +268,7 @@ def test_interpolate_uses_effective_weights_of_sparse_models() -> None:
 
 
 def test_repair_matches_interpolated_channel_statistics() -> None:
-    from maskalign.lmc import _channel_stats
+    from maskalign.evaluation.lmc import _channel_stats
 
     torch.manual_seed(11)
 

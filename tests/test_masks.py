@@ -1,4 +1,4 @@
-"""Tests for maskalign.masks: validation, global magnitude pruning (IMP),
+"""Tests for maskalign.sparse.masks: validation, global magnitude pruning (IMP),
 random masks, sparsity reports and apply_masks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from maskalign.errors import MaskError
-from maskalign.masks import (
+from maskalign.sparse.masks import (
     SparsityReport,
     apply_masks,
     default_prunable,

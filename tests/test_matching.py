@@ -353,7 +353,7 @@ def test_matchers_do_not_mutate_inputs(name: str) -> None:
 
 @pytest.mark.parametrize("cost", ["correlation", "covariance", "euclidean"])
 def test_activation_stats_match_batch_formulas_with_large_offsets(cost: str) -> None:
-    from maskalign.activation_matching import ActivationStats
+    from maskalign.matching.activation import ActivationStats
 
     generator = torch.Generator().manual_seed(5)
     a = torch.randn(300, 6, dtype=torch.float64, generator=generator) * 3 + 1e4
@@ -372,7 +372,7 @@ def test_activation_stats_match_batch_formulas_with_large_offsets(cost: str) -> 
 
 
 def test_activation_stats_dead_unit_has_zero_correlation() -> None:
-    from maskalign.activation_matching import ActivationStats
+    from maskalign.matching.activation import ActivationStats
 
     a = torch.randn(50, 3, dtype=torch.float64)
     a[:, 1] = 2.0  # a constant unit

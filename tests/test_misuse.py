@@ -13,7 +13,7 @@ Every case asserts
 * that no input was mutated: model ``state_dict`` values, parameter objects,
   gradients and train flags, masks, data, files (:func:`snapshot`).
 
-The command line is checked the same way through ``maskalign.cli.main``: exit
+The command line is checked the same way through ``maskalign.repro.cli.main``: exit
 status 2 and one ``maskalign: ...`` line with the link. Negative controls show
 that correct use of the same functions works, and that :func:`snapshot`
 catches each kind of mutation.
@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 import maskalign as ma
 from maskalign import errors
-from maskalign.cli import main
 from maskalign.errors import (
     DOCS_URL,
     ArgumentTypeError,
@@ -51,11 +50,12 @@ from maskalign.errors import (
     SpecMismatchError,
     UnknownPresetError,
 )
-from maskalign.experiment import reproduce, resolve_device
-from maskalign.lap import block_lap_values, solve_lap
-from maskalign.lmc import evaluate
+from maskalign.evaluation.lmc import evaluate
+from maskalign.matching.lap import block_lap_values, solve_lap
 from maskalign.models import MLP
-from maskalign.presets import get_preset
+from maskalign.repro.cli import main
+from maskalign.repro.experiment import reproduce, resolve_device
+from maskalign.repro.presets import get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -423,7 +423,7 @@ def sparsity_of_sparse_masks():
 def default_prunable_of_a_state_dict():
     model = mlp()
     state = model.state_dict()
-    return lambda: ma.masks.default_prunable(state), (model, state)
+    return lambda: ma.sparse.masks.default_prunable(state), (model, state)
 
 
 # --- IMP
@@ -678,14 +678,14 @@ def match_activations_dict_batches_for_a_positional_spec():
 
 @case(ArgumentValueError, "'cost'", "'pearson'", old=V)
 def activation_stats_unknown_cost():
-    stats = ma.activation_matching.ActivationStats(3)
+    stats = ma.matching.activation.ActivationStats(3)
     stats.update(torch.randn(5, 3), torch.randn(5, 3))
     return lambda: stats.similarity("pearson"), ()
 
 
 @case(DataError, "ActivationStats has no samples", "update(a, b)", old=V)
 def activation_stats_without_samples():
-    stats = ma.activation_matching.ActivationStats(3)
+    stats = ma.matching.activation.ActivationStats(3)
     return lambda: stats.similarity(), ()
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from maskalign.experiment import reproduce
-from maskalign.presets import PRESETS
+from maskalign.repro.experiment import reproduce
+from maskalign.repro.presets import PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from conftest import CrossTied, randomize
 from torch import Tensor, nn
 
 import maskalign as ma
-import maskalign.capture
 import maskalign.spec
+import maskalign.spec.capture
 from maskalign.errors import DOCS_URL, SpecError, SpecMismatchError
 from maskalign.models import ResNet20
 from maskalign.permutation import FORMAT, check_same_architecture
@@ -237,8 +237,8 @@ def test_checks_run_no_graph_capture(plain, monkeypatch: pytest.MonkeyPatch) -> 
     def no_capture(*args: object, **kwargs: object) -> None:
         raise AssertionError("apply_permutation captured the model")
 
-    monkeypatch.setattr(maskalign.capture, "capture", no_capture)
-    monkeypatch.setattr(maskalign.spec, "capture", no_capture)
+    monkeypatch.setattr(maskalign.spec.capture, "capture", no_capture)
+    monkeypatch.setattr(maskalign.spec.permutation_spec, "capture", no_capture)
     ma.apply_permutation(model, perm)
     ma.apply_permutation(model, perm, spec=spec)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maskalign.cli import _overrides, _parser, main
-from maskalign.presets import METHODS, PRESETS, ReproduceConfig, get_preset, preset_names
+from maskalign.repro.cli import _overrides, _parser, main
+from maskalign.repro.presets import METHODS, PRESETS, ReproduceConfig, get_preset, preset_names
 
 
 def test_digits_is_the_default_preset() -> None:

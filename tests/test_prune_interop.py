@@ -1,4 +1,4 @@
-"""Tests for maskalign.prune_interop: masks and state_dicts from and to the
+"""Tests for maskalign.sparse.prune_interop: masks and state_dicts from and to the
 form of torch.nn.utils.prune (``weight_orig`` / ``weight_mask``)."""
 
 from __future__ import annotations

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from maskalign.activation_matching import match_activations
-from maskalign.data import load_dataset
-from maskalign.experiment import reproduce
+from maskalign.matching.activation import match_activations
 from maskalign.models import build_model
 from maskalign.permutation import Permutation
-from maskalign.presets import ReproduceConfig
+from maskalign.repro.data import load_dataset
+from maskalign.repro.experiment import reproduce
+from maskalign.repro.presets import ReproduceConfig
+from maskalign.repro.stages import StageMismatchError
+from maskalign.repro.training import batches
 from maskalign.spec import build_spec
-from maskalign.stages import StageMismatchError
-from maskalign.training import batches
 
 CONFIG = ReproduceConfig(
     epochs=3,
@@ -117,7 +117,7 @@ def test_changed_setting_is_reported_by_stage_and_field(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_mismatch_and_force_recomputes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from maskalign.cli import main
+    from maskalign.repro.cli import main
 
     tiny = ["reproduce", "--epochs", "2", "-k", "1", "--seeds", "1", "--sparsities", "0.5", "--hidden", "8", "8"]
     tiny += ["--imp-epochs", "1", "--methods", "lth", "--barrier-points", "2", "--out", str(tmp_path), "--quiet"]
@@ -132,8 +132,8 @@ def test_cli_reports_a_mismatch_and_force_recomputes(tmp_path: Path, capsys: pyt
 def test_killed_fake_cifar_resnet_run_resumes_to_identical_results(tmp_path: Path) -> None:
     """The same with BatchNorm (running statistics in every checkpoint) and
     augmentation, on the cifar10-resnet20x1 preset and a tiny fake CIFAR."""
-    from maskalign.data import write_fake_cifar
-    from maskalign.presets import get_preset
+    from maskalign.repro.data import write_fake_cifar
+    from maskalign.repro.presets import get_preset
 
     write_fake_cifar(tmp_path / "data", n_train=32, n_test=16)
     config = get_preset(

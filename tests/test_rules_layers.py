@@ -1,4 +1,4 @@
-"""Rules of layers and contractions (maskalign.rules.layers / .contraction) on
+"""Rules of layers and contractions (maskalign.spec.rules.layers / .contraction) on
 models that put each op between real layers.
 
 Every model is float64 with scaled-up random weights (so that attention is far
@@ -26,7 +26,7 @@ from conftest import randomize as _randomize
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign.axes import index_vector
+from maskalign.spec.axes import index_vector
 
 KEEP_TOL = 1e-10
 BREAK_TOL = 1e-3

@@ -1,4 +1,4 @@
-"""Rules of tensor ops (maskalign.rules.core) on models that put each op
+"""Rules of tensor ops (maskalign.spec.rules.core) on models that put each op
 between real layers, so that the axes it moves are hidden.
 
 Every model is float64 with scaled-up random weights, and for each op we check
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from zoo.harness import nontrivial_permutation
 
 import maskalign as ma
-from maskalign.axes import index_vector
+from maskalign.spec.axes import index_vector
 
 KEEP_TOL = 1e-10
 BREAK_TOL = 1e-3

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from maskalign.errors import MaskError
-from maskalign.masks import global_magnitude_prune
 from maskalign.sparse import MaskHandle, assert_masked, enforce_masks
+from maskalign.sparse.masks import global_magnitude_prune
 
 OptFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -411,7 +411,7 @@ def test_dense_state_and_weight_leak_removed_on_cuda() -> None:
 )
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_bitmask_zeroes_exactly_and_keeps_kept_entries_bit_for_bit(dtype: torch.dtype, contiguous: bool) -> None:
-    from maskalign.sparse import _BitMask
+    from maskalign.sparse.enforce import _BitMask
 
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(6, 5, generator=gen) > 0.5

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 import maskalign as ma
-from maskalign.axes import Concat, Leaf, Product, index_vector
+from maskalign.spec.axes import Concat, Leaf, Product, index_vector
 
 KEEP_TOL = 1e-9  # max relative output change allowed for a correct permutation
 BREAK_TOL = 1e-6  # min relative output change required from a wrong one

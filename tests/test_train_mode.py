@@ -11,9 +11,9 @@ from conftest import relative_error
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign import capture as capture_module
+from maskalign._utils.modes import mode_difference
 from maskalign.models import ResNet20
-from maskalign.modes import mode_difference
+from maskalign.spec import capture as capture_module
 
 DT = torch.float64
 
@@ -136,7 +136,7 @@ def test_same_graph_in_both_modes_costs_no_second_export(monkeypatch: pytest.Mon
         calls.append(bool(kwargs.get("train", False)))
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("maskalign.spec.capture", counting)
+    monkeypatch.setattr("maskalign.spec.permutation_spec.capture", counting)
     model = _scaled(ResNet20(width=1), scale=1.0).eval()
     x = torch.randn(4, 3, 32, 32, dtype=DT)
     spec = ma.build_spec(model, x)

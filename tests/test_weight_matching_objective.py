@@ -26,8 +26,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign.axes import Leaf, groups_of
 from maskalign.errors import ArgumentTypeError, ArgumentValueError
+from maskalign.spec.axes import Leaf, groups_of
 
 Axes = tuple[str | None, ...]  # one group name (or None) per tensor dim, PyTorch layout
 

@@ -11,8 +11,6 @@ Ioannou, ICML 2025; Ainsworth et al., "Git Re-Basin", ICLR 2023)::
 """
 
 from . import metrics
-from .activation_matching import match_activations
-from .equivalence import EquivalenceReport, check_equivalence
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -26,9 +24,10 @@ from .errors import (
     SpecMismatchError,
     TraceError,
 )
-from .imp import IMPResult, IMPRound, imp_schedule, iterative_magnitude_pruning
-from .lmc import LMCResult, interpolate, lmc_barrier, repair, reset_bn_stats
-from .masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
+from .evaluation.equivalence import EquivalenceReport, check_equivalence
+from .evaluation.lmc import LMCResult, interpolate, lmc_barrier, repair, reset_bn_stats
+from .matching.activation import match_activations
+from .matching.weight import match_weights
 from .permutation import (
     Permutation,
     apply_permutation,
@@ -37,11 +36,12 @@ from .permutation import (
     permute_state_dict,
     random_permutation,
 )
-from .prune_interop import masks_from_prune, state_dict_from_prune, to_prune
-from .rules import RuleContext, register_rule
-from .sparse import MaskHandle, assert_masked, enforce_masks
-from .spec import PermutationSpec, build_spec
-from .weight_matching import match_weights
+from .sparse.enforce import MaskHandle, assert_masked, enforce_masks
+from .sparse.imp import IMPResult, IMPRound, imp_schedule, iterative_magnitude_pruning
+from .sparse.masks import apply_masks, global_magnitude_prune, random_masks_like, sparsity, validate_masks
+from .sparse.prune_interop import masks_from_prune, state_dict_from_prune, to_prune
+from .spec.permutation_spec import PermutationSpec, build_spec
+from .spec.rules import RuleContext, register_rule
 
 __version__ = "0.1.0"
 

@@ -94,14 +94,14 @@ class ArgumentValueError(ArgumentError, ValueError):
 
 class ConfigError(ArgumentValueError):
     """A setting of the reproduction experiment (``maskalign reproduce``, a
-    preset override, :class:`~maskalign.presets.ReproduceConfig`) is out of
+    preset override, :class:`~maskalign.repro.presets.ReproduceConfig`) is out of
     range or inconsistent, or the requested device is not available."""
 
     docs_page = "troubleshooting/#configerror"
 
 
 class UnknownPresetError(ConfigError, KeyError):
-    """:func:`~maskalign.presets.get_preset` got a name that is not a preset.
+    """:func:`~maskalign.repro.presets.get_preset` got a name that is not a preset.
     Also a :class:`KeyError` (and, as a :class:`ConfigError`, a
     :class:`ValueError`)."""
 

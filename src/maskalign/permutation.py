@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .axes import AxisTree, Concat, Leaf, Product, groups_of, index_vector
+from ._utils.fileio import atomic_write
+from ._utils.modes import plain_tensors
 from .errors import ArgumentTypeError, MaskError, MissingFileError, SpecError, SpecMismatchError, _did_you_mean
 from .errors import _describe as _describe_value
-from .fileio import atomic_write
-from .masks import _check_mask_set, _unknown_name_message
-from .modes import plain_tensors
-from .spec import PermutationSpec, module_types, storage_sharing
+from .sparse.masks import _check_mask_set, _unknown_name_message
+from .spec.axes import AxisTree, Concat, Leaf, Product, groups_of, index_vector
+from .spec.permutation_spec import PermutationSpec, module_types, storage_sharing
 
 __all__ = [
     "Permutation",

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 import maskalign as ma
-from maskalign.axes import index_vector
+from maskalign.spec.axes import index_vector
 
 DT = torch.float64
 KEEP_TOL = 1e-9  # float64 models: permuted outputs agree to this (relative)

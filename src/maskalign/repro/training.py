@@ -5,7 +5,7 @@ SGD with momentum and weight decay under a cosine learning-rate schedule
 Sparse runs enforce fixed masks with :func:`maskalign.enforce_masks`.
 
 Data loading: the data sets are in-memory tensors. Put them on the training
-device once (:func:`maskalign.data.splits_to_device`); each batch is then one
+device once (:func:`maskalign.repro.data.splits_to_device`); each batch is then one
 index-select on the device, so the accelerator never waits for a loader (no
 host-to-device copy per step, no worker processes). Optional mixed precision
 on CUDA: ``amp="bf16"`` (autocast) or ``"fp16"`` (autocast + gradient scaling).
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from ..sparse.enforce import enforce_masks
 from .data import augment_crop_flip
-from .sparse import enforce_masks
 
 __all__ = ["TrainConfig", "batches", "train"]
 

@@ -20,11 +20,11 @@ import torch
 import torch.fx
 from torch import nn
 
+from .._utils.modes import mode_difference, plain_tensors, preserved_attributes
+from ..errors import ArgumentTypeError, SpecError, _describe
 from .atoms import AtomTable, Freeze
 from .axes import AxisTree, Concat, Leaf, Product, groups_of, tree_size
 from .capture import CapturedGraph, capture, split_inputs
-from .errors import ArgumentTypeError, SpecError, _describe
-from .modes import mode_difference, plain_tensors, preserved_attributes
 from .rules import Analysis, analyze
 
 __all__ = ["ActivationPoint", "FrozenAxis", "Group", "PermutationSpec", "build_spec", "module_types", "storage_sharing"]
@@ -103,7 +103,7 @@ class PermutationSpec:
 
     Attributes:
         groups: group name -> :class:`Group`.
-        axes: ``state_dict`` key -> one :mod:`axis tree <maskalign.axes>` per
+        axes: ``state_dict`` key -> one :mod:`axis tree <maskalign.spec.axes>` per
             dim (``Leaf(group or None, size)``, ``Product``, ``Concat``). Every
             parameter and persistent buffer of the model appears here.
         shapes: ``state_dict`` key -> shape.
@@ -126,12 +126,12 @@ class PermutationSpec:
             units that it froze; ``coverage + sum(frozen_share.values()) == 1``.
         train_mode: how train mode was covered: ``"same graph as eval mode"``
             (the model runs the same calls on the same tensors in both modes,
-            see :mod:`maskalign.modes`), or ``"own graph analysed (...)"`` with
+            see :mod:`maskalign._utils.modes`), or ``"own graph analysed (...)"`` with
             where the modes part: then the train-mode graph's constraints were
             added, so that every permutation keeps both functions.
         plain_tensors: where the model kept tensors outside its parameters
             and buffers when the spec was built (see
-            :func:`maskalign.modes.plain_tensors`); the graph reads those as
+            :func:`maskalign._utils.modes.plain_tensors`); the graph reads those as
             constants, so they freeze their axes. Tensors that appear there
             later (a cache that forward filled) would not be permuted, and
             :func:`~maskalign.apply_permutation` refuses such a model.
@@ -229,9 +229,9 @@ def build_spec(
 ) -> PermutationSpec:
     """Derive the permutation spec of ``model`` from its graph.
 
-    The model is captured with ``torch.export`` (see :func:`maskalign.capture.capture`),
+    The model is captured with ``torch.export`` (see :func:`maskalign.spec.capture.capture`),
     checked against eager execution, and analysed by one pass of axis
-    propagation (:mod:`maskalign.rules`). Axes that meet an op without a rule are
+    propagation (:mod:`maskalign.spec.rules`). Axes that meet an op without a rule are
     frozen, never guessed, so ``apply_permutation(model, random_permutation(spec))``
     computes the same function as ``model``.
 

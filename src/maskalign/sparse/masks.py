@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from maskalign.errors import (
+from ..errors import (
     DOCS_URL,
     ArgumentTypeError,
     ArgumentValueError,

@@ -2,7 +2,7 @@
 
 ``maskalign reproduce [--preset NAME] [--SETTING VALUE ...] [--out DIR]`` runs
 (or resumes) the paper's lottery-ticket mask transfer experiment
-(:mod:`maskalign.experiment`); ``maskalign report DIR`` re-renders the tables
+(:mod:`maskalign.repro.experiment`); ``maskalign report DIR`` re-renders the tables
 and plots of a finished run from its ``results.json``.
 
 Every error is printed as one line ``maskalign: <what is wrong and what to
@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .activation_matching import POINTS, STREAM_POINTS
-from .errors import DOCS_URL, MaskAlignError
+from ..errors import DOCS_URL, MaskAlignError
+from ..matching.activation import POINTS, STREAM_POINTS
 from .experiment import reproduce
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
 from .report import markdown_table, render, write_results

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from maskalign.errors import DataError
+from ..errors import DataError
 
 __all__ = [
     "DATASET_NAMES",
@@ -311,7 +311,7 @@ def splits_to_device(splits: DatasetSplits, device: torch.device | str) -> Datas
     """The same splits with every tensor moved to ``device`` once.
 
     Training then indexes batches on the device (see
-    :func:`maskalign.training.batches`), so there is no per-step host-to-device
+    :func:`maskalign.repro.training.batches`), so there is no per-step host-to-device
     copy and no data-loader worker to keep up: the GPU is not starved. CIFAR-10
     as float32 is about 0.7 GB of device memory. On the CPU this is a no-op.
     """

@@ -1,4 +1,4 @@
-"""Tables and plots of :func:`maskalign.experiment.reproduce` results.
+"""Tables and plots of :func:`maskalign.repro.experiment.reproduce` results.
 
 ``results.md`` lays the accuracies out like Tables 3-5 of the workshop paper
 (rows: sparsity x method, columns: rewind point k, mean +- sample std over
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write
+from .._utils.fileio import atomic_write
 from .presets import METHODS
 
 __all__ = [

@@ -1,13 +1,13 @@
 """Axis-propagation rules, one small rule per op, and the pass that runs them.
 
-* :mod:`~maskalign.rules.registry`: the op table, :func:`register_rule` and
+* :mod:`~maskalign.spec.rules.registry`: the op table, :func:`register_rule` and
   :class:`RuleContext`, the interface a rule is written against;
-* :mod:`~maskalign.rules.analysis`: :func:`analyze`, one pass over a captured graph;
-* the built-in rules, registered through the same API: :mod:`~maskalign.rules.core`
+* :mod:`~maskalign.spec.rules.analysis`: :func:`analyze`, one pass over a captured graph;
+* the built-in rules, registered through the same API: :mod:`~maskalign.spec.rules.core`
   (elementwise ops, views, reductions, concatenation and slicing),
-  :mod:`~maskalign.rules.layers` (linear, convolution, normalisation, pooling,
-  embedding) and :mod:`~maskalign.rules.contraction` (matrix products, einsum,
-  attention) and :mod:`~maskalign.rules.control_flow` (``torch.cond``).
+  :mod:`~maskalign.spec.rules.layers` (linear, convolution, normalisation, pooling,
+  embedding) and :mod:`~maskalign.spec.rules.contraction` (matrix products, einsum,
+  attention) and :mod:`~maskalign.spec.rules.control_flow` (``torch.cond``).
 """
 
 from . import contraction, control_flow, core, layers  # noqa: F401  (register the built-in rules)

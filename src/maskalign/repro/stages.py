@@ -2,7 +2,7 @@
 
 A stage instance (e.g. ``dense/seed0-A``) lives in ``ROOT/stages/<stage>/<key>/``.
 Its artifact files are written first, its ``manifest.json`` last, each one
-atomically (:func:`maskalign.fileio.atomic_write`), so a stage is finished
+atomically (:func:`maskalign._utils.fileio.atomic_write`), so a stage is finished
 exactly when its manifest exists, and an interrupted run never leaves a
 half-written file. The manifest records the values of exactly the settings the
 stage depends on and their hash. On a later run:
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .errors import MaskAlignError
-from .fileio import atomic_write
+from .._utils.fileio import atomic_write
+from ..errors import MaskAlignError
 
 __all__ = ["StageMismatchError", "StageStore", "settings_hash"]
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import eval_mode
-from .errors import (
+from .._utils.modes import eval_mode
+from ..errors import (
     ArgumentTypeError,
     ArgumentValueError,
     DataError,
@@ -28,7 +28,7 @@ from .errors import (
     _check_reusable,
     _describe,
 )
-from .masks import _check_mask_set, validate_masks
+from ..sparse.masks import _check_mask_set, validate_masks
 
 __all__ = ["LMCResult", "evaluate", "interpolate", "lmc_barrier", "repair", "reset_bn_stats"]
 

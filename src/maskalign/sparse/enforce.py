@@ -70,8 +70,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from maskalign.errors import DOCS_URL, ArgumentTypeError, ArgumentValueError, MaskError
-from maskalign.masks import validate_masks
+from ..errors import DOCS_URL, ArgumentTypeError, ArgumentValueError, MaskError
+from .masks import validate_masks
 
 __all__ = ["MaskHandle", "assert_masked", "enforce_masks"]
 

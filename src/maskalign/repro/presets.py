@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .activation_matching import DEFAULT_POINTS, DEFAULT_STREAM_POINTS, POINTS, STREAM_POINTS
-from .errors import ArgumentTypeError, ConfigError, UnknownPresetError, _did_you_mean
+from ..errors import ArgumentTypeError, ConfigError, UnknownPresetError, _did_you_mean
+from ..matching.activation import DEFAULT_POINTS, DEFAULT_STREAM_POINTS, POINTS, STREAM_POINTS
 
 __all__ = ["AMP_MODES", "METHODS", "PRESETS", "ReproduceConfig", "get_preset", "preset_names"]
 
@@ -97,8 +97,8 @@ class ReproduceConfig:
             :func:`~maskalign.match_activations` as ``points`` (``"pre"``,
             ``"post"`` or ``"both"``) and ``stream_points`` (``"all"`` or
             ``"last"``); defaults: the library's
-            (:data:`~maskalign.activation_matching.DEFAULT_POINTS`,
-            :data:`~maskalign.activation_matching.DEFAULT_STREAM_POINTS`),
+            (:data:`~maskalign.matching.activation.DEFAULT_POINTS`,
+            :data:`~maskalign.matching.activation.DEFAULT_STREAM_POINTS`),
             chosen by ``benchmarks/bench_matching_quality.py``. Recorded with
             every match stage in ``results.json`` (``matching[i]["recipe"]``).
         barrier_points: interpolation points of each LMC curve.

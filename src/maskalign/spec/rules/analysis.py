@@ -2,7 +2,7 @@
 
 :func:`analyze` walks the graph once, like ``torch.fx.passes.shape_prop`` but
 over axis atoms instead of shapes. Each node's value gets one atom list per
-dimension; the rule of the node's op (:mod:`maskalign.rules.registry`) unifies
+dimension; the rule of the node's op (:mod:`maskalign.spec.rules.registry`) unifies
 the atoms that must carry one permutation so that the op commutes with it, and
 freezes the atoms that no permutation may touch. An op without a rule freezes
 every atom it touches, so an unknown op can only make the spec smaller, never

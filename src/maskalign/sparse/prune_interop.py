@@ -9,7 +9,7 @@ code (Adnan et al., ICML 2025, which prunes with that module) are in this
 form.
 
 maskalign keeps parameters under their own names and masks as a plain
-``dict[str, torch.bool tensor]`` (see :mod:`maskalign.masks`). The functions
+``dict[str, torch.bool tensor]`` (see :mod:`maskalign.sparse.masks`). The functions
 here convert between the two: :func:`masks_from_prune` reads masks from a
 pruned module or a prune-form state_dict, :func:`state_dict_from_prune` turns a
 prune-form state_dict into a plain one that loads into an unpruned model, and
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from maskalign.errors import MaskError
-from maskalign.masks import validate_masks
+from ..errors import MaskError
+from .masks import validate_masks
 
 __all__ = ["masks_from_prune", "state_dict_from_prune", "to_prune"]
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-__all__ = ["mode_difference", "plain_tensors", "preserved_attributes", "preserved_state", "run_in_mode"]
+__all__ = ["eval_mode", "mode_difference", "plain_tensors", "preserved_attributes", "preserved_state", "run_in_mode"]
 
 _MODE_FLAGGED = frozenset(
     """
@@ -239,3 +239,16 @@ def mode_difference(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
     if len(eval_calls) > len(train_calls):
         return f"call {len(train_calls)}: only eval mode runs {eval_calls[len(train_calls)][0]}"
     return None
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put every submodule of ``models`` in eval mode; restore each flag on exit."""
+    flags = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag

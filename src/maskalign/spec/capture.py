@@ -42,10 +42,11 @@ from torch.export import graph_signature as gs
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
-from .modes import preserved_state
+from .._utils.inputs import normalize_inputs
+from .._utils.modes import eval_mode, preserved_state
+from ..errors import TraceError
 
-__all__ = ["CapturedGraph", "TensorRole", "capture", "normalize_inputs"]
+__all__ = ["CapturedGraph", "TensorRole", "capture"]
 
 # higher-order ops that run a subgraph under a context that changes no value's
 # axes -> position of the subgraph among their arguments (the arguments before it
@@ -413,29 +414,6 @@ def _written_placeholders(graph: torch.fx.Graph) -> frozenset[str]:
         elif node.target is not torch.ops.higher_order.cond:
             written.update(base[v] for v in node.all_input_nodes if v in base)
     return frozenset(n.name for n in written)
-
-
-def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """Positional arguments for ``forward``: a tensor becomes a 1-tuple, a list
-    becomes a tuple, a tuple is kept."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put every submodule of ``models`` in eval mode; restore each flag on exit."""
-    flags = [(module, module.training) for model in models for module in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _in_mode(model: nn.Module, train: bool) -> contextlib.AbstractContextManager[None]:

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .capture import normalize_inputs
-from .modes import run_in_mode
-from .permutation import Permutation, apply_permutation
+from .._utils.inputs import normalize_inputs
+from .._utils.modes import run_in_mode
+from ..permutation import Permutation, apply_permutation
 
 __all__ = ["EquivalenceReport", "check_equivalence"]
 

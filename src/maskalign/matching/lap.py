@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .errors import ArgumentTypeError, ArgumentValueError, _describe
+from ..errors import ArgumentTypeError, ArgumentValueError, _describe
 
 __all__ = ["block_lap_values", "solve_lap"]
 

@@ -22,8 +22,8 @@ from typing import Any, Literal, Union
 import torch
 import torch.fx
 
+from ...errors import SpecError
 from ..atoms import AtomTable
-from ..errors import SpecError
 
 __all__ = ["Dims", "OpInfo", "Role", "Rule", "RuleContext", "Value", "lookup", "op_key", "register_rule"]
 
@@ -100,7 +100,7 @@ def register_rule(op: Any, rule: Rule, *, role: Role = "op", replace: bool = Fal
             name (``"mylib::squash"``), a higher-order op, or a Python callable
             that appears as a graph target.
         rule: ``rule(ctx, node, out)``, written against :class:`RuleContext`
-            (see :mod:`maskalign.rules.registry`). It is called for every node
+            (see :mod:`maskalign.spec.rules.registry`). It is called for every node
             of ``op`` in the captured graph. Every in-place variant
             (``squash_``) shares the rule unless it has its own.
         role: what the op is to activation matching: ``"op"``,

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size, unit_positions
-from .capture import CapturedGraph, capture, eval_mode, normalize_inputs
-from .errors import (
+from .._utils.inputs import normalize_inputs
+from .._utils.modes import eval_mode
+from ..errors import (
     DOCS_URL,
     ArgumentTypeError,
     ArgumentValueError,
@@ -39,9 +39,11 @@ from .errors import (
     _describe,
     _did_you_mean,
 )
+from ..permutation import Permutation, check_same_architecture
+from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size, unit_positions
+from ..spec.capture import CapturedGraph, capture
+from ..spec.permutation_spec import ActivationPoint, PermutationSpec, build_spec
 from .lap import block_lap_values, solve_lap
-from .permutation import Permutation, check_same_architecture
-from .spec import ActivationPoint, PermutationSpec, build_spec
 
 __all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations", "select_points"]
 
@@ -942,7 +944,7 @@ def _block_relaxation(tree: AxisTree, similarity: Tensor, group: str, max_block:
     """Initial ``(n, n)`` similarity of a nested group's units (e.g. heads),
     blind to how the groups inside each unit are aligned: unit ``i`` of A and
     unit ``i'`` of B score the best assignment between their blocks of
-    positions (:func:`~maskalign.lap.block_lap_values`). Falls back to the
+    positions (:func:`~maskalign.matching.lap.block_lap_values`). Falls back to the
     identity-aligned marginal when blocks exceed ``max_block`` positions."""
     positions = unit_positions(tree, group)
     assert positions is not None
@@ -962,7 +964,7 @@ def _break_ties(primary: Tensor, secondary: Tensor, idx: Tensor) -> tuple[Tensor
     """Re-match, by ``secondary``, units that ``primary`` cannot tell apart.
 
     ``idx`` is an optimal assignment of ``primary`` (``idx[j]``: A's unit
-    matched to B's unit ``j``, as :func:`~maskalign.lap.solve_lap` returns).
+    matched to B's unit ``j``, as :func:`~maskalign.matching.lap.solve_lap` returns).
     A's units whose rows of ``primary`` are exactly equal (dead or constant
     units: a correlation row of zeros) can trade the B units they were given
     without changing the primary total at all; so can B's units whose columns

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .axes import AxisTree, Leaf, co_groups, groups_of, index_vector, unit_positions
-from .errors import (
+from ..errors import (
     ArgumentTypeError,
     ArgumentValueError,
     DataError,
@@ -33,9 +32,10 @@ from .errors import (
     _check_module,
     _describe,
 )
+from ..permutation import Permutation, check_same_architecture
+from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector, unit_positions
+from ..spec.permutation_spec import PermutationSpec, build_spec
 from .lap import block_lap_values, solve_lap
-from .permutation import Permutation, check_same_architecture
-from .spec import PermutationSpec, build_spec
 
 __all__ = ["match_weights"]
 

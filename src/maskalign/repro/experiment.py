@@ -5,7 +5,7 @@ version's Appendix A.5, settings of its Appendix A.1. Per seed:
 
 1. ``dense``: train A and B from two random initialisations for T epochs,
    keeping the rewind checkpoints A_k, B_k for every k of the sweep;
-2. ``imp``: IMP on A_T without weight rewinding (:mod:`maskalign.imp`,
+2. ``imp``: IMP on A_T without weight rewinding (:mod:`maskalign.sparse.imp`,
    ``rewind="none"``): each round prunes 20% of the remaining weights
    globally by magnitude and fine-tunes the survivors for ``imp_epochs`` at
    ``imp_lr``, down to every target sparsity -> masks m_A and the pruned
@@ -42,7 +42,7 @@ and data order); members s >= 1 are stage ``shared-sparse``, and the pairwise
 diversity of each ensemble is stage ``shared-diversity``.
 
 Every stage writes its artifacts and a manifest atomically under
-``OUT/stages`` (:mod:`maskalign.stages`); a re-run with the same output folder
+``OUT/stages`` (:mod:`maskalign.repro.stages`); a re-run with the same output folder
 loads finished stages and computes the rest. Each training run is seeded from
 (seed, stage, role or round, k, sparsity, method) only, so a resumed run gives
 the same numbers as an uninterrupted one (on the CPU; CUDA kernels may not be
@@ -65,18 +65,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .activation_matching import match_activations
+from .._utils.fileio import atomic_write
+from ..errors import ArgumentTypeError, ConfigError, _describe
+from ..evaluation.lmc import LMCResult, evaluate, lmc_barrier
+from ..evaluation.metrics import diversity, ensemble_accuracy
+from ..matching.activation import match_activations
+from ..models import build_model
+from ..permutation import Permutation, apply_permutation, permute_mask
+from ..sparse.imp import SAME_LEVEL_TOL, IMPRound, imp_schedule, iterative_magnitude_pruning
+from ..sparse.masks import random_masks_like, sparsity
+from ..spec.permutation_spec import PermutationSpec, build_spec
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
-from .errors import ArgumentTypeError, ConfigError, _describe
-from .fileio import atomic_write
-from .imp import IMPRound, imp_schedule, iterative_magnitude_pruning
-from .lmc import LMCResult, evaluate, lmc_barrier
-from .masks import random_masks_like, sparsity
-from .metrics import diversity, ensemble_accuracy
-from .models import build_model
-from .permutation import Permutation, apply_permutation, permute_mask
 from .presets import METHODS, PRESETS, ReproduceConfig
-from .spec import PermutationSpec, build_spec
 from .stages import StageStore, settings_hash
 from .training import TrainConfig, batches, train
 
@@ -129,7 +129,6 @@ _DIVERSITY = (*_SPARSE, *_RECIPE, "methods", "seeds")
 
 _EVAL_BATCH = 512
 _MATCH_BATCH = 256
-_SAME_LEVEL = 1e-9
 
 #: The reference model of the ``reference`` diversity mode.
 _REFERENCE = "dense A_T of the same seed"
@@ -352,7 +351,7 @@ class _Run:
                 )
                 cpu_masks = {k: v.cpu() for k, v in imp_round.masks.items()}
                 for target in c.sparsities:
-                    if abs(target - imp_round.sparsity) <= _SAME_LEVEL:
+                    if abs(target - imp_round.sparsity) <= SAME_LEVEL_TOL:
                         payload = {"state": _cpu_state(m), "masks": cpu_masks, "test_loss": loss, "test_acc": acc}
                         self.store.save_tensors("imp", key, f"target_{_level_key(target)}.pt", payload)
                 state = {"settings": settings_hash(settings), "state": _cpu_state(m), "masks": cpu_masks}
@@ -748,7 +747,7 @@ def reproduce(
     """Run (or resume) the experiment; returns the JSON-ready results.
 
     Args:
-        config: every setting (see :mod:`maskalign.presets`); default: the
+        config: every setting (see :mod:`maskalign.repro.presets`); default: the
             ``digits`` preset.
         out: output folder holding the stages (``out/stages``) and
             ``config.json`` (the resolved settings, written first); a
@@ -776,7 +775,7 @@ def reproduce(
         ArgumentTypeError: ``config`` is not a :class:`ReproduceConfig`.
         ConfigError: (a ``ValueError``) as :func:`resolve_device`, or
             ``amp`` without CUDA.
-        DataError, ValueError: as :func:`~maskalign.data.load_dataset`.
+        DataError, ValueError: as :func:`~maskalign.repro.data.load_dataset`.
     """
     if config is not None and not isinstance(config, ReproduceConfig):
         raise ArgumentTypeError(

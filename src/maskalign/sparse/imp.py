@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from maskalign.errors import (
+from ..errors import (
     DOCS_URL,
     ArgumentTypeError,
     ArgumentValueError,
@@ -49,7 +49,8 @@ from maskalign.errors import (
     _check_module,
     _describe,
 )
-from maskalign.masks import (
+from .enforce import enforce_masks
+from .masks import (
     _check_mask_set,
     _check_names,
     _unknown_name_message,
@@ -58,16 +59,15 @@ from maskalign.masks import (
     global_magnitude_prune,
     validate_masks,
 )
-from maskalign.sparse import enforce_masks
 
 __all__ = ["IMPResult", "IMPRound", "RewindMode", "imp_schedule", "iterative_magnitude_pruning"]
 
 RewindMode = Literal["none", "continue", "restart"]
 _REWIND_MODES: tuple[str, ...] = ("none", "continue", "restart")
 
-# Two sparsities closer than this are the same IMP level (schedule arithmetic
-# in float64 is exact to ~1e-16; mask counts are rounded to whole entries).
-_SAME_LEVEL = 1e-9
+#: Two sparsities closer than this are the same IMP level (schedule arithmetic
+#: in float64 is exact to ~1e-16; mask counts are rounded to whole entries).
+SAME_LEVEL_TOL = 1e-9
 
 
 def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[float]:
@@ -102,9 +102,9 @@ def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[fl
     schedule: list[float] = []
     current = 0.0
     for target in levels:
-        while current < target - _SAME_LEVEL:
+        while current < target - SAME_LEVEL_TOL:
             current = 1.0 - (1.0 - current) * (1.0 - rate)
-            if current > target - _SAME_LEVEL:
+            if current > target - SAME_LEVEL_TOL:
                 current = target
             schedule.append(current)
     return schedule
@@ -269,7 +269,7 @@ def iterative_magnitude_pruning(
             ``rewind="continue"``; must be ``0`` with ``rewind="none"``.
         params: names of the parameters to prune; default: the weights of
             every linear and convolution layer
-            (:func:`~maskalign.masks.default_prunable`).
+            (:func:`~maskalign.sparse.masks.default_prunable`).
         exclude: ``exclude(name) -> True`` drops a parameter from ``params``,
             e.g. ``lambda n: "shortcut" in n``.
         masks: initial masks (to continue an interrupted run): rounds at or
@@ -355,11 +355,11 @@ def iterative_magnitude_pruning(
     work = model if inplace else copy.deepcopy(model)
     result = IMPResult(masks=current, masks_at={}, model=work)
     for target in targets:
-        if abs(target - start) <= _SAME_LEVEL:
+        if abs(target - start) <= SAME_LEVEL_TOL:
             result.masks_at[target] = current
     start_epoch = rewind_epoch if rewind == "continue" else 0
     for index, level in enumerate(schedule, start=1):
-        if level <= start + _SAME_LEVEL:
+        if level <= start + SAME_LEVEL_TOL:
             continue
         began = time.perf_counter()
         current = global_magnitude_prune(work, level, masks=current or None, params=names)
@@ -380,7 +380,7 @@ def iterative_magnitude_pruning(
                 "seconds": time.perf_counter() - began,
             }
         )
-        if any(abs(level - t) <= _SAME_LEVEL for t in targets):
+        if any(abs(level - t) <= SAME_LEVEL_TOL for t in targets):
             result.masks_at[min(targets, key=lambda t: abs(t - level))] = current
         if on_round_end is not None:
             on_round_end(imp_round, work)
