@@ -162,9 +162,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for target in config["sparsities"]:
         for k in ks:
-            cells = [_fmt(summary["barrier"].get((p, k, target)), 4) for p in _SPARSE_PAIRS]
-            if any(c != "-" for c in cells):
-                lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(cells) + " |")
+            barriers = [_fmt(summary["barrier"].get((p, k, target)), 4) for p in _SPARSE_PAIRS]
+            if any(c != "-" for c in barriers):
+                lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(barriers) + " |")
     lines += ["", *_diversity_section(results), *_shared_mask_section(results)]
     return "\n".join(lines)
 
