@@ -9,6 +9,7 @@ almost none). Blocks in other languages (``bash``, ``text``) are not run.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shlex
@@ -143,6 +144,49 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     for page in ("index.html", "concepts/index.html", "reference/matching/index.html", "benchmarks/index.html"):
         assert (site / page).is_file(), page
     assert (site / "figures" / "permutation.png").is_file()
+    _check_rendered_reference(site / "reference")
+
+
+# Objects whose multi-line ``Returns:`` once rendered as one table row per line.
+_ONE_RETURN = {
+    "matching": ["maskalign.match_activations", "maskalign.match_weights"],
+    "masks": [
+        "maskalign.global_magnitude_prune",
+        "maskalign.random_masks_like",
+        "maskalign.enforce_masks",
+        "maskalign.masks_from_prune",
+    ],
+    "spec": ["maskalign.check_equivalence"],
+    "experiment": ["maskalign.repro.experiment.reproduce"],
+}
+_SECTION = re.compile(r'<span class="doc-section-title">(\w+):</span></p>\s*<table>(.*?)</table>', re.S)
+
+
+def _object_html(page: str, anchor: str) -> str:
+    start = page.index(f'id="{anchor}"')
+    end = page.find('<div class="doc doc-object', start + 1)
+    return page[start : end if end > 0 else None]
+
+
+def _check_rendered_reference(reference: Path) -> None:
+    """The three rendering faults of the API reference: a multi-line
+    ``Returns:`` split into a row per line, signatures running off the page,
+    and internal objects in the table of contents."""
+    for name, anchors in _ONE_RETURN.items():
+        page = (reference / name / "index.html").read_text(encoding="utf-8")
+        for anchor in anchors:
+            tables = dict(_SECTION.findall(_object_html(page, anchor)))
+            assert "Returns" in tables, anchor
+            assert tables["Returns"].count("<tr") == 2, f"{anchor}: Returns rendered as several rows"
+    for page_path in sorted(reference.rglob("index.html")):
+        page = page_path.read_text(encoding="utf-8")
+        for block in re.findall(r'<div class="doc-signature[^"]*"[^>]*>(.*?)</div>', page, re.S):
+            text = html.unescape(re.sub(r"<[^>]+>", "", block))
+            longest = max(text.splitlines(), key=len)
+            assert len(longest) <= 100, f"{page_path.parent.name}: signature line of {len(longest)} chars: {longest}"
+        toc = re.findall(r'class="md-nav__link"[^>]*href="#([^"]+)"', page)
+        internal = [t for t in toc if "ActivationStats" in t or any(p.startswith("_") for p in t.split("."))]
+        assert not internal, f"{page_path.parent.name}: internal objects in the table of contents: {internal}"
 
 
 # Links from error and warning messages into the docs: every docs page path
