@@ -173,7 +173,7 @@ def _call(ctx: RuleContext, node: torch.fx.Node, result: Analysis) -> None:
         return
     info.rule(ctx, node, out)
     if is_dims(out):
-        result.node_dims[node.name] = out  # type: ignore[assignment]
+        result.node_dims[node.name] = out
         result.node_roles[node.name] = info.role
 
 

@@ -17,15 +17,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeGuard, Union
 
 import torch
 import torch.fx
+from torch.fx.node import Argument
 
-from ...errors import SpecError
+from ...errors import SpecError, _describe
 from ..atoms import AtomTable
 
-__all__ = ["Dims", "OpInfo", "Role", "Rule", "RuleContext", "Value", "lookup", "op_key", "register_rule"]
+__all__ = [
+    "Dims",
+    "OpInfo",
+    "Role",
+    "Rule",
+    "RuleContext",
+    "Value",
+    "arg",
+    "arg_int",
+    "arg_ints",
+    "arg_list",
+    "arg_node",
+    "as_int",
+    "as_node",
+    "lookup",
+    "op_key",
+    "output_dims",
+    "output_list",
+    "register_rule",
+]
 
 Dims = list[list[int]]
 """One atom list (an ordered product of atoms) per tensor dimension."""
@@ -171,7 +191,7 @@ def describe(node: torch.fx.Node) -> str:
     return f"{op_name(node)} at node '{node.name}'{where}"
 
 
-def is_dims(value: Value) -> bool:
+def is_dims(value: Value) -> TypeGuard[Dims]:
     """Whether ``value`` is the atoms of one tensor."""
     return isinstance(value, list)
 
@@ -186,6 +206,124 @@ def flatten_value(value: Value) -> list[Dims]:
     for item in value:
         out.extend(flatten_value(item))
     return out
+
+
+# ------------------------------------------------------------- typed arguments
+# ``node.args`` holds torch.fx ``Argument``s: nodes, constants, lists of them.
+# A rule reads them through these accessors, which return the type the op's
+# schema promises and raise SpecError, naming the node and the argument, when
+# the graph holds something else (instead of an AttributeError or a TypeError
+# deep inside the rule).
+
+
+def _holds(value: object) -> str:
+    if isinstance(value, torch.fx.Node):
+        return f"graph node '{value.name}'"
+    return _describe(value)
+
+
+def argument_error(node: torch.fx.Node, name: str, value: object, expected: str) -> SpecError:
+    """The :class:`SpecError` for argument ``name`` of ``node`` holding ``value`` instead of ``expected``."""
+    return SpecError(
+        f"Argument {name!r} of {describe(node)} is {_holds(value)}, not {expected}; the built-in rule of "
+        f"{op_name(node)} cannot read it: register a rule for this op with "
+        "maskalign.register_rule(op, rule, replace=True)."
+    )
+
+
+def arg(node: torch.fx.Node, index: int, name: str) -> Argument:
+    """Positional argument ``index`` of ``node`` (``name`` in messages).
+
+    Raises:
+        SpecError: ``node`` has fewer positional arguments.
+    """
+    if index >= len(node.args):
+        raise SpecError(
+            f"Argument {name!r} of {describe(node)} is missing (the node has {len(node.args)} positional "
+            f"arguments, not {index + 1}); register a rule for this op with "
+            "maskalign.register_rule(op, rule, replace=True)."
+        )
+    return node.args[index]
+
+
+def as_node(node: torch.fx.Node, value: Argument, name: str) -> torch.fx.Node:
+    """``value``, an argument (or list item) of ``node``, as a graph node.
+
+    Raises:
+        SpecError: ``value`` is a constant, a list or None.
+    """
+    if not isinstance(value, torch.fx.Node):
+        raise argument_error(node, name, value, "a graph node")
+    return value
+
+
+def as_int(node: torch.fx.Node, value: Argument, name: str) -> int:
+    """``value``, an argument (or list item) of ``node``, as an ``int`` (a
+    ``bool`` counts as one, as in Python).
+
+    Raises:
+        SpecError: ``value`` is a node (a symbolic size), a float, a list or None.
+    """
+    if not isinstance(value, int):
+        raise argument_error(node, name, value, "an int")
+    return int(value)
+
+
+def arg_node(node: torch.fx.Node, index: int, name: str) -> torch.fx.Node:
+    """Positional argument ``index`` of ``node``, a graph node (a tensor operand)."""
+    return as_node(node, arg(node, index, name), name)
+
+
+def arg_int(node: torch.fx.Node, index: int, name: str) -> int:
+    """Positional argument ``index`` of ``node``, an ``int``."""
+    return as_int(node, arg(node, index, name), name)
+
+
+def arg_list(node: torch.fx.Node, index: int, name: str) -> list[Argument]:
+    """Positional argument ``index`` of ``node``, a list or tuple (``Tensor[]``,
+    ``Tensor?[]``, ``int[]``), as a list of its items.
+
+    Raises:
+        SpecError: the argument is not a list or tuple.
+    """
+    value = arg(node, index, name)
+    if not isinstance(value, (list, tuple)):
+        raise argument_error(node, name, value, "a list")
+    return list(value)
+
+
+def arg_ints(node: torch.fx.Node, index: int, name: str) -> list[int]:
+    """Positional argument ``index`` of ``node``, an ``int[]``."""
+    return [as_int(node, item, name) for item in arg_list(node, index, name)]
+
+
+def output_dims(node: torch.fx.Node, out: Value, index: int = 0) -> Dims:
+    """The atoms of output ``index`` of ``node``: ``out`` itself when the op
+    returns one tensor (``index`` 0), item ``index`` of ``out`` when it
+    returns several.
+
+    Raises:
+        SpecError: that output is not a tensor.
+    """
+    if isinstance(out, tuple):
+        value = out[index] if index < len(out) else None
+    else:
+        value = out if index == 0 else None
+    if not is_dims(value):
+        raise SpecError(
+            f"Output {index} of {describe(node)} is not a tensor; register a rule for this op with "
+            "maskalign.register_rule(op, rule, replace=True)."
+        )
+    return value
+
+
+def output_list(node: torch.fx.Node, out: Value) -> list[Dims]:
+    """The atoms of every output of ``node`` (one for a single tensor), each a tensor.
+
+    Raises:
+        SpecError: an output is not a tensor.
+    """
+    return [output_dims(node, out, k) for k in range(len(out) if isinstance(out, tuple) else 1)]
 
 
 class RuleContext:
@@ -235,7 +373,23 @@ class RuleContext:
     def dims(self, arg: Any) -> Dims | None:
         """The atom lists of a tensor argument (one per dim), or None if it is not a tensor."""
         value = self.value(arg)
-        return value if is_dims(value) else None  # type: ignore[return-value]
+        return value if is_dims(value) else None
+
+    def tensor_dims(self, node: torch.fx.Node, value: Argument, name: str) -> Dims:
+        """The atom lists of ``value``, an argument (or list item) of ``node``
+        that must be a tensor (``name`` in messages).
+
+        Raises:
+            SpecError: ``value`` is a constant, None, or a node whose value is no single tensor.
+        """
+        dims = self.dims(value)
+        if dims is None:
+            raise argument_error(node, name, value, "a tensor")
+        return dims
+
+    def arg_dims(self, node: torch.fx.Node, index: int, name: str) -> Dims:
+        """The atom lists of positional argument ``index`` of ``node``, a tensor."""
+        return self.tensor_dims(node, arg(node, index, name), name)
 
     def meta(self, arg: Any) -> Any:
         """The fake-tensor metadata of ``arg`` (shape, dtype, device), or None for a constant."""
