@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
-from .registry import Dims, RuleContext, Value, describe, is_dims, op_name, register_rule
+from .registry import (
+    Dims,
+    RuleContext,
+    Value,
+    arg,
+    arg_list,
+    describe,
+    is_dims,
+    op_name,
+    output_dims,
+    register_rule,
+    used_outputs,
+)
 
 
 def _contract(
@@ -38,9 +48,8 @@ def _matmul(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     and b's batch axes unify with each other instead of with the output."""
     name = op_name(node)
     shift = 1 if name in ("aten::addmm", "aten::baddbmm", "aten::addmv", "aten::addbmm") else 0
-    a, b = ctx.dims(node.args[shift]), ctx.dims(node.args[shift + 1])
-    y: Dims = out  # type: ignore[assignment]
-    assert a is not None and b is not None
+    a, b = ctx.arg_dims(node, shift), ctx.arg_dims(node, shift + 1)
+    y = output_dims(node, out)
     shapes = (ctx.shape(node.args[shift]), ctx.shape(node.args[shift + 1]))
     if name == "aten::addbmm":
         ctx.unify(a[0], b[0], f"summed batch axis of {describe(node)}")
@@ -49,7 +58,7 @@ def _matmul(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     if shift:
         bias = ctx.dims(node.args[0])
         if bias is not None:
-            shape = node.args[0].meta["val"].shape
+            shape = ctx.shape(node.args[0])
             offset = len(y) - len(bias)
             for k, dim in enumerate(bias):
                 if int(shape[k]) == int(node.meta["val"].shape[offset + k]):
@@ -59,10 +68,9 @@ def _matmul(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _bilinear(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """bilinear(x1[..., i], x2[..., j], W[o, i, j], b[o]) -> y[..., o]: each input
     axis contracts with its own weight axis, the rows of W are y's features."""
-    x1, x2, w = (ctx.dims(a) for a in node.args[:3])
+    x1, x2, w = (ctx.arg_dims(node, k) for k in range(3))
     b = ctx.dims(ctx.arg(node, "bias"))
-    y: Dims = out  # type: ignore[assignment]
-    assert x1 is not None and x2 is not None and w is not None
+    y = output_dims(node, out)
     where = describe(node)
     ctx.unify(x1[-1], w[1], f"first contraction of {where}")
     ctx.unify(x2[-1], w[2], f"second contraction of {where}")
@@ -78,9 +86,8 @@ def _similarity(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """cosine_similarity(x1, x2, dim) / pairwise_distance(x1, x2) (last dim): a
     sum over the reduced axis is invariant to permuting both inputs alike; the
     other axes broadcast through to the output."""
-    x1, x2 = ctx.dims(node.args[0]), ctx.dims(node.args[1])
-    y: Dims = out  # type: ignore[assignment]
-    assert x1 is not None and x2 is not None
+    x1, x2 = ctx.arg_dims(node, 0), ctx.arg_dims(node, 1)
+    y = output_dims(node, out)
     where = describe(node)
     shapes = [ctx.shape(node.args[0]), ctx.shape(node.args[1])]
     ndim = max(len(x1), len(x2))
@@ -108,8 +115,7 @@ def _similarity(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 
 def _dot(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """dot / vdot(a[n], b[n]) -> scalar: a sum over n is invariant to permuting a and b alike."""
-    a, b = ctx.dims(node.args[0]), ctx.dims(node.args[1])
-    assert a is not None and b is not None
+    a, b = ctx.arg_dims(node, 0), ctx.arg_dims(node, 1)
     ctx.unify(a[0], b[0], f"contraction in {describe(node)}")
 
 
@@ -147,28 +153,29 @@ def _einsum(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     every operand and the output that carry it at full size (size-1 dims
     broadcast). A summed label is invariant to permuting all its occurrences
     alike; a kept one (a diagonal ``ii->i`` included) moves with them."""
-    equation = str(node.args[0]).replace(" ", "")
-    operands = [ctx.dims(x) for x in node.args[1]]
-    y: Dims = out  # type: ignore[assignment]
+    equation = str(arg(node, 0)).replace(" ", "")
+    tensors = arg_list(node, 1)
+    operands = [ctx.dims(x) for x in tensors]
+    known = [o for o in operands if o is not None]
     where = describe(node)
     parsed = None
-    if all(o is not None for o in operands) and is_dims(out):
-        parsed = _einsum_labels(equation, [len(o) for o in operands])  # type: ignore[arg-type]
-    if parsed is None:
+    if len(known) == len(operands) and is_dims(out):
+        parsed = _einsum_labels(equation, [len(o) for o in known])
+    if parsed is None or not is_dims(out):
         for operand in operands:
             ctx.freeze(operand, f"einsum equation not understood in {where}")
         ctx.freeze(out, f"einsum equation not understood in {where}")
         return
     labels, output = parsed
-    shapes = [ctx.shape(x) for x in node.args[1]] + [ctx.shape(node)]
+    shapes = [ctx.shape(x) for x in tensors] + [ctx.shape(node)]
     occurrences: dict[str, list[tuple[list[int], int]]] = {}
-    for term, dims, shape in zip([*labels, output], [*operands, y], shapes):
-        for label, dim, size in zip(term, dims, shape):  # type: ignore[arg-type]
+    for term, dims, shape in zip([*labels, output], [*known, out], shapes):
+        for label, dim, size in zip(term, dims, shape):
             occurrences.setdefault(label, []).append((dim, size))
-    for label, dims in occurrences.items():
-        full = max(size for _, size in dims)
-        first = next(dim for dim, size in dims if size == full)
-        for dim, size in dims:
+    for label, places in occurrences.items():
+        full = max(size for _, size in places)
+        first = next(dim for dim, size in places if size == full)
+        for dim, size in places:
             if size == full:
                 ctx.unify(first, dim, f"einsum axis '{label}' in {where}")
 
@@ -179,10 +186,9 @@ def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     v's feature axis flows to y; batch/head axes unify across all four (with
     enable_gqa, query heads are [kv heads, group]: each kv head moves with its
     block of query heads, exactly)."""
-    q, k, v = (ctx.dims(x) for x in node.args[:3])
+    q, k, v = (ctx.arg_dims(node, j) for j in range(3))
     outs = out if isinstance(out, tuple) else (out,)
-    y: Dims = outs[0]  # type: ignore[assignment]
-    assert q is not None and k is not None and v is not None
+    y = output_dims(node, out)
     where = describe(node)
     ctx.unify(q[-1], k[-1], f"query/key features of {where}")
     ctx.unify(k[-2], v[-2], f"keys of {where}")
@@ -191,7 +197,7 @@ def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     if bool(ctx.arg(node, "is_causal", False)):  # the mask depends on query/key positions
         for dim in (q[-2], k[-2], y[-2]):
             ctx.freeze_dim(dim, f"query/key positions under the causal mask of {where}", structural=True)
-    shapes = [x.meta["val"].shape for x in node.args[:3]]
+    shapes = [ctx.shape(x) for x in node.args[:3]]
     if bool(ctx.arg(node, "enable_gqa", False)) and len({int(s[-3]) for s in shapes if len(s) >= 3}) > 1:
         # key/value head j serves query heads j * group ... (j + 1) * group - 1: q heads = [kv heads, group]
         ctx.unify(k[-3], v[-3], f"key/value heads of {where}")
@@ -203,7 +209,7 @@ def _attention(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
                 ctx.unify(dims[-2 - j], y[-2 - j], f"batch/head axis of {where}")
     mask = ctx.dims(ctx.arg(node, "attn_mask"))
     if mask is not None:
-        mask_shape = ctx.arg(node, "attn_mask").meta["val"].shape
+        mask_shape = ctx.shape(ctx.arg(node, "attn_mask"))
         scores = [*y[:-2], q[-2], k[-2]]
         score_shape = [*node.meta["val"].shape[:-2], shapes[0][-2], shapes[1][-2]]
         for j in range(1, len(mask) + 1):
@@ -221,12 +227,10 @@ def _native_mha(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     output projection, and the embedding axis of query, key, value is the qkv
     weight's columns; the output projection's rows are the output's features."""
     where = describe(node)
-    query, key, value = (ctx.dims(a) for a in node.args[:3])
-    qkv_w, qkv_b, proj_w, proj_b = (
-        ctx.dims(ctx.arg(node, n)) for n in ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
-    )
-    outs: tuple[Dims, ...] = out  # type: ignore[assignment]
-    assert query is not None and key is not None and value is not None and qkv_w is not None and proj_w is not None
+    query, key, value = (ctx.arg_dims(node, j) for j in range(3))
+    qkv_w, proj_w = (ctx.tensor_dims(node, ctx.arg(node, n), n) for n in ("qkv_weight", "proj_weight"))
+    qkv_b, proj_b = (ctx.dims(ctx.arg(node, n)) for n in ("qkv_bias", "proj_bias"))
+    y = output_dims(node, out)
     heads = int(ctx.arg(node, "num_head"))
     head_dim = int(ctx.arg(node, "embed_dim")) // heads
     head = ctx.new(heads)
@@ -239,11 +243,11 @@ def _native_mha(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     for x in (query, key, value):
         ctx.unify(x[-1], qkv_w[1], f"embedding axis of {where}")
     ctx.unify(proj_w[1], v, f"output projection columns of {where}")
-    ctx.unify(proj_w[0], outs[0][-1], f"output features of {where}")
+    ctx.unify(proj_w[0], y[-1], f"output features of {where}")
     if proj_b is not None:
-        ctx.unify(proj_b[0], outs[0][-1], f"output bias of {where}")
+        ctx.unify(proj_b[0], y[-1], f"output bias of {where}")
     for k in range(len(query) - 1):  # batch, queries
-        ctx.unify(query[k], outs[0][k], f"batch/query axis of {where}")
+        ctx.unify(query[k], y[k], f"batch/query axis of {where}")
     if len(key) == 3:
         ctx.unify(key[0], query[0], f"batch axis of {where}")
     ctx.unify(key[-2], value[-2], f"keys of {where}")
@@ -252,15 +256,10 @@ def _native_mha(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.freeze(mask, f"attention mask of {where}")
         for dim in (query[-2], key[-2]):
             ctx.freeze_dim(dim, f"query/key positions under the mask of {where}", structural=True)
-    weights = outs[1] if 1 in _used(node) else None
+    weights = out[1] if isinstance(out, tuple) and 1 in used_outputs(node) else None
     if weights is not None:
         ctx.freeze(weights, f"attention weights of {where}")
         ctx.freeze_dim(head, f"heads averaged or returned in the attention weights of {where}")
-
-
-def _used(node: torch.fx.Node) -> set[int]:
-    """Indices of the outputs of a multi-output node that something reads."""
-    return {int(u.args[1]) for u in node.users if u.target is operator.getitem and u.users}
 
 
 def _register() -> None:

@@ -15,6 +15,7 @@ caught by :func:`maskalign.check_equivalence` on a random permutation.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, Union
@@ -37,6 +38,7 @@ __all__ = [
     "arg_int",
     "arg_ints",
     "arg_list",
+    "arg_name",
     "arg_node",
     "as_int",
     "as_node",
@@ -45,6 +47,7 @@ __all__ = [
     "output_dims",
     "output_list",
     "register_rule",
+    "used_outputs",
 ]
 
 Dims = list[list[int]]
@@ -231,12 +234,24 @@ def argument_error(node: torch.fx.Node, name: str, value: object, expected: str)
     )
 
 
-def arg(node: torch.fx.Node, index: int, name: str) -> Argument:
-    """Positional argument ``index`` of ``node`` (``name`` in messages).
+def arg_name(node: torch.fx.Node, index: int) -> str:
+    """The schema's name of positional argument ``index`` of ``node`` (``"input"``),
+    or ``"args[index]"`` for a target without a schema (``operator.getitem``)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        arguments = node.target._schema.arguments
+        if index < len(arguments):
+            return arguments[index].name
+    return f"args[{index}]"
+
+
+def arg(node: torch.fx.Node, index: int, name: str | None = None) -> Argument:
+    """Positional argument ``index`` of ``node``; ``name`` in messages (by
+    default the schema's name of the argument).
 
     Raises:
         SpecError: ``node`` has fewer positional arguments.
     """
+    name = arg_name(node, index) if name is None else name
     if index >= len(node.args):
         raise SpecError(
             f"Argument {name!r} of {describe(node)} is missing (the node has {len(node.args)} positional "
@@ -269,31 +284,35 @@ def as_int(node: torch.fx.Node, value: Argument, name: str) -> int:
     return int(value)
 
 
-def arg_node(node: torch.fx.Node, index: int, name: str) -> torch.fx.Node:
+def arg_node(node: torch.fx.Node, index: int, name: str | None = None) -> torch.fx.Node:
     """Positional argument ``index`` of ``node``, a graph node (a tensor operand)."""
+    name = arg_name(node, index) if name is None else name
     return as_node(node, arg(node, index, name), name)
 
 
-def arg_int(node: torch.fx.Node, index: int, name: str) -> int:
+def arg_int(node: torch.fx.Node, index: int, name: str | None = None) -> int:
     """Positional argument ``index`` of ``node``, an ``int``."""
+    name = arg_name(node, index) if name is None else name
     return as_int(node, arg(node, index, name), name)
 
 
-def arg_list(node: torch.fx.Node, index: int, name: str) -> list[Argument]:
+def arg_list(node: torch.fx.Node, index: int, name: str | None = None) -> list[Argument]:
     """Positional argument ``index`` of ``node``, a list or tuple (``Tensor[]``,
     ``Tensor?[]``, ``int[]``), as a list of its items.
 
     Raises:
         SpecError: the argument is not a list or tuple.
     """
+    name = arg_name(node, index) if name is None else name
     value = arg(node, index, name)
     if not isinstance(value, (list, tuple)):
         raise argument_error(node, name, value, "a list")
     return list(value)
 
 
-def arg_ints(node: torch.fx.Node, index: int, name: str) -> list[int]:
+def arg_ints(node: torch.fx.Node, index: int, name: str | None = None) -> list[int]:
     """Positional argument ``index`` of ``node``, an ``int[]``."""
+    name = arg_name(node, index) if name is None else name
     return [as_int(node, item, name) for item in arg_list(node, index, name)]
 
 
@@ -315,6 +334,12 @@ def output_dims(node: torch.fx.Node, out: Value, index: int = 0) -> Dims:
             "maskalign.register_rule(op, rule, replace=True)."
         )
     return value
+
+
+def used_outputs(node: torch.fx.Node) -> set[int]:
+    """Indices of the outputs of a multi-output node that something reads
+    (through an ``operator.getitem`` that has users)."""
+    return {arg_int(user, 1, "index") for user in node.users if user.target is operator.getitem and user.users}
 
 
 def output_list(node: torch.fx.Node, out: Value) -> list[Dims]:
@@ -387,8 +412,10 @@ class RuleContext:
             raise argument_error(node, name, value, "a tensor")
         return dims
 
-    def arg_dims(self, node: torch.fx.Node, index: int, name: str) -> Dims:
-        """The atom lists of positional argument ``index`` of ``node``, a tensor."""
+    def arg_dims(self, node: torch.fx.Node, index: int, name: str | None = None) -> Dims:
+        """The atom lists of positional argument ``index`` of ``node``, a tensor
+        (``name`` in messages, by default the schema's)."""
+        name = arg_name(node, index) if name is None else name
         return self.tensor_dims(node, arg(node, index, name), name)
 
     def meta(self, arg: Any) -> Any:
