@@ -3,20 +3,31 @@ pooling, embeddings."""
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
-from .registry import Dims, Rule, RuleContext, Value, describe, flatten_value, is_dims, op_name, register_rule
+from .registry import (
+    Dims,
+    Rule,
+    RuleContext,
+    Value,
+    arg_list,
+    describe,
+    flatten_value,
+    is_dims,
+    op_name,
+    output_dims,
+    output_list,
+    register_rule,
+    used_outputs,
+)
 
 
 def _linear(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """aten.linear(x[..., in], W[out, in], b[out]) -> y[..., out]."""
-    x, w, b = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.dims(ctx.arg(node, "bias"))
-    y: Dims = out  # type: ignore[assignment]
+    x, w, b = ctx.arg_dims(node, 0), ctx.arg_dims(node, 1), ctx.dims(ctx.arg(node, "bias"))
+    y = output_dims(node, out)
     where = describe(node)
-    assert x is not None and w is not None
     if len(w) == 1:  # vector weight: y = x @ w
         ctx.unify(x[-1], w[0], f"contraction in {where}")
         for k in range(len(x) - 1):
@@ -40,10 +51,9 @@ def _conv(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     groups permute together with their weights, and one permutation acts
     inside every group (depthwise: the channel permutation passes through).
     """
-    x, w = ctx.dims(node.args[0]), ctx.dims(node.args[1])
+    x, w = ctx.arg_dims(node, 0), ctx.arg_dims(node, 1)
     b = ctx.dims(ctx.arg(node, "bias"))
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None and w is not None
+    y = output_dims(node, out)
     where = describe(node)
     transposed = bool(ctx.arg(node, "transposed", op_name(node).startswith("aten::conv_transpose")))
     groups = int(ctx.arg(node, "groups", 1))
@@ -53,7 +63,7 @@ def _conv(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.freeze_dim(dim, f"spatial axis of {where}", structural=True)
     for k in range(c_axis):
         ctx.unify(x[k], y[k], f"batch axis in {where}")
-    in_channels = int(node.args[0].meta["val"].shape[c_axis])
+    in_channels = ctx.shape(node.args[0])[c_axis]
     out_channels = int(node.meta["val"].shape[c_axis])
     if groups == 1:
         w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
@@ -74,8 +84,7 @@ def _conv(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 
 def _batch_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """batch_norm / instance_norm: per-channel (axis 1) affine and statistics."""
-    x = ctx.dims(node.args[0])
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
     where = describe(node)
     channel = x[1] if len(x) > 1 else x[0]
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -83,28 +92,27 @@ def _batch_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         if stat is not None:
             ctx.unify(stat[0], channel, f"channel of {where}")
     outs = out if isinstance(out, tuple) else (out,)
-    first = outs[0]
+    first = output_dims(node, out)
     for k, dim in enumerate(x):
-        ctx.unify(dim, first[k], f"{where}")  # type: ignore[index]
+        ctx.unify(dim, first[k], f"{where}")
     for extra in outs[1:]:  # saved mean / invstd (training variants)
-        for dim in flatten_value(extra):
-            if len(dim) == 1:
-                ctx.unify(dim[0], channel, f"{where}")
+        for stats in flatten_value(extra):
+            if len(stats) == 1:
+                ctx.unify(stats[0], channel, f"{where}")
             else:
-                ctx.freeze(dim, f"saved statistics of {where}")
+                ctx.freeze(stats, f"saved statistics of {where}")
 
 
 def _layer_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """layer_norm(x, shape, w, b) / rms_norm(x, shape, w): statistics over the
     last len(shape) dims are invariant to permuting them; w, b follow."""
-    x = ctx.dims(node.args[0])
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
     outs = out if isinstance(out, tuple) else (out,)
-    y = outs[0]
+    y = output_dims(node, out)
     where = describe(node)
     for k, dim in enumerate(x):
-        ctx.unify(dim, y[k], f"{where}")  # type: ignore[index]
-    normalized = len(node.args[1])
+        ctx.unify(dim, y[k], f"{where}")
+    normalized = len(arg_list(node, 1))
     for name in ("weight", "bias"):
         param = ctx.dims(ctx.arg(node, name))
         if param is None:
@@ -118,12 +126,11 @@ def _layer_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _group_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """group_norm(x[N, C, *], G, w[C], b[C]): channels factor as [G, C / G];
     whole groups permute, and one permutation acts inside every group."""
-    x = ctx.dims(node.args[0])
+    x = ctx.arg_dims(node, 0)
     outs = out if isinstance(out, tuple) else (out,)
-    y: Dims = outs[0]  # type: ignore[assignment]
-    assert x is not None
+    y = output_dims(node, out)
     where = describe(node)
-    channels = int(node.args[0].meta["val"].shape[1])
+    channels = ctx.shape(node.args[0])[1]
     groups = int(ctx.arg(node, "num_groups", ctx.arg(node, "group", 1)))
     for k, dim in enumerate(x):
         ctx.unify(dim, y[k], f"{where}")
@@ -140,27 +147,25 @@ def _group_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _pool(nspatial: int) -> Rule:
     def rule(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         """Pooling: batch and channel axes pass through, spatial axes freeze."""
-        x = ctx.dims(node.args[0])
-        assert x is not None
+        x = ctx.arg_dims(node, 0)
         where = describe(node)
         outs = out if isinstance(out, tuple) else (out,)
         for value in outs:
             if not is_dims(value):
                 continue
             for k in range(len(x) - nspatial):
-                ctx.unify(x[k], value[k], f"{where}")  # type: ignore[index]
+                ctx.unify(x[k], value[k], f"{where}")
             for k in range(len(x) - nspatial, len(x)):
                 ctx.freeze_dim(x[k], f"spatial axis of {where}", structural=True)
-                ctx.freeze_dim(value[k], f"spatial axis of {where}", structural=True)  # type: ignore[index]
+                ctx.freeze_dim(value[k], f"spatial axis of {where}", structural=True)
 
     return rule
 
 
 def _embedding(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """embedding(W[vocab, d], idx) -> y[..., d]: the vocabulary axis is fixed."""
-    w, idx = ctx.dims(node.args[0]), ctx.dims(node.args[1])
-    y: Dims = out  # type: ignore[assignment]
-    assert w is not None and idx is not None
+    w, idx = ctx.arg_dims(node, 0), ctx.arg_dims(node, 1)
+    y = output_dims(node, out)
     where = describe(node)
     ctx.freeze_dim(w[0], f"vocabulary axis of {where}", structural=True)
     ctx.unify(w[1], y[-1], f"{where}")
@@ -171,9 +176,8 @@ def _embedding(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _embedding_bag(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """embedding_bag(W[vocab, d], idx, offsets, ..., per_sample_weights) -> (y[bags, d], ...):
     sums / means / maxes of rows act per feature, so d passes through; the vocabulary is fixed."""
-    w = ctx.dims(node.args[0])
-    y = out[0]  # type: ignore[index]
-    assert w is not None
+    w = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     ctx.freeze_dim(w[0], f"vocabulary axis of {describe(node)}", structural=True)
     ctx.unify(w[1], y[-1], f"{describe(node)}")
 
@@ -181,17 +185,15 @@ def _embedding_bag(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _native_dropout(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """native_dropout(x) -> (y, mask): elementwise, y and the mask follow x
     (a random mask is drawn per position, so train-mode outputs agree in distribution)."""
-    x = ctx.dims(node.args[0])
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
     for value in flatten_value(out):
         ctx.unify_dims(x, value, f"{describe(node)}")
 
 
 def _prelu(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """prelu(x, w): one slope per channel, channels on dim 1 (dim 0 for 1-d x)."""
-    x, w = ctx.dims(node.args[0]), ctx.dims(node.args[1])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x, w = ctx.arg_dims(node, 0), ctx.dims(node.args[1])
+    y = output_dims(node, out)
     for k, dim in enumerate(x):
         ctx.unify(dim, y[k], f"{describe(node)}")
     if w is not None and w and w[0]:
@@ -203,8 +205,7 @@ def _weight_norm(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     ``v * g / ||v||`` with the norm over every axis but ``dim``, which is invariant
     to permuting those axes and moves with ``dim``; w follows v, g and the norms
     follow v along the axes they keep."""
-    v = ctx.dims(node.args[0])
-    assert v is not None
+    v = ctx.arg_dims(node, 0)
     shape = ctx.shape(node.args[0])
     dim = int(ctx.arg(node, "dim", 0))
     where = describe(node)
@@ -239,11 +240,6 @@ def _constant_fill(arg: object) -> bool:
     return isinstance(arg, torch.fx.Node) and arg.op == "call_function" and op_name(arg) in _CONSTANT_FILLS
 
 
-def _used_outputs(node: torch.fx.Node) -> set[int]:
-    """Indices of the outputs of a multi-output node that something reads."""
-    return {int(u.args[1]) for u in node.users if u.target is operator.getitem and u.users}
-
-
 class _Cell:
     """The atoms of one recurrent cell (one layer and direction): the gate
     blocks (structural: the row blocks i, f, g, o of an LSTM, never mixed), the
@@ -256,17 +252,15 @@ class _Cell:
         self.hidden = ctx.new(hidden)
         self.state = ctx.new(state) if state != hidden else self.hidden
 
-    def bind(self, ctx: RuleContext, weights: list[Dims | None], inputs: list[int], where: str) -> None:
+    def bind(self, ctx: RuleContext, weights: list[Dims], inputs: list[int], where: str) -> None:
         """Unify w_ih, w_hh (b_ih, b_hh) (w_hr) with the cell's atoms and w_ih's columns with ``inputs``."""
         w_ih, w_hh, *rest = weights
         rows = self.gate + self.hidden
-        assert w_ih is not None and w_hh is not None
         ctx.unify(w_ih[0], rows, f"input weight rows of {where}")
         ctx.unify(w_ih[1], inputs, f"input weight columns of {where}")
         ctx.unify(w_hh[0], rows, f"recurrent weight rows of {where}")
         ctx.unify(w_hh[1], self.state, f"recurrent weight columns of {where}")
         for extra in rest:
-            assert extra is not None
             if len(extra) == 1:  # b_ih, b_hh
                 ctx.unify(extra[0], rows, f"gate bias of {where}")
             else:  # w_hr: the LSTM's output projection
@@ -282,16 +276,16 @@ def _recurrent(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     elementwise on those units and every matrix meets them on both sides."""
     where = describe(node)
     gates = _GATES[op_name(node).removeprefix("aten::")]
-    x = ctx.dims(node.args[0])
-    outs: tuple[Dims, ...] = out  # type: ignore[assignment]
-    y = outs[0]
-    assert x is not None
-    params = [ctx.dims(p) for p in ctx.arg(node, "params")]
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
+    params = [ctx.tensor_dims(node, p, "params") for p in ctx.arg(node, "params")]
     layers, bidirectional = int(ctx.arg(node, "num_layers")), bool(ctx.arg(node, "bidirectional"))
     directions = 2 if bidirectional else 1
     per = len(params) // (layers * directions)
     shapes = [ctx.shape(p) for p in ctx.arg(node, "params")]
-    packed = "batch_sizes" in [a.name for a in node.target._schema.arguments]  # type: ignore[union-attr]
+    packed = isinstance(node.target, torch._ops.OpOverload) and any(
+        a.name == "batch_sizes" for a in node.target._schema.arguments
+    )
     time = 0 if packed or len(x) == 2 or not bool(ctx.arg(node, "batch_first")) else 1
     batch = None if packed or len(x) == 2 else 1 - time
     for dims in (x, y):
@@ -313,12 +307,11 @@ def _recurrent(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     ctx.unify(features, y[-1], f"output features of {where}")
     hx = ctx.arg(node, "hx")
     states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-    used = _used_outputs(node)
+    used = used_outputs(node)
     for k, state in enumerate(states):  # (h0, h_n), (c0, c_n): one tensor for every layer and direction
-        pairs = [ctx.dims(state)] if not _constant_fill(state) else []
-        pairs += [outs[k + 1]] if k + 1 in used else []
+        pairs = [ctx.tensor_dims(node, state, "hx")] if not _constant_fill(state) else []
+        pairs += [output_dims(node, out, k + 1)] if k + 1 in used else []
         for dims in pairs:
-            assert dims is not None
             ctx.freeze_dim(dims[0], f"stacked layers of the state of {where}", structural=True)
             if batch is not None and len(dims) == 3:
                 ctx.unify(dims[1], x[batch], f"batch axis of the state of {where}")
@@ -331,17 +324,15 @@ def _recurrent_cell(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     hidden units permuted alike in gate rows, recurrent columns, biases, state and output."""
     where = describe(node)
     gates = _GATES[op_name(node).removeprefix("aten::").removesuffix("_cell")]
-    x = ctx.dims(node.args[0])
-    assert x is not None
-    weights = [ctx.dims(ctx.arg(node, name)) for name in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    x = ctx.arg_dims(node, 0)
+    weights = [ctx.tensor_dims(node, ctx.arg(node, name), name) for name in ("w_ih", "w_hh")]
+    biases = [ctx.dims(ctx.arg(node, name)) for name in ("b_ih", "b_hh")]
     shape = ctx.shape(ctx.arg(node, "w_ih"))
     cell = _Cell(ctx, gates, shape[0] // gates, shape[0] // gates, where)
-    cell.bind(ctx, [w for w in weights if w is not None], x[-1], where)
+    cell.bind(ctx, weights + [b for b in biases if b is not None], x[-1], where)
     hx = ctx.arg(node, "hx")
     states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-    outs = out if isinstance(out, tuple) else (out,)
-    for dims in [ctx.dims(s) for s in states if not _constant_fill(s)] + list(outs):  # type: ignore[operator]
-        assert dims is not None
+    for dims in [ctx.tensor_dims(node, s, "hx") for s in states if not _constant_fill(s)] + output_list(node, out):
         ctx.unify(dims[-1], cell.hidden, f"state of {where}")
         if len(dims) == 2 and len(x) == 2:
             ctx.unify(dims[0], x[0], f"batch axis of {where}")
