@@ -336,3 +336,25 @@ def test_docstring_examples_run() -> None:
         assert result.failed == 0, info.name
         attempted += result.attempted
     assert attempted >= 1
+
+
+# The main entry points carry a runnable ``Example:`` (executed by
+# test_docstring_examples_run, shown in the API reference).
+_ENTRY_POINTS = ("build_spec", "permute_mask", "enforce_masks")
+
+
+@pytest.mark.parametrize("name", _ENTRY_POINTS)
+def test_entry_points_have_a_runnable_example(name: str) -> None:
+    import doctest
+
+    import maskalign as ma
+
+    function = getattr(ma, name)
+    assert "\n    Example:\n" in (function.__doc__ or ""), name
+    tests = doctest.DocTestFinder().find(function, name, globs={})
+    examples = [e for t in tests for e in t.examples]
+    assert len(examples) >= 3, name
+    runner = doctest.DocTestRunner()
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries == len(examples), name

@@ -481,6 +481,10 @@ def permute_mask(
         spec: optionally the spec of the model the masks belong to: its
             wiring is compared with ``perm.spec``'s.
 
+    Returns:
+        A new dict, name -> permuted ``torch.bool`` mask (same shapes as
+        ``masks``); ``masks`` is not modified.
+
     Raises:
         ArgumentTypeError: ``masks`` is not a mapping (a Permutation:
             swapped arguments; a model; a list of pairs; ``None``), or
@@ -490,6 +494,22 @@ def permute_mask(
             a value that is not a dense tensor, a shape mismatch, or a
             non-bool mask.
         SpecMismatchError: ``spec`` is wired differently from ``perm.spec``.
+
+    Example:
+        >>> import torch, maskalign as ma
+        >>> from maskalign.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MLP(in_features=64, hidden=(32, 32), num_classes=10)
+        >>> spec = ma.build_spec(model, torch.randn(2, 64))
+        >>> pi = ma.random_permutation(spec, torch.Generator().manual_seed(1))
+        >>> mask = ma.global_magnitude_prune(model, sparsity=0.5)
+        >>> mask_b = ma.permute_mask(mask, pi)
+        >>> all(int(mask_b[n].sum()) == int(mask[n].sum()) for n in mask)  # per-layer density kept
+        True
+        >>> w, m = model.layers[0].weight.detach(), mask["layers.0.weight"]
+        >>> permute = lambda t: pi.permute_tensor("layers.0.weight", t)
+        >>> torch.equal(permute(w * m), permute(w) * permute(m))
+        True
     """
     if isinstance(masks, Permutation):
         raise ArgumentTypeError("Argument 'masks' is a Permutation; call permute_mask(masks, perm).")

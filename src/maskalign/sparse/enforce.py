@@ -663,6 +663,28 @@ def enforce_masks(
     Raises:
         MaskError: see :func:`~maskalign.validate_masks`; also if
             ``optimizer`` is not an optimiser (see :meth:`MaskHandle.attach`).
+
+    Source: sparse training from a rewind point with a fixed mask, as in the
+    lottery ticket hypothesis (Frankle & Carbin, ICLR 2019; Frankle et al.,
+    ICML 2020) and the permuted masks of Adnan et al. (ICML 2025, Sec. 3).
+
+    Example:
+        >>> import torch, maskalign as ma
+        >>> from maskalign.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MLP(in_features=64, hidden=(32, 32), num_classes=10)
+        >>> mask = ma.global_magnitude_prune(model, sparsity=0.5)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        >>> with ma.enforce_masks(model, mask, opt):
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         loss = model(torch.randn(8, 64)).logsumexp(1).mean()
+        ...         loss.backward()
+        ...         opt.step()
+        >>> all(bool((model.get_parameter(n)[~m] == 0).all()) for n, m in mask.items())
+        True
+        >>> round(ma.sparsity(mask).global_, 2)
+        0.5
     """
     validate_masks(model, masks)
     if optimizer is not None:

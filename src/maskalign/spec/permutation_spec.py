@@ -260,6 +260,20 @@ def build_spec(
         ArgumentTypeError: an argument has the wrong type (a state_dict for
             ``model``, a string for ``permutable_buffers``).
         SpecError: ``permutable_buffers`` names no non-persistent buffer.
+
+    Source: the permutation spec of Git Re-Basin (Ainsworth et al., ICLR
+    2023, Sec. 3 and App. A), derived here from the graph instead of written
+    by hand: axes joined by union-find wherever an op makes them share units.
+
+    Example:
+        >>> import torch, maskalign as ma
+        >>> from maskalign.models import MLP
+        >>> model = MLP(in_features=64, hidden=(32, 16), num_classes=10)
+        >>> spec = ma.build_spec(model, torch.randn(2, 64))
+        >>> {name: group.size for name, group in spec.groups.items()}
+        {'layers.0.weight:0': 32, 'layers.1.weight:0': 16}
+        >>> spec.groups["layers.0.weight:0"].members
+        (('layers.0.weight', 0), ('layers.0.bias', 0), ('layers.1.weight', 1))
     """
     _check_build_arguments(model, kwargs, permutable_buffers)
     if isinstance(model, nn.Module):
