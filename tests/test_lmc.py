@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,7 @@ from torch import Tensor, nn
 
 import maskalign as ma
 from maskalign.errors import DataError, SpecMismatchError
-from maskalign.evaluation.lmc import LMCResult, evaluate
+from maskalign.evaluation.lmc import LMCResult
 from maskalign.models import MLP
 
 
@@ -32,6 +35,46 @@ def labelled_batches(count: int = 2, size: int = 32, seed: int = 200) -> list[tu
 @torch.no_grad()
 def outputs(model: nn.Module, x: Tensor) -> Tensor:
     return model(x)
+
+
+# ------------------------------------ references written here, not by the library
+def mixed_state(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """A copy of ``model_a`` loaded with ``(1 - alpha) a + alpha b`` for every
+    floating-point state_dict entry (integer buffers from ``model_a``)."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    out = copy.deepcopy(model_a)
+    out.load_state_dict({k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v for k, v in sa.items()})
+    return out
+
+
+@torch.no_grad()
+def loss_and_error(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    """Mean cross-entropy per sample (log-sum-exp minus the target's logit)
+    and error rate of a copy of ``model`` in eval mode over ``data``."""
+    model = copy.deepcopy(model).eval()
+    loss, wrong, count = 0.0, 0, 0
+    for x, y in data:
+        logits = model(x)
+        loss += float((logits.logsumexp(-1) - logits[torch.arange(len(y)), y]).sum())
+        wrong += int((logits.argmax(-1) != y).sum())
+        count += len(y)
+    return loss / count, wrong / count
+
+
+@torch.no_grad()
+def with_bn_averaged(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are the plain
+    average over ``data`` (PyTorch's cumulative average, ``momentum=None``,
+    in train mode), then put in eval mode."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    for x, _ in data:
+        model(x)
+    return model.eval()
 
 
 # --------------------------------------------------------------- interpolate
@@ -116,10 +159,11 @@ def test_lmc_barrier_of_model_with_itself_is_zero() -> None:
     data = labelled_batches()
     snap = snapshot(model)
     result = ma.lmc_barrier(model, model, data, num_points=5)
-    assert result.alphas[0] == 0.0 and result.alphas[-1] == 1.0 and len(result.alphas) == 5
-    loss, acc = evaluate(model, data)
+    assert result.alphas == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    loss, error = loss_and_error(model, data)
+    assert 0.0 < error < 1.0  # not a degenerate model
     assert result.losses == pytest.approx([loss] * 5, rel=1e-12)
-    assert result.errors == pytest.approx([1 - acc] * 5)
+    assert result.errors == pytest.approx([error] * 5)
     assert abs(result.barrier) < 1e-10
     assert abs(result.barrier_mean) < 1e-10
     assert abs(result.error_barrier) < 1e-12
@@ -135,11 +179,16 @@ def test_lmc_barrier_of_aligned_copy_is_zero_and_endpoints_match_evaluate() -> N
     pi = ma.match_weights(permuted, model, spec)
     aligned = ma.apply_permutation(permuted, pi)
     assert abs(ma.lmc_barrier(aligned, model, data, num_points=3).barrier) < 1e-10
-    # the endpoints of the unaligned path match the two models' own losses
+    # the unaligned path: its endpoints are the two models' own losses, its
+    # midpoint the loss of the state_dicts averaged here
     result = ma.lmc_barrier(permuted, model, data, num_points=3)
-    assert result.losses[0] == pytest.approx(evaluate(permuted, data)[0], rel=1e-12)
-    assert result.losses[-1] == pytest.approx(evaluate(model, data)[0], rel=1e-12)
-    assert result.losses[1] == pytest.approx(evaluate(ma.interpolate(permuted, model, 0.5), data)[0], rel=1e-12)
+    expected = [loss_and_error(m, data) for m in (permuted, mixed_state(permuted, model, 0.5), model)]
+    assert result.losses == pytest.approx([loss for loss, _ in expected], rel=1e-10)
+    assert result.errors == pytest.approx([error for _, error in expected], abs=1e-12)
+    # the midpoint of two relabelled copies is another function: the check
+    # tells the midpoint from the endpoints (which compute one function)
+    assert expected[0][0] == pytest.approx(expected[2][0], rel=1e-12)
+    assert abs(expected[1][0] - expected[0][0]) > 1e-3
 
 
 def test_lmc_barrier_argument_errors() -> None:
@@ -162,7 +211,9 @@ def test_lmc_barrier_custom_loss_fn() -> None:
         return (out.argmax(-1) != y).double().sum()
 
     result = ma.lmc_barrier(model_a, model_b, data, zero_one_sum, num_points=4)
-    assert result.losses == pytest.approx(result.errors, abs=1e-12)
+    expected = [loss_and_error(mixed_state(model_a, model_b, a), data)[1] for a in (0.0, 1 / 3, 2 / 3, 1.0)]
+    assert result.losses == pytest.approx(expected, abs=1e-12)
+    assert result.errors == pytest.approx(expected, abs=1e-12)
 
 
 # --------------------------------------------------------------- BatchNorm
@@ -235,17 +286,20 @@ def test_lmc_barrier_with_bn_data_resets_each_alpha_and_keeps_inputs() -> None:
     result = ma.lmc_barrier(model_a, model_b, data, num_points=3, bn_data=bn_data)
     assert_unchanged(model_a, snap_a)
     assert_unchanged(model_b, snap_b)
-    # endpoint 0: model_a with BN statistics re-estimated on bn_data
-    reset_a = ma.interpolate(model_a, model_a, 0.0)
-    ma.reset_bn_stats(reset_a, bn_data)
-    assert all(m.momentum == 0.05 for m in reset_a.modules() if isinstance(m, nn.BatchNorm2d))
-    assert not state_dicts_equal(reset_a.state_dict(), model_a.state_dict())
-    assert result.losses[0] == pytest.approx(evaluate(reset_a, data)[0], rel=1e-10)
+    # every point: the state_dicts averaged here, BN statistics re-estimated
+    # on bn_data (the endpoints included)
+    expected = [
+        loss_and_error(with_bn_averaged(mixed_state(model_a, model_b, a), bn_data), data)[0] for a in (0.0, 0.5, 1.0)
+    ]
+    assert result.losses == pytest.approx(expected, rel=1e-9)
+    # the re-estimation matters: without it the endpoints' losses differ
+    assert abs(loss_and_error(model_a, data)[0] - expected[0]) > 1e-3
+    assert abs(loss_and_error(model_b, data)[0] - expected[2]) > 1e-3
 
     # a model with itself, BN reset at every alpha: zero barrier
     same = ma.lmc_barrier(model_a, model_a, data, num_points=3, bn_data=bn_data)
     assert abs(same.barrier) < 1e-9
-    assert same.losses[0] == pytest.approx(result.losses[0], rel=1e-12)
+    assert same.losses == pytest.approx([expected[0]] * 3, rel=1e-9)
 
 
 def test_reset_bn_stats_rejects_empty_data() -> None:
@@ -267,27 +321,105 @@ def test_interpolate_uses_effective_weights_of_sparse_models() -> None:
         ma.interpolate(a, b, 0.5, {"nope": torch.ones(1, dtype=torch.bool)})
 
 
-def test_repair_matches_interpolated_channel_statistics() -> None:
-    from maskalign.evaluation.lmc import _channel_stats
+@torch.no_grad()
+def mlp_hidden_stats(model: nn.Sequential, data: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Per-unit mean and (population) std over every sample of ``data`` of the
+    outputs of ``model[0]`` and ``model[2]`` (the hidden linear layers of the
+    Sequential MLP below), computed by running the layers by hand."""
+    x = torch.cat([x for x, _ in data])
+    h0 = F.linear(x, model[0].weight, model[0].bias)
+    h2 = F.linear(torch.relu(h0), model[2].weight, model[2].bias)
+    return [(h.mean(0), h.std(0, correction=0)) for h in (h0, h2)]
 
+
+def test_repair_matches_interpolated_channel_statistics() -> None:
     torch.manual_seed(11)
 
-    def mlp() -> nn.Module:
+    def mlp() -> nn.Sequential:
         return nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 3)).double()
 
     a, b = mlp(), mlp()
-    data = [(torch.randn(64, 6, dtype=torch.float64), torch.zeros(64, dtype=torch.long)) for _ in range(3)]
-    mid = ma.interpolate(a, b, 0.3)
-    before = {k: v.clone() for k, v in a.state_dict().items()}
-    ma.repair(mid, a, b, 0.3, data)
-    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())  # endpoints untouched
-    names = ["0", "2"]
-    got = _channel_stats(mid, names, data)
-    sa, sb = _channel_stats(a, names, data), _channel_stats(b, names, data)
-    for name in names:
-        assert torch.allclose(got[name][0], 0.7 * sa[name][0] + 0.3 * sb[name][0], atol=1e-9)
-        assert torch.allclose(got[name][1], 0.7 * sa[name][1] + 0.3 * sb[name][1], atol=1e-9)
+    data = [(torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))) for _ in range(3)]
+    mid = mixed_state(a, b, 0.3)
+    plain = copy.deepcopy(mid)
+    snap_a, snap_b = snapshot(a), snapshot(b)
+    assert ma.repair(mid, a, b, 0.3, data) is mid
+    assert_unchanged(a, snap_a)
+    assert_unchanged(b, snap_b)
+    got, sa, sb = mlp_hidden_stats(mid, data), mlp_hidden_stats(a, data), mlp_hidden_stats(b, data)
+    before = mlp_hidden_stats(plain, data)
+    for layer in range(2):
+        for stat in range(2):  # 0: mean, 1: std
+            target = 0.7 * sa[layer][stat] + 0.3 * sb[layer][stat]
+            torch.testing.assert_close(got[layer][stat], target, rtol=1e-9, atol=1e-9)
+            if (layer, stat) != (0, 0):  # the first layer's mean is linear in the weights: already right
+                assert not torch.allclose(before[layer][stat], target, atol=1e-3)  # REPAIR had work to do
     # the output layer is left alone
-    assert torch.equal(mid[4].weight, ma.interpolate(a, b, 0.3)[4].weight)
+    assert torch.equal(mid[4].weight, plain[4].weight) and torch.equal(mid[4].bias, plain[4].bias)
+    # lmc_barrier(repair_data=...) evaluates the repaired models: at alpha 0.5,
+    # the interpolation REPAIRed here
     result = ma.lmc_barrier(a, b, data, num_points=3, repair_data=data)
-    assert len(result.losses) == 3
+    repaired = ma.repair(mixed_state(a, b, 0.5), a, b, 0.5, data)
+    assert result.losses[1] == pytest.approx(loss_and_error(repaired, data)[0], rel=1e-10)
+    assert result.losses[1] != pytest.approx(loss_and_error(mixed_state(a, b, 0.5), data)[0], rel=1e-6)
+
+
+class SmallConvNet(nn.Module):
+    """Two hidden convs without BatchNorm (the second without a bias), a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 5, 3)
+        self.conv2 = nn.Conv2d(5, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+@torch.no_grad()
+def conv_hidden_stats(model: SmallConvNet, data: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Per-channel mean and (population) std over batch and positions of the
+    outputs of conv1 and conv2, from ``F.conv2d`` run by hand."""
+    x = torch.cat([x for x, _ in data])
+    h1 = F.conv2d(x, model.conv1.weight, model.conv1.bias)
+    h2 = F.conv2d(torch.relu(h1), model.conv2.weight, model.conv2.bias, padding=1)
+    return [(h.mean((0, 2, 3)), h.std((0, 2, 3), correction=0)) for h in (h1, h2)]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2])
+def test_repair_on_conv_layers_matches_interpolated_channel_statistics(alpha: float) -> None:
+    def net(seed: int, gain: float) -> SmallConvNet:
+        torch.manual_seed(seed)
+        model = SmallConvNet().double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * gain)
+        return model
+
+    a, b = net(20, 0.4), net(21, 1.1)  # endpoints of different scales: REPAIR moves means and stds
+    g = torch.Generator().manual_seed(22)
+    images = [torch.randn(n, 2, 7, 6, dtype=torch.float64, generator=g) for n in (8, 5)]  # batches of two sizes
+    data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in images]
+    mid = mixed_state(a, b, alpha)
+    plain = copy.deepcopy(mid)
+    snap_a, snap_b = snapshot(a), snapshot(b)
+    ma.repair(mid, a, b, alpha, data)
+    assert_unchanged(a, snap_a)
+    assert_unchanged(b, snap_b)
+    got, sa, sb, before = (conv_hidden_stats(m, data) for m in (mid, a, b, plain))
+    for layer in range(2):
+        for stat in range(2):  # 0: mean, 1: std
+            target = (1 - alpha) * sa[layer][stat] + alpha * sb[layer][stat]
+            torch.testing.assert_close(got[layer][stat], target, rtol=1e-9, atol=1e-9)
+            if (layer, stat) != (0, 0):  # the first layer's mean is linear in the weights: already right
+                assert not torch.allclose(before[layer][stat], target, atol=1e-2)  # REPAIR had work to do
+    # conv2 had no bias: REPAIR gave it one (the mean shift needs it)
+    assert isinstance(mid.conv2.bias, nn.Parameter) and mid.conv2.bias.shape == (4,)
+    # REPAIR rescales each output channel and shifts it: conv1's weights are
+    # the plain interpolation's, each output channel times one positive factor
+    ratio = mid.conv1.weight / plain.conv1.weight
+    assert bool((ratio > 0).all())
+    torch.testing.assert_close(ratio, ratio.flatten(1)[:, :1, None, None].expand_as(ratio), rtol=1e-9, atol=0)
+    # the output layer is left alone
+    assert torch.equal(mid.fc.weight, plain.fc.weight) and torch.equal(mid.fc.bias, plain.fc.bias)
