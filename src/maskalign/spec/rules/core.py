@@ -10,8 +10,24 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.node import Argument
 
-from .registry import Dims, RuleContext, Value, describe, flatten_value, is_dims, op_name, register_rule
+from .registry import (
+    Dims,
+    RuleContext,
+    Value,
+    arg_int,
+    arg_ints,
+    arg_list,
+    as_node,
+    describe,
+    flatten_value,
+    is_dims,
+    op_name,
+    output_dims,
+    output_list,
+    register_rule,
+)
 
 
 # ------------------------------------------------------------------ helpers
@@ -45,7 +61,7 @@ def _size(node: Any, k: int) -> int:
     return int(node.meta["val"].shape[k])
 
 
-def _broadcast(ctx: RuleContext, node: torch.fx.Node, arg: Any, out: Dims) -> None:
+def _broadcast(ctx: RuleContext, node: torch.fx.Node, arg: Argument, out: Dims) -> None:
     """Unify one operand with the output of a broadcasting op: dims of equal size, right-aligned."""
     dims = ctx.dims(arg)
     if dims is None:
@@ -63,8 +79,7 @@ def _broadcast(ctx: RuleContext, node: torch.fx.Node, arg: Any, out: Dims) -> No
 def _positional(ctx: RuleContext, node: torch.fx.Node, out: Value, axes: Collection[int], what: str) -> None:
     """The axes ``axes`` of ``x`` (and of every output, of x's rank) freeze;
     every other axis passes from ``x`` to each output at its place."""
-    x = ctx.dims(node.args[0])
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
     reason = f"{describe(node)} along this axis: {what} does not commute with permuting it"
     for k in axes:
         ctx.freeze_dim(x[k], reason)
@@ -84,14 +99,14 @@ def _pointwise(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.freeze(out, f"non-tensor output of {describe(node)}")
         return
     for arg in list(node.args) + list(node.kwargs.values()):
-        _broadcast(ctx, node, arg, out)  # type: ignore[arg-type]
+        _broadcast(ctx, node, arg, out)
 
 
 def _first_operand(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """type_as / to / _to_copy / expand_as: the values come from ``x`` alone
     (broadcast to the output), so only ``x`` unifies with the output; a second
     tensor only donates its dtype, device or shape, never its values."""
-    _broadcast(ctx, node, node.args[0], out)  # type: ignore[arg-type]
+    _broadcast(ctx, node, node.args[0], output_dims(node, out))
 
 
 # ------------------------------------------------------------------- views
@@ -102,7 +117,7 @@ def _reshape(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     if src is None or not is_dims(out):
         return
     flat_in = [a for dim in src for a in dim]
-    flat_out = [a for dim in out for a in dim]  # type: ignore[union-attr]
+    flat_out = [a for dim in out for a in dim]
     ctx.unify(flat_in, flat_out, f"reshape without a common factorisation in {describe(node)}")
 
 
@@ -136,7 +151,7 @@ def _permute_dims(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     if src is None or not is_dims(out):
         return
     for k, d in enumerate(_transpose_order(node, len(src))):
-        ctx.unify(src[d], out[k], f"transpose in {describe(node)}")  # type: ignore[index]
+        ctx.unify(src[d], out[k], f"transpose in {describe(node)}")
 
 
 # -------------------------------------------------------------- reductions
@@ -160,7 +175,7 @@ def _reduction(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
             continue
         pairs = [(d, d) for d in kept] if keepdim else list(zip(kept, range(len(kept))))
         for s, o in pairs:
-            ctx.unify(src[s], value[o], f"reduction in {describe(node)}")  # type: ignore[index]
+            ctx.unify(src[s], value[o], f"reduction in {describe(node)}")
     if len(outs) > 1 or _base(node) in ("argmax", "argmin"):
         for d in reduced:
             ctx.freeze_dim(src[d], f"positions (indices) along the reduced axis of {describe(node)}")
@@ -170,8 +185,7 @@ def _along_dim(what: str, dim: str = "dim") -> Any:
     def rule(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         """cumsum / cummax / sort / topk / flip / roll: the op moves or mixes
         values along its axes by position, so they freeze; the others pass."""
-        x = ctx.dims(node.args[0])
-        assert x is not None
+        x = ctx.arg_dims(node, 0)
         axes = _axes(_param(node, dim), len(x))
         if _base(node) == "msort":
             axes = [0]
@@ -185,17 +199,15 @@ def _along_dim(what: str, dim: str = "dim") -> Any:
 def _triangle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """tril / triu: the mask depends on the positions of the last two axes
     (a causal mask), so they freeze; leading axes pass."""
-    x = ctx.dims(node.args[0])
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
     _positional(ctx, node, out, range(max(len(x) - 2, 0), len(x)), "a triangular mask")
 
 
 def _diagonal(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """diagonal(x, 0, d1, d2): ``P x P^T`` has diagonal ``P diag(x)``, so with
     offset 0 d1, d2 and the new last axis unify; any other offset freezes them."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     ndim = len(x)
     d1, d2 = _axes(_param(node, "dim1"), ndim)[0], _axes(_param(node, "dim2"), ndim)[0]
     where = describe(node)
@@ -213,7 +225,7 @@ def _getitem(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """getitem of a multi-output op: the item is the op's output, unchanged."""
     source = ctx.value(node.args[0])
     if isinstance(source, tuple):
-        item = source[node.args[1]]
+        item = source[arg_int(node, 1, "index")]
         for a, b in zip(flatten_value(item), flatten_value(out)):
             for da, db in zip(a, b):
                 ctx.unify(da, db, f"{describe(node)}")
@@ -224,13 +236,14 @@ def _getitem(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _cat(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """cat: each input keeps its own permutation inside its slice of the
     concatenated axis (block structure); the other axes unify."""
-    parts = [ctx.dims(x) for x in node.args[0]]
-    y: Dims = out  # type: ignore[assignment]
+    tensors = arg_list(node, 0)
+    parts = [ctx.dims(x) for x in tensors]
+    y = output_dims(node, out)
     ndim = len(y)
     axis = int(ctx.arg(node, "dim", 0)) % ndim
     where = describe(node)
     segments = []
-    for x, dims in zip(node.args[0], parts):
+    for x, dims in zip(tensors, parts):
         if dims is None or len(dims) != ndim:  # legacy empty tensors
             ctx.freeze(dims, f"empty operand of {where}")
             continue
@@ -245,9 +258,8 @@ def _cat(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 
 def _split(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """split / split_with_sizes / chunk / unbind: the reverse of cat."""
-    x = ctx.dims(node.args[0])
-    assert x is not None
-    pieces = [p for p in (out if isinstance(out, tuple) else (out,))]
+    x = ctx.arg_dims(node, 0)
+    pieces = output_list(node, out)
     metas = node.meta["val"]
     ndim = len(x)
     axis = int(ctx.arg(node, "dim", 0)) % ndim
@@ -258,10 +270,10 @@ def _split(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         for k in range(ndim):
             if k == axis:
                 continue
-            ctx.unify(x[k], piece[k - 1 if unbind and k > axis else k], f"{where}")  # type: ignore[index]
+            ctx.unify(x[k], piece[k - 1 if unbind and k > axis else k], f"{where}")
         segment = ctx.atoms.new(1 if unbind else int(meta.shape[axis]))
         if not unbind:
-            ctx.unify([segment], piece[axis], f"{where}")  # type: ignore[index]
+            ctx.unify([segment], piece[axis], f"{where}")
         segments.append(segment)
     ctx.unify([ctx.atoms.concat(segments)], x[axis], f"split axis of {where}")
 
@@ -269,16 +281,15 @@ def _split(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """slice / narrow / select / pad: the sliced (padded) axes freeze unless
     the op keeps them whole; every other axis passes through."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     name = _base(node)
     where = describe(node)
-    in_shape = node.args[0].meta["val"].shape
+    in_shape = ctx.shape(node.args[0])
     out_shape = node.meta["val"].shape
     ndim = len(x)
     if name in ("pad", "constant_pad_nd"):
-        pads = list(node.args[1])
+        pads = arg_list(node, 1)
         touched = {ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
         removed: int | None = None
     else:
@@ -288,9 +299,10 @@ def _slice(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     split: int | None = None
     if name == "slice" and touched:
         pieces = _partition(node, axis, int(in_shape[axis]))
-        if pieces is not None:  # the slices of the source tile the axis: a split written as x[..., a:b]
+        interval = _interval(node, int(in_shape[axis]))  # one of the pieces when they tile the axis
+        if pieces is not None and interval is not None:  # the slices of the source tile the axis: x[..., a:b]
             segments = [ctx.atoms.new(end - start) for start, end in pieces]
-            mine = segments[pieces.index(_interval(node, int(in_shape[axis])))]  # type: ignore[arg-type]
+            mine = segments[pieces.index(interval)]
             ctx.unify([ctx.atoms.concat(segments)], x[axis], f"sliced axis of {where}")
             ctx.unify([mine], y[axis], f"sliced axis of {where}")
             split, touched = axis, set()
@@ -364,9 +376,8 @@ def _slice_scatter(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """slice_scatter / select_scatter(x, src, dim, ...) (functionalized
     ``x[..., a:b] = src``): x and the output unify; the written axis freezes
     unless the slice keeps it whole; src's other axes unify with x's."""
-    x, src = ctx.dims(node.args[0]), ctx.dims(node.args[1])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None and src is not None
+    x, src = ctx.arg_dims(node, 0), ctx.arg_dims(node, 1)
+    y = output_dims(node, out)
     where = describe(node)
     ctx.unify_dims(x, y, where)
     axis = _axes(_param(node, "dim"), len(x))[0]
@@ -382,10 +393,10 @@ def _slice_scatter(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 
 def _stack(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """stack: the new axis indexes the inputs (never permuted); other axes unify."""
-    y: Dims = out  # type: ignore[assignment]
+    y = output_dims(node, out)
     axis = int(ctx.arg(node, "dim", 0)) % len(y)
     ctx.freeze_dim(y[axis], f"stacked axis of {describe(node)}", structural=True)
-    for x in node.args[0]:
+    for x in arg_list(node, 0):
         dims = ctx.dims(x)
         if dims is None:
             continue
@@ -397,10 +408,9 @@ def _stack(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _repeat(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """repeat (tile): an output dim repeated r times is ``Product(r, input dim)``
     in row-major order, exactly; new leading dims are fresh."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
-    repeats = [int(r) for r in node.args[1]]
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
+    repeats = arg_ints(node, 1)
     offset = len(y) - len(x)
     for k, dim in enumerate(x):
         r = repeats[offset + k]
@@ -415,14 +425,14 @@ def _repeat_interleave(ctx: RuleContext, node: torch.fx.Node, out: Value) -> Non
     all equal, are a free factor); without dim, of the flattened input. Tensor
     repeats (one count per element, or the bare index form) freeze."""
     x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
     where = describe(node)
     repeats = node.args[1] if len(node.args) > 1 else None
     if x is None or not isinstance(repeats, int):
         ctx.freeze(x, f"tensor repeats of {where}")
         ctx.freeze(ctx.dims(repeats), f"tensor repeats of {where}")
-        ctx.freeze(y, f"tensor repeats of {where}")
+        ctx.freeze(out, f"tensor repeats of {where}")
         return
+    y = output_dims(node, out)
     dim = _param(node, "dim")
     if dim is None:
         ctx.unify(y[0], [a for d in x for a in d] + ctx.new(repeats), f"{where}")
@@ -433,7 +443,7 @@ def _repeat_interleave(ctx: RuleContext, node: torch.fx.Node, out: Value) -> Non
 
 
 # ---------------------------------------------------------------- indexing
-def _indexed(ctx: RuleContext, node: torch.fx.Node, source: Any, dims: Sequence[list[int]], what: str) -> None:
+def _indexed(ctx: RuleContext, node: torch.fx.Node, source: Argument, dims: Sequence[list[int]], what: str) -> None:
     """Freeze axes whose positions are read or written by index values: an
     axis of a placeholder (a parameter or buffer used as a lookup table, like
     an embedding's vocabulary or stacked experts) is structural."""
@@ -454,7 +464,7 @@ def _index_layout(ndim: int, positions: list[int], nb: int) -> list[tuple[bool, 
 
 
 def _index_tensors(
-    ctx: RuleContext, node: torch.fx.Node, tensors: list[Any], bdims: list[list[int]], bshape: Sequence[int]
+    ctx: RuleContext, node: torch.fx.Node, tensors: list[torch.fx.Node], bdims: list[list[int]], bshape: Sequence[int]
 ) -> None:
     """Unify each index tensor's dims with the broadcast index dims (right-aligned, equal sizes)."""
     for t in tensors:
@@ -467,7 +477,7 @@ def _index_tensors(
                 ctx.unify(dim, bdims[offset + j], f"index tensor of {describe(node)}")
 
 
-def _is_mask(index: Any) -> bool:
+def _is_mask(index: Argument) -> bool:
     return isinstance(index, torch.fx.Node) and index.meta["val"].dtype in (torch.bool, torch.uint8)
 
 
@@ -476,12 +486,11 @@ def _index(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     broadcast index dims b in the index tensors and the output alike keeps it;
     indexed axes of x freeze and the others pass to their place in the output.
     Boolean masks (data-dependent shapes) freeze everything."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
-    indices = list(node.args[1])
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
+    indices = arg_list(node, 1)
     positions = [k for k, t in enumerate(indices) if t is not None]
-    tensors = [indices[k] for k in positions]
+    tensors = [as_node(node, indices[k], "indices") for k in positions]
     if any(_is_mask(t) for t in tensors):
         for value in [x, y] + [ctx.dims(t) for t in tensors]:
             ctx.freeze(value, f"boolean-mask indexing in {describe(node)}")
@@ -507,14 +516,13 @@ def _index_put(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     broadcast index dims pair index tensors with v; they unify when the writes
     accumulate (sums commute) and freeze otherwise (which duplicate write wins
     depends on order). A boolean mask with a single value is masked_fill."""
-    x, values = ctx.dims(node.args[0]), ctx.dims(node.args[2])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x, values = ctx.arg_dims(node, 0), ctx.dims(node.args[2])
+    y = output_dims(node, out)
     where = describe(node)
     ctx.unify_dims(x, y, where)
-    indices = list(node.args[1])
+    indices = arg_list(node, 1)
     positions = [k for k, t in enumerate(indices) if t is not None]
-    tensors = [indices[k] for k in positions]
+    tensors = [as_node(node, indices[k], "indices") for k in positions]
     if any(_is_mask(t) for t in tensors):
         single = isinstance(node.args[2], torch.fx.Node) and node.args[2].meta["val"].numel() == 1
         mask = ctx.dims(tensors[0])
@@ -547,9 +555,8 @@ def _index_put(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _index_select(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """index_select(x, dim, idx): ``out[.., j, ..] = x[.., idx[j], ..]``: the
     selected axis of x freezes, idx's axis becomes the output's; others pass."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     axis = _axes(_param(node, "dim"), len(x))[0]
     index = ctx.dims(_param(node, "index"))
     for k, dim in enumerate(x):
@@ -566,9 +573,10 @@ def _gather(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     freezes, idx and the output unify on every axis, and x unifies with them
     on the other axes (broadcast for take_along_dim; a smaller idx slices x,
     which freezes that axis)."""
-    x, index = ctx.dims(node.args[0]), ctx.dims(_param(node, "index" if _base(node) == "gather" else "indices"))
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None and index is not None
+    index_name = "index" if _base(node) == "gather" else "indices"
+    index_node = _param(node, index_name)
+    x, index = ctx.arg_dims(node, 0), ctx.tensor_dims(node, index_node, index_name)
+    y = output_dims(node, out)
     where = describe(node)
     dim = _param(node, "dim")
     if dim is None:  # take_along_dim of the flattened tensor
@@ -577,7 +585,6 @@ def _gather(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         ctx.freeze(y, f"flattened {where}")
         return
     axis = _axes(dim, len(x))[0]
-    index_node = _param(node, "index" if _base(node) == "gather" else "indices")
     for k in range(len(y)):
         if _size(index_node, k) == _size(node, k):
             ctx.unify(index[k], y[k], f"index of {where}")
@@ -599,15 +606,13 @@ def _scatter(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     along ``dim`` idx and src pair up: they unify when the writes accumulate
     (sums and other reductions commute) and freeze otherwise (which duplicate
     write wins depends on order)."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     where = describe(node)
     ctx.unify_dims(x, y, where)
     axis = _axes(_param(node, "dim"), len(x))[0]
     index_node, src_node = _param(node, "index"), _param(node, "src")
-    index, src = ctx.dims(index_node), ctx.dims(src_node)
-    assert index is not None
+    index, src = ctx.tensor_dims(node, index_node, "index"), ctx.dims(src_node)
     operands = [(index_node, index)] + ([(src_node, src)] if src is not None else [])
     for k in range(len(x)):
         sizes = {_size(n, k) for n, _ in operands} | ({_size(node, k)} if k != axis else set())
@@ -630,9 +635,8 @@ def _index_add(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     output unify, x's axis ``dim`` freezes, src's other axes unify with x's;
     idx pairs with src's axis ``dim``: unified when the writes accumulate,
     frozen for index_copy (which duplicate write wins depends on order)."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     where = describe(node)
     ctx.unify_dims(x, y, where)
     axis = _axes(_param(node, "dim"), len(x))[0]
@@ -653,9 +657,8 @@ def _unfold(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """Tensor.unfold(dim, size, step): sliding windows along ``dim``; the
     windowed axis freezes, the window index and the new last (in-window) axis
     are positions (structural); every other axis passes."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     where = describe(node)
     axis = _axes(_param(node, "dimension"), len(x))[0] if x else 0
     for k, dim in enumerate(x):
@@ -677,9 +680,8 @@ def _im2col(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     with C outer, so ``patches[-2] = Product(C, kh, kw)`` exactly; F.fold
     (col2im) is the reverse (overlapping patches sum per channel). Kernel,
     spatial and patch axes are positions (structural); the batch axis passes."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     where = describe(node)
     patches, image = (y, x) if _base(node) == "im2col" else (x, y)
     ctx.unify(patches[-2], image[-3] + _kernel_factors(ctx, node), f"patch channels of {where}")
@@ -692,12 +694,11 @@ def _pixel_shuffle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     ``y[c, h*r+i, w*r+j] = x[c*r*r + i*r + j, h, w]``: a pure relabelling of
     index factors, so ``x[-3] = Product(C, r, r)``, ``y[-2] = Product(H, r)``,
     ``y[-1] = Product(W, r)`` unify exactly; pixel_unshuffle is the reverse."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     where = describe(node)
     shuffle = _base(node) == "pixel_shuffle"
-    r = int(node.args[1])
+    r = arg_int(node, 1)
     ri, rj = ctx.new(r), ctx.new(r)
     wide, narrow = (x, y) if shuffle else (y, x)  # the side with r*r channels and small images
     ctx.unify(wide[-3], narrow[-3] + ri + rj, f"sub-pixel channels of {where}")
@@ -709,11 +710,10 @@ def _pixel_shuffle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
 def _channel_shuffle(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
     """channel_shuffle(x[N, C, *], g): ``view(g, C/g) -> transpose -> flatten``,
     so ``x[1] = Product(g, C/g)`` and ``y[1] = Product(C/g, g)`` exactly."""
-    x = ctx.dims(node.args[0])
-    y: Dims = out  # type: ignore[assignment]
-    assert x is not None
+    x = ctx.arg_dims(node, 0)
+    y = output_dims(node, out)
     where = describe(node)
-    groups = int(node.args[1])
+    groups = arg_int(node, 1)
     outer, inner = ctx.new(groups), ctx.new(_size(node.args[0], 1) // groups)
     ctx.unify(x[1], outer + inner, f"channel groups of {where}")
     ctx.unify(y[1], inner + outer, f"shuffled channel groups of {where}")
