@@ -292,12 +292,8 @@ def _rms_norm_in_input_dtype(self: nn.Module, hidden_states: Tensor) -> Tensor:
 
 
 def test_tiny_llama_with_grouped_query_attention(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, inputs = tiny_llama()
-    start = time.perf_counter()
+    model, inputs = tiny_llama()  # build_spec's time on llamas: benchmarks/bench_spec.py
     spec = ma.build_spec(model, inputs)
-    seconds = time.perf_counter() - start
-    print(f"\nllama: coverage {spec.coverage:.4f}, {len(spec.groups)} groups, build_spec {seconds:.2f}s")
-    assert seconds < 30
     # residual stream, MLP and attention groups of every layer
     layer = "model.layers.0"
     stream = spec.axes["model.embed_tokens.weight"][1].group
