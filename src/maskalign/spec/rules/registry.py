@@ -254,9 +254,8 @@ def arg(node: torch.fx.Node, index: int, name: str | None = None) -> Argument:
     name = arg_name(node, index) if name is None else name
     if index >= len(node.args):
         raise SpecError(
-            f"Argument {name!r} of {describe(node)} is missing (the node has {len(node.args)} positional "
-            f"arguments, not {index + 1}); register a rule for this op with "
-            "maskalign.register_rule(op, rule, replace=True)."
+            f"Argument {name!r} of {describe(node)} is missing (positional argument {index} of a node with "
+            f"{len(node.args)}); register a rule for this op with maskalign.register_rule(op, rule, replace=True)."
         )
     return node.args[index]
 
