@@ -21,7 +21,9 @@ different function. Neither the model nor the inputs change in the process.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import importlib
 import inspect
 import io
 import logging
@@ -33,6 +35,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -497,19 +500,84 @@ class _TorchLogCapture(logging.Filter):
         return False
 
 
+class _TorchPrints:
+    """Stands in for ``print`` in the namespace of torch's export module
+    (``torch.export._trace``) while some thread exports quietly.
+
+    On a data-dependent trace error, ``torch.export`` prints the partial graph
+    with ``print(e.partial_fx_graph, file=sys.stderr)`` (in
+    ``_log_export_wrapper``, once per wrapped stage: twice); no logger or
+    config controls it. While a thread is inside :meth:`routed`, that
+    thread's prints of that module to ``sys.stderr`` go to its buffer; every
+    other print (other threads, other files) is the module's own ``print``.
+    ``sys.stderr`` itself is never replaced, and the module's namespace is
+    put back as it was when the last quiet export ends.
+    """
+
+    MODULE = "torch.export._trace"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.saved: Any = None  # the module's own `print` (None: the builtin)
+        self.local = threading.local()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        buffer: io.StringIO | None = getattr(self.local, "buffer", None)
+        if buffer is not None and kwargs.get("file") is sys.stderr:
+            kwargs["file"] = buffer
+        (self.saved or builtins.print)(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def routed(self, buffer: io.StringIO) -> Iterator[None]:
+        """Route this thread's prints of the export module to ``sys.stderr`` into ``buffer``."""
+        try:
+            module: ModuleType | None = importlib.import_module(self.MODULE)  # torch.export imports it lazily
+        except ImportError:  # another torch: nothing to route
+            module = None
+        namespace: dict[str, Any] = vars(module) if module is not None else {}
+        with self.lock:
+            if self.users == 0 and module is not None:
+                self.saved = namespace.get("print")
+                namespace["print"] = self
+            self.users += 1
+        previous = getattr(self.local, "buffer", None)
+        self.local.buffer = buffer
+        try:
+            yield
+        finally:
+            self.local.buffer = previous
+            with self.lock:
+                self.users -= 1
+                if self.users == 0 and namespace.get("print") is self:
+                    if self.saved is None:
+                        del namespace["print"]
+                    else:
+                        namespace["print"] = self.saved
+                    self.saved = None
+
+
+_TORCH_PRINTS = _TorchPrints()
+
+
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Keep torch.export's diagnostics of a failed trace off the console.
+    """Keep torch.export's diagnostics of a failed trace off the console,
+    without touching anything another thread sees.
 
-    On a data-dependent branch, export logs a warning and fake-tensor errors
-    (``failed while attempting to run meta for aten.mm``) through ``torch.*``
-    loggers, and prints the partial graph to ``sys.stderr``, before it raises;
-    the :class:`TraceError` we raise then says what failed and what to do.
-    For the call, the records of this thread's ``torch.*`` loggers are taken
-    off every handler they reach (by a ``logging.Filter``) and ``sys.stderr``
-    is buffered; when export succeeds, error records are handed back to their
-    loggers and the buffered stderr is written out, when it fails both are dropped.
-    ``sys.stdout`` is left alone (``print`` in forward shows as it happens).
+    On a data-dependent branch, export logs a warning (``Unable to find user
+    code corresponding to {u0}``) and, on inputs that do not fit, fake-tensor
+    errors (``failed while attempting to run meta for aten.mm``) through
+    ``torch.*`` loggers, and prints the partial graph to ``sys.stderr`` (see
+    :class:`_TorchPrints`), before it raises; the :class:`TraceError` we raise
+    then says what failed and what to do. For the call, the records of this
+    thread's ``torch.*`` loggers are taken off every handler they reach (by a
+    ``logging.Filter`` that passes other threads' records), and this thread's
+    partial-graph prints are buffered; when export succeeds, error records
+    are handed back to their loggers and the buffered prints are written to
+    ``sys.stderr``, when it fails both are dropped. ``sys.stderr`` and
+    ``sys.stdout`` are never replaced (``print`` in forward, and any other
+    thread's output, shows as it happens).
     """
     capture = _TorchLogCapture()
     loggers = [logging.getLogger()] + [
@@ -517,12 +585,14 @@ def _quiet_export() -> Iterator[None]:
         for name, logger in logging.root.manager.loggerDict.items()
         if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))
     ]
-    handlers = {id(h): h for logger in loggers for h in logger.handlers}.values()
+    handlers = list({id(h): h for logger in loggers for h in logger.handlers}.values())
+    if logging.lastResort is not None:  # records of a logger that reaches no handler
+        handlers.append(logging.lastResort)
     for handler in handlers:
         handler.addFilter(capture)
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
+        with _TORCH_PRINTS.routed(err):
             yield
     finally:
         for handler in handlers:
