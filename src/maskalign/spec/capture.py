@@ -914,23 +914,18 @@ def _check_reproduces(
     eager_inputs = [x.clone() if isinstance(x, Tensor) else x for x in flat_inputs]
     eager_args, eager_kwargs = pytree.tree_unflatten(eager_inputs, captured.input_spec)
     graph_mutations: dict[TensorRole, Tensor] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # example inputs are tiny: a second thread only adds contention
-    try:
-        with _restoring(module, captured) as eager_mutations:
-            try:
-                eager_out = module(*eager_args, **eager_kwargs)
-            except Exception as exc:  # the eager model itself fails where the fake-tensor trace did not
-                raise TraceError(
-                    f"{type(module).__name__} raises {type(exc).__name__} when run eagerly on example_inputs, "
-                    f"although torch.export traced it: {_first_line(exc)}{_user_frame(exc)}\nWhat to do: check "
-                    "that the model runs on these inputs as they are (dtype and device: some kernels have no "
-                    "float64 or CPU version), e.g. with model(*example_inputs)."
-                ) from exc
-            expected = [leaf for leaf in pytree.tree_leaves(eager_out) if isinstance(leaf, Tensor)]
-        got = captured.run(state, flat_inputs, graph_mutations)
-    finally:
-        torch.set_num_threads(threads)
+    with _restoring(module, captured) as eager_mutations:
+        try:
+            eager_out = module(*eager_args, **eager_kwargs)
+        except Exception as exc:  # the eager model itself fails where the fake-tensor trace did not
+            raise TraceError(
+                f"{type(module).__name__} raises {type(exc).__name__} when run eagerly on example_inputs, "
+                f"although torch.export traced it: {_first_line(exc)}{_user_frame(exc)}\nWhat to do: check "
+                "that the model runs on these inputs as they are (dtype and device: some kernels have no "
+                "float64 or CPU version), e.g. with model(*example_inputs)."
+            ) from exc
+        expected = [leaf for leaf in pytree.tree_leaves(eager_out) if isinstance(leaf, Tensor)]
+    got = captured.run(state, flat_inputs, graph_mutations)
     for i, x in enumerate(eager_inputs):
         if isinstance(x, Tensor) and x._version:
             eager_mutations[TensorRole("input", str(i))] = x
