@@ -33,8 +33,9 @@ from ..errors import (
     _describe,
 )
 from ..permutation import Permutation, check_same_architecture
-from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector, unit_positions
+from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector
 from ..spec.permutation_spec import PermutationSpec, build_spec
+from .coordinate_ascent import coordinate_ascent, lap_step, positions_of
 from .lap import block_lap_values, solve_lap
 
 __all__ = ["match_weights"]
@@ -284,8 +285,7 @@ def match_weights(
     for t in carrying:
         for d, tree in enumerate(spec.axes[t]):
             for g in dict.fromkeys(groups_of(tree)):
-                positions = unit_positions(tree, g)
-                assert positions is not None
+                positions = positions_of(tree, g, f"tensor {t!r} (dim {d})")
                 rows = tensors_b[t].movedim(d, 0)[positions.reshape(-1).to(device)]
                 identity = isinstance(tree, Leaf)
                 rows_b = rows.reshape(positions.shape[0], -1)
@@ -296,8 +296,7 @@ def match_weights(
             occurrences[g] = [dataclasses.replace(occ, weight=1.0) for occ in found]
     nested = [g for g in spec.groups if any(co_groups(spec.axes[o.tensor][o.dim], g) for o in occurrences[g])]
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-    best: _Run | None = None
-    finals: list[float] = []
+    runs: list[_Run] = []
     for restart in range(restarts):
         greedy: list[str] | None = None
         if restart == 0 and init is not None:
@@ -310,20 +309,19 @@ def match_weights(
         if greedy is not None and nested:
             # flat groups first, then nested ones (heads) as blocks, then everything
             flat = [g for g in greedy if g not in nested]
-            first = _coordinate_descent(
+            first = _run_from(
                 spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, flat, flat
             )
             start = first.perm
             for g in nested:
                 start[g] = solve_lap(_block_start(spec, tensors_a, start, g, occurrences[g])).to(device)
             greedy = None
-        run = _coordinate_descent(
+        run = _run_from(
             spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, None, greedy
         )
-        finals.append(run.objective[-1])
-        if best is None or run.objective[-1] > best.objective[-1]:
-            best = run
-    assert best is not None
+        runs.append(run)
+    finals = [run.objective[-1] for run in runs]
+    best = runs[finals.index(max(finals))]  # the first of the best (restarts >= 1: never empty)
     report = {
         "method": "weight",
         "objective": best.objective,
@@ -411,7 +409,7 @@ def _check_weights(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor],
                     )
 
 
-def _coordinate_descent(
+def _run_from(
     spec: PermutationSpec,
     tensors_a: Mapping[str, Tensor],
     tensors_b: Mapping[str, Tensor],
@@ -424,9 +422,11 @@ def _coordinate_descent(
     groups: Sequence[str] | None = None,
     greedy: Sequence[str] | None = None,
 ) -> _Run:
-    """Git Re-Basin Alg. 1 from ``perm``: sweeps over the groups (all, or
-    ``groups``) in random order, each solving one LAP with the others fixed
-    (a group changes only if that strictly raises its LAP value), until a
+    """Git Re-Basin Alg. 1 from ``perm``
+    (:func:`~maskalign.matching.coordinate_ascent.coordinate_ascent`): sweeps
+    over the groups (all, or ``groups``) in random order, each solving one LAP
+    with the others fixed (a group changes only if that strictly raises its
+    LAP value, :func:`~maskalign.matching.coordinate_ascent.lap_step`), until a
     sweep changes nothing, the sweep's relative improvement of the objective
     is at most ``tol``, or ``max_iter`` sweeps ran.
 
@@ -459,14 +459,17 @@ def _coordinate_descent(
             converged = _small_gain(objective, tol)
         else:  # the greedy sweep did not help: start over from perm
             aligned = _Aligned(spec, tensors_a, perm)
-    while not converged and len(objective) <= max_iter:
-        changed = False
-        for i in torch.randperm(len(names), generator=generator).tolist():
-            g = names[i]
-            changed |= _step(aligned, g, occurrences[g], occurrences[g], spec.groups[g].size)
-        parts.append(target.parts(aligned, tensors_b))
-        objective.append(target.value(parts[-1]))
-        converged = not changed or _small_gain(objective, tol)
+    if not converged:
+
+        def step(g: str) -> bool:
+            return _step(aligned, g, occurrences[g], occurrences[g], spec.groups[g].size)
+
+        def stop(changed: bool) -> bool:  # record the sweep's objective; stop on no change or a small gain
+            parts.append(target.parts(aligned, tensors_b))
+            objective.append(target.value(parts[-1]))
+            return not changed or _small_gain(objective, tol)
+
+        _, converged = coordinate_ascent(names, step, generator, max_iter + 1 - len(objective), stop)
     return _Run(aligned.perm, objective, [p[0] for p in parts], [p[1] for p in parts], converged)
 
 
@@ -481,15 +484,11 @@ def _step(aligned: _Aligned, group: str, scored: list[_Occurrence], moved: list[
     adopt it (updating the tensors of ``moved``, all of the group's
     occurrences) if it strictly beats the current assignment. Returns whether
     the group changed."""
-    similarity = aligned.similarity(group, scored, n)
-    ar = torch.arange(n)
-    old = float(similarity[aligned.perm[group].cpu(), ar].sum())
-    idx = solve_lap(similarity)
-    new = float(similarity[idx, ar].sum())
-    if new > old + 1e-12 * max(abs(old), 1.0):
-        aligned.set(group, idx.to(aligned.perm[group].device), moved)
-        return True
-    return False
+    idx = lap_step(aligned.similarity(group, scored, n), aligned.perm[group].cpu())
+    if idx is None:
+        return False
+    aligned.set(group, idx.to(aligned.perm[group].device), moved)
+    return True
 
 
 @dataclass(frozen=True)
