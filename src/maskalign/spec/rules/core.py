@@ -14,6 +14,7 @@ from torch.fx.node import Argument
 
 from .registry import (
     Dims,
+    Rule,
     RuleContext,
     Value,
     arg_int,
@@ -181,7 +182,7 @@ def _reduction(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
             ctx.freeze_dim(src[d], f"positions (indices) along the reduced axis of {describe(node)}")
 
 
-def _along_dim(what: str, dim: str = "dim") -> Any:
+def _along_dim(what: str, dim: str = "dim") -> Rule:
     def rule(ctx: RuleContext, node: torch.fx.Node, out: Value) -> None:
         """cumsum / cummax / sort / topk / flip / roll: the op moves or mixes
         values along its axes by position, so they freeze; the others pass."""

@@ -11,6 +11,11 @@ dims of the inputs and the output index the same units (:meth:`RuleContext.unify
 and which may never be permuted (:meth:`RuleContext.freeze`). Anything it
 does not unify stays independent, so a rule that forgets a constraint is
 caught by :func:`maskalign.check_equivalence` on a random permutation.
+
+The built-in rules read ``node.args`` through typed accessors (:func:`arg_node`,
+:func:`arg_int`, :func:`arg_ints`, :func:`arg_list`, :func:`output_dims`,
+:meth:`RuleContext.arg_dims` ...): each returns what the op's schema promises
+or raises :class:`~maskalign.errors.SpecError` naming the node and the argument.
 """
 
 from __future__ import annotations
