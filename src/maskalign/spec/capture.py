@@ -369,8 +369,11 @@ class _Inliner:
     ) -> tuple[Any, ...]:
         """The outputs of wrapper ``call`` with its subgraph copied into ``flat``."""
         position = _INLINED_WRAPPERS[call.target]
-        path = f"{prefix}{call.args[position].target}"  # type: ignore[union-attr]
-        body = self.owner.get_submodule(path)
+        subgraph = call.args[position]
+        path = f"{prefix}{subgraph.target}" if isinstance(subgraph, torch.fx.Node) else ""
+        body = self.owner.get_submodule(path) if path else None
+        if not isinstance(body, torch.fx.GraphModule):
+            raise TraceError(f"argument {position} of graph node {describe_node(call)} is not a subgraph")
         inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
         sub_env: dict[torch.fx.Node, Any] = dict(
             zip(inputs, torch.fx.node.map_arg(call.args[position + 1 :], env.__getitem__))
@@ -379,7 +382,8 @@ class _Inliner:
         results = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
         names: dict[torch.fx.Node, str] = {}
         for user in call.users:  # an output keeps the name of the getitem that read it
-            result = results[user.args[1]] if user.target is operator.getitem else None
+            index = user.args[1] if user.target is operator.getitem else None
+            result = results[index] if isinstance(index, int) else None
             if isinstance(result, torch.fx.Node) and result.op != "placeholder" and result not in names:
                 names[result] = user.name
         inner = (*regions, (call.target, tuple(call.args[:position])))
@@ -423,10 +427,14 @@ def _in_mode(model: nn.Module, train: bool) -> contextlib.AbstractContextManager
     """Eval mode, or train mode with the model's buffers, flags and the random generator restored on exit."""
     if not train:
         return eval_mode(model)
-    stack = contextlib.ExitStack()
-    stack.enter_context(preserved_state(model))
-    model.train()
-    return stack
+    return _train_mode(model)
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    with preserved_state(model):
+        model.train()
+        yield
 
 
 def capture(
@@ -866,22 +874,27 @@ def _restoring(module: nn.Module, captured: CapturedGraph) -> Iterator[dict[Tens
     writes.update(captured.mutated_buffers.values())
     entries: list[tuple[str, str, dict[str, Any], str, Tensor, int]] = []
     for path, sub in module.named_modules(remove_duplicate=False):
-        for kind, table in (("parameter", sub._parameters), ("buffer", sub._buffers)):
-            for attr, tensor in table.items():
-                if tensor is not None:
-                    entries.append((f"{path}.{attr}" if path else attr, kind, table, attr, tensor, tensor._version))
+        tables: tuple[tuple[str, dict[str, Any]], ...] = (("parameter", sub._parameters), ("buffer", sub._buffers))
+        for kind, table in tables:
+            for attr, value in table.items():
+                if value is not None:
+                    entries.append((f"{path}.{attr}" if path else attr, kind, table, attr, value, value._version))
     saved = {name: tensor.clone() for name, kind, _, _, tensor, _ in entries if kind == "buffer" or name in writes}
     mutations: dict[TensorRole, Tensor] = {}
     lost: list[str] = []
+    unset: list[str] = []
     try:
         yield mutations
     finally:
         with torch.no_grad():
             for name, kind, table, attr, tensor, version in entries:
-                now = table.get(attr)
+                now: Tensor | None = table.get(attr)
                 if now is tensor and tensor._version == version:
                     continue
-                mutations[TensorRole(kind, name)] = now.clone() if now is tensor else now
+                if now is None:  # set to None or deleted: nothing a graph output could stand for
+                    unset.append(TensorRole(kind, name).describe())
+                else:
+                    mutations[TensorRole(kind, name)] = now.clone() if now is tensor else now
                 table[attr] = tensor
                 if tensor._version == version:
                     continue
@@ -889,6 +902,11 @@ def _restoring(module: nn.Module, captured: CapturedGraph) -> Iterator[dict[Tens
                     tensor.copy_(saved[name])
                 else:
                     lost.append(TensorRole(kind, name).describe())
+    if unset:
+        raise TraceError(
+            f"{unset[0][0].upper()}{unset[0][1:]} of {type(module).__name__} is set to None or deleted by "
+            "forward; make forward compute its result without changing which tensors the module holds."
+        )
     if lost:
         raise TraceError(
             f"{lost[0][0].upper()}{lost[0][1:]} of {type(module).__name__} is written in place by forward, "
