@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,14 +41,15 @@ from ..errors import (
     _did_you_mean,
 )
 from ..permutation import Permutation, check_same_architecture
-from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size, unit_positions
+from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector, tree_size
 from ..spec.capture import CapturedGraph, capture
 from ..spec.permutation_spec import ActivationPoint, PermutationSpec, build_spec
+from .coordinate_ascent import coordinate_ascent, lap_step, positions_of
 from .lap import block_lap_values, solve_lap
+from .stats import COSTS, ActivationStats
 
 __all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations", "select_points"]
 
-COSTS = ("correlation", "covariance", "euclidean")
 POINTS = ("pre", "post", "both")
 """Choices of ``match_activations(..., points=...)``."""
 STREAM_POINTS = ("all", "last")
@@ -61,129 +63,6 @@ DEFAULT_STREAM_POINTS = "all"
 PointsChoice = str | Mapping[str, str] | Callable[[str], str]
 """``points``: one of :data:`POINTS`, a mapping group name -> choice, or a
 callable group name -> choice."""
-
-
-class ActivationStats:
-    """Streaming centred statistics of paired activations ``a, b`` with ``n`` units.
-
-    Shaped like a torchmetrics ``Metric``: :meth:`update` per batch,
-    :meth:`sync` across ``torch.distributed`` ranks, :meth:`similarity` at the
-    end. Holds the sample count, the means, the sums of squared deviations and
-    the cross-deviation matrix in float64, merged batch by batch with the
-    parallel (Chan et al. 1979) update, so no sum of raw squares is ever
-    formed and large activation offsets do not cancel precision away.
-    Memory is O(n^2), never the activations themselves.
-    """
-
-    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
-        self.n = n
-        self.count = 0
-        kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
-        self.mean_a = torch.zeros(n, **kw)
-        self.mean_b = torch.zeros(n, **kw)
-        self.m2_a = torch.zeros(n, **kw)
-        self.m2_b = torch.zeros(n, **kw)
-        self.cross = torch.zeros(n, n, **kw)
-
-    def update(self, a: Tensor, b: Tensor) -> None:
-        """Add samples: ``a``, ``b`` of shape ``(samples, n)``, or ``(P, n, Q)``
-        with units on dim 1 and samples on dims 0 and 2 (an NCHW activation
-        viewed without a copy).
-
-        The batch's means, variances and centred cross products are computed in
-        the activations' own precision (float32 for a float32 model, float64 for a
-        float64 one) and merged into the float64 statistics."""
-        if a.dim() == 3 and a.shape[2] == 1:
-            a, b = a[:, :, 0], b[:, :, 0]
-        elif a.dim() == 3 and a.shape[0] == 1:
-            a, b = a[0].T, b[0].T
-        work = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
-        a, b = a.to(work), b.to(work)
-        dims = (0,) if a.dim() == 2 else (0, 2)
-        m = a.numel() // a.shape[1]
-        mean_a, mean_b = a.mean(dims), b.mean(dims)  # (torch.var_mean is ~10x slower on CPU here)
-        if a.dim() == 3 and a.shape[1] <= a.shape[2]:  # units <= positions: batched products are cheap
-            centred_a, centred_b = a - mean_a[:, None], b - mean_b[:, None]
-            cross = torch.bmm(centred_a, centred_b.transpose(1, 2)).sum(0)
-        elif a.dim() == 3:  # many units, few positions: centre straight into a (n, P * Q) layout
-            centred_a, centred_b = _centred_rows(a, mean_a), _centred_rows(b, mean_b)
-            cross, dims = centred_a @ centred_b.T, (1,)
-        else:
-            centred_a, centred_b = a - mean_a, b - mean_b
-            cross = centred_a.T @ centred_b
-        m2_a = centred_a.square_().sum(dims).double()  # in place: the centred copies are done with
-        m2_b = centred_b.square_().sum(dims).double()
-        self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross.double())
-
-    def _merge(self, m: int, mean_a: Tensor, mean_b: Tensor, m2_a: Tensor, m2_b: Tensor, cross: Tensor) -> None:
-        total = self.count + m
-        if total == 0:
-            return
-        da, db = mean_a - self.mean_a, mean_b - self.mean_b
-        weight = self.count * m / total
-        self.m2_a += m2_a + weight * da**2
-        self.m2_b += m2_b + weight * db**2
-        self.cross += cross + weight * torch.outer(da, db)
-        self.mean_a += da * (m / total)
-        self.mean_b += db * (m / total)
-        self.count = total
-
-    def sync(self) -> None:
-        """Merge the statistics of all ``torch.distributed`` ranks (a no-op
-        without an initialised process group): every rank re-centres its
-        deviations on the global mean, then the sums are all-reduced."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean_a.device)
-        sum_a, sum_b = self.mean_a * self.count, self.mean_b * self.count
-        for tensor in (count, sum_a, sum_b):
-            dist.all_reduce(tensor)
-        total = max(float(count), 1.0)
-        mean_a, mean_b = sum_a / total, sum_b / total
-        da, db = self.mean_a - mean_a, self.mean_b - mean_b
-        self.m2_a += self.count * da**2
-        self.m2_b += self.count * db**2
-        self.cross += self.count * torch.outer(da, db)
-        for tensor in (self.m2_a, self.m2_b, self.cross):
-            dist.all_reduce(tensor)
-        self.mean_a, self.mean_b, self.count = mean_a, mean_b, int(count)
-
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.cross).all() and torch.isfinite(self.m2_a).all())
-
-    def similarity(self, cost: str = "correlation") -> Tensor:
-        """``(n, n)`` similarity of A's unit i (rows) and B's unit j (columns).
-
-        ``correlation``: Pearson correlation; a unit with zero variance (dead or
-        constant) has correlation 0 with everything. ``covariance``: cross-
-        covariance. ``euclidean``: minus the mean squared distance.
-
-        Raises:
-            ArgumentValueError: an unknown ``cost``.
-            DataError: no samples were accumulated.
-        """
-        _check_choice(cost, "cost", COSTS)
-        if self.count == 0:
-            raise DataError("ActivationStats has no samples; call update(a, b) with at least one batch first.")
-        cov = self.cross / self.count
-        if cost == "covariance":
-            return cov
-        var_a, var_b = self.m2_a / self.count, self.m2_b / self.count
-        if cost == "euclidean":  # E(a_i - b_j)^2 = var_i + var_j - 2 cov_ij + (mean_i - mean_j)^2
-            gap = self.mean_a[:, None] - self.mean_b[None, :]
-            return -(var_a[:, None] + var_b[None, :] - 2 * cov + gap**2)
-        denom = torch.outer(var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt())
-        tiny = torch.finfo(torch.float64).eps * max(float(denom.max()), 1.0)
-        corr = torch.where(denom > tiny, cov / denom.clamp_min(tiny), torch.zeros_like(cov))
-        return corr.clamp_(-1.0, 1.0)
-
-
-def _centred_rows(x: Tensor, mean: Tensor) -> Tensor:
-    """``(P, n, Q)`` activations minus their unit means, as ``(n, P * Q)`` rows,
-    written in one pass."""
-    out = torch.empty((x.shape[1], x.shape[0], x.shape[2]), dtype=x.dtype, device=x.device)
-    torch.sub(x.transpose(0, 1), mean[:, None, None], out=out)
-    return out.view(x.shape[1], -1)
 
 
 _CALL = "match_activations(model_a, model_b, data, spec)"
@@ -410,7 +289,7 @@ class _Prober:
         key = ("graph", shapes, tuple(self.nodes))
         if key not in self.cache:
             self.cache[key] = self._captured_for(flat, shapes)
-        return self.cache[key]  # type: ignore[no-any-return]
+        return self.cache[key]
 
     def _captured_for(self, flat: list[Any], shapes: tuple[Any, ...]) -> CapturedGraph:
         reference_values = [
@@ -489,7 +368,28 @@ def _units(joint: Tensor, positions: Tensor | None) -> Tensor:
 
 _Key = tuple[str, str]
 """A pooled statistic: ``(group, "primary")`` or ``(group, "tiebreak")``."""
-_Use = tuple[ActivationPoint, "_Key | None", "Tensor | None", "AxisTree | None"]
+
+
+@dataclass(frozen=True, eq=False)
+class _PooledUse:
+    """A point feeding the pooled statistic ``key``: ``positions`` is
+    ``unit_positions(point.tree, group)``, ``None`` where the point's one
+    carrying dim is the group itself (a view, no copy)."""
+
+    point: ActivationPoint
+    key: _Key
+    positions: Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class _JointUse:
+    """A point feeding the full statistic of its joint axis ``tree``."""
+
+    point: ActivationPoint
+    tree: AxisTree
+
+
+_Use = _PooledUse | _JointUse
 _Stats = dict[_Key, "ActivationStats"]
 _JointStats = dict[AxisTree, "ActivationStats"]
 PRIMARY, TIEBREAK = "primary", "tiebreak"
@@ -599,7 +499,7 @@ class _Plan:
     ) -> None:
         self.clean: dict[_Key, list[tuple[ActivationPoint, Tensor | None]]] = {}
         self.joint: dict[AxisTree, list[ActivationPoint]] = {}
-        self.skipped: list[str] = []
+        self.skipped: dict[str, list[str]] = {}  # graph node -> the groups skipped there
         for group, points in primary.items():
             for point in points:
                 tree = point.tree
@@ -608,8 +508,8 @@ class _Plan:
                 elif tree_size(tree) <= max_joint:
                     if point not in self.joint.setdefault(tree, []):
                         self.joint[tree].append(point)
-                elif point.node not in self.skipped:
-                    self.skipped.append(point.node)
+                elif group not in self.skipped.setdefault(point.node, []):
+                    self.skipped[point.node].append(group)
         for group, points in tiebreak.items():
             pooled = [p for p in points if not co_groups(p.tree, group)]
             if (group, PRIMARY) in self.clean and pooled:
@@ -624,21 +524,34 @@ class _Plan:
     def _positions(tree: AxisTree, group: str) -> Tensor | None:
         if isinstance(tree, Leaf):  # the joint axis is the group: no gather
             return None
-        positions = unit_positions(tree, group)
-        assert positions is not None
-        return positions
+        return positions_of(tree, group, f"an activation point of group {group!r}")
 
     def uses(self) -> dict[str, list[_Use]]:
-        """Per graph node: ``(point, key, positions, None)`` for pooled
-        statistics and ``(point, None, None, tree)`` for joint ones."""
+        """Per graph node: a :class:`_PooledUse` per pooled statistic and a
+        :class:`_JointUse` per joint one it feeds."""
         out: dict[str, list[_Use]] = {}
         for key, uses in self.clean.items():
             for point, positions in uses:
-                out.setdefault(point.node, []).append((point, key, positions, None))
+                out.setdefault(point.node, []).append(_PooledUse(point, key, positions))
         for tree, points in self.joint.items():
             for point in points:
-                out.setdefault(point.node, []).append((point, None, None, tree))
+                out.setdefault(point.node, []).append(_JointUse(point, tree))
         return out
+
+    def warn_skipped(self, max_joint: int) -> None:
+        """Warn (at the caller of :func:`match_activations`) about the points
+        whose joint axis exceeds ``max_joint``, naming their nodes and groups."""
+        if not self.skipped:
+            return
+        nodes = list(self.skipped)
+        groups = list(dict.fromkeys(g for found in self.skipped.values() for g in found))
+        warnings.warn(
+            f"activation matching skips nodes {nodes[:3]}{' ...' if len(nodes) > 3 else ''} of groups "
+            f"{', '.join(map(repr, groups))}: their joint axis has more than max_joint={max_joint} units; pass "
+            "a larger max_joint= if memory allows (these groups are matched from their other points, or keep "
+            f"the identity). See {DOCS_URL}/troubleshooting/#warning-max-joint",
+            stacklevel=3,
+        )
 
     def stats(self, spec: PermutationSpec, device: torch.device) -> tuple[_Stats, _JointStats]:
         clean = {key: ActivationStats(spec.groups[key[0]].size, device) for key in self.clean}
@@ -660,6 +573,77 @@ def _batches(data: Iterable[Any], num_batches: int | None, progress: bool) -> It
         if num_batches is not None and index >= num_batches:
             break
         yield batch
+
+
+class _Pass:
+    """What one pass over the data needs, set up from the spec: the recipe per
+    group, the plan of statistics, the (empty) statistics and the prober.
+
+    Raises:
+        SpecMismatchError: a model does not match the spec.
+        SpecError: the spec holds no captured graph.
+        ArgumentValueError: ``points`` does not fit the spec's groups.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        model_a: nn.Module,
+        model_b: nn.Module,
+        points: PointsChoice,
+        stream_points: str,
+        max_joint: int,
+        device: torch.device,
+    ) -> None:
+        check_same_architecture(model_a, spec, "model_a")
+        check_same_architecture(model_b, spec, "model_b")
+        self.spec = spec
+        self.chosen = _resolve_points(points, spec)
+        selected = {
+            g: select_points(spec.activations[g], g, self.chosen[g], stream_points)
+            for g in spec.groups
+            if spec.activations.get(g)
+        }
+        self.plan = _Plan(
+            spec,
+            {g: primary for g, (primary, _) in selected.items()},
+            {g: tiebreak for g, (_, tiebreak) in selected.items() if tiebreak},
+            max_joint,
+        )
+        self.prober = _Prober(spec, model_a, sorted({p.node for p in self.plan.points}))
+        self.clean, self.joint = self.plan.stats(spec, device)
+        self.uses = self.plan.uses()
+
+
+def _agree_on_data(seen: int, has_spec: bool, device: torch.device) -> None:
+    """Tell every ``torch.distributed`` rank how many batches each rank read
+    (one all-reduce, which every rank reaches, with or without batches), so
+    that all ranks go on to :meth:`ActivationStats.sync` together or all
+    raise the same error.
+
+    Raises:
+        DataError: on every rank, when no rank read a batch, or when a rank
+            read none and has no ``spec`` to set up its (empty) statistics
+            from (the ranks are named).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    table = torch.zeros(2, world, dtype=torch.float64, device=device)
+    table[0, rank] = float(seen)
+    table[1, rank] = float(seen == 0 and not has_spec)
+    dist.all_reduce(table)
+    counts, stranded = table[0].tolist(), [r for r, flag in enumerate(table[1].tolist()) if flag]
+    if not any(counts):
+        raise DataError(
+            f"Argument 'data' yielded no batches on any of the {world} ranks (exhausted iterators?); pass the "
+            "ranks lists or DataLoaders with at least one batch in all."
+        )
+    if stranded:
+        raise DataError(
+            f"Argument 'data' yielded no batches on rank{'s' if len(stranded) > 1 else ''} "
+            f"{', '.join(map(str, stranded))} and 'spec' was not given there, so the rank cannot set up the "
+            "statistics it must all-reduce with its peers; pass spec=ma.build_spec(model_a, example_inputs) "
+            "on every rank, or give every rank at least one batch."
+        )
 
 
 def match_activations(
@@ -798,7 +782,8 @@ def match_activations(
         SpecMismatchError: the models differ in parameter names or shapes, sit
             on different devices, or hold their weights in different dtypes.
         SpecError: ``spec`` was not made by :func:`~maskalign.build_spec`.
-        DataError: ``data`` yields no batch, a batch holds no tensor (or a list
+        DataError: ``data`` yields no batch (under ``torch.distributed``: on
+            any rank, or on a rank without ``spec``), a batch holds no tensor (or a list
             of numbers, a numpy array), a batch's inputs are not those the spec
             was built from, or an activation is not finite (the message names
             the graph node and the batch).
@@ -808,9 +793,15 @@ def match_activations(
             ``use_cache=False``.
 
     Distributed: under an initialised ``torch.distributed`` process group, each
-    rank passes its own shard of the data (at least one batch per rank); the
-    statistics are all-reduced, rank 0 solves, and every rank returns the
-    same permutation.
+    rank passes its own shard of the data; the statistics are all-reduced
+    (:meth:`ActivationStats.sync`), rank 0 solves, and every rank returns the
+    same permutation. A rank whose shard yields no batch takes part with zero
+    counts, provided it was given ``spec`` (without one it cannot know the
+    statistics' shapes); the ranks first agree on how many batches each
+    read, so that they all go on together or all raise the same
+    :class:`~maskalign.errors.DataError` (no batch on any rank, or a rank
+    without batches and without ``spec``, named) instead of leaving peers
+    waiting in a collective.
     """
     _check_module(model_a, "model_a", _CALL)
     _check_module(model_b, "model_b", _CALL)
@@ -832,65 +823,47 @@ def match_activations(
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     _check_dtypes(state_a, state_b)
     input_fn = input_fn or _default_input_fn
-    prober: _Prober | None = None
-    plan: _Plan | None = None
-    clean: _Stats = {}
-    chosen: dict[str, str] = {}
-    joint: dict[AxisTree, ActivationStats] = {}
+    run: _Pass | None = None
+    seen = 0
     with eval_mode(model_a, model_b), torch.no_grad():
         for index, batch in enumerate(_batches(data, num_batches, progress)):
             args, kwargs = pytree.tree_map(lambda x: _to_model(x, device, dtype), _split_inputs(input_fn(batch), index))
-            if prober is None:
+            if run is None:
                 for model, which in ((model_a, "model_a"), (model_b, "model_b")):
                     _check_no_cache(model, which, args, kwargs)
                 if spec is None:
                     spec = build_spec(model_a, args, kwargs)
-                check_same_architecture(model_a, spec, "model_a")
-                check_same_architecture(model_b, spec, "model_b")
-                chosen = _resolve_points(points, spec)
-                selected = {
-                    g: select_points(spec.activations[g], g, chosen[g], stream_points)
-                    for g in spec.groups
-                    if spec.activations.get(g)
-                }
-                plan = _Plan(
-                    spec,
-                    {g: primary for g, (primary, _) in selected.items()},
-                    {g: tiebreak for g, (_, tiebreak) in selected.items() if tiebreak},
-                    max_joint,
-                )
-                if plan.skipped:
-                    warnings.warn(
-                        f"activation matching skips nodes {plan.skipped[:3]}: their joint axis has more than "
-                        f"max_joint={max_joint} units. See {DOCS_URL}/troubleshooting/#warning-max-joint",
-                        stacklevel=2,
-                    )
-                prober = _Prober(spec, model_a, sorted({p.node for p in plan.points}))
-                clean, joint = plan.stats(spec, device)
-                uses = plan.uses()
-            assert spec is not None and plan is not None
-            flat = _arrange((args, kwargs), prober.reference.input_spec, index)
-            prober(state_a, state_b, flat, _Visitor(uses, clean, joint, index))
-    if spec is None or prober is None:
-        raise DataError(
-            "Argument 'data' yielded no batches (an exhausted iterator?); pass a list or a DataLoader with at "
-            "least one batch."
-        )
-    for stats in (*clean.values(), *joint.values()):
-        stats.sync()
+                run = _Pass(spec, model_a, model_b, points, stream_points, max_joint, device)
+                run.plan.warn_skipped(max_joint)
+            flat = _arrange((args, kwargs), run.prober.reference.input_spec, index)
+            run.prober(state_a, state_b, flat, _Visitor(run.uses, run.clean, run.joint, index))
+            seen += 1
     distributed = dist.is_available() and dist.is_initialized()
+    if distributed:  # before any other collective: a rank without batches must not leave its peers waiting
+        _agree_on_data(seen, spec is not None, device)
+    if run is None:
+        if not distributed or spec is None:  # (distributed without a spec: _agree_on_data raised on every rank)
+            raise DataError(
+                "Argument 'data' yielded no batches (an exhausted iterator?); pass a list or a DataLoader with at "
+                "least one batch."
+            )
+        run = _Pass(spec, model_a, model_b, points, stream_points, max_joint, device)  # zero counts
+        run.plan.warn_skipped(max_joint)
+    for stats in (*run.clean.values(), *run.joint.values()):
+        stats.sync()
     solved: list[Any] = [None]
     if not distributed or dist.get_rank() == 0:
-        similarities = {g: st.similarity(cost).cpu() for (g, k), st in clean.items() if k == PRIMARY and st.count}
-        tiebreaks = {g: st.similarity(cost).cpu() for (g, k), st in clean.items() if k == TIEBREAK and st.count}
-        joint_similarities = {t: st.similarity(cost).cpu() for t, st in joint.items() if st.count}
-        solved = [_solve(spec, similarities, joint_similarities, tiebreaks)]
+        clean, joint = run.clean, run.joint
+        similarities = {g: st.compute(cost).cpu() for (g, k), st in clean.items() if k == PRIMARY and st.count}
+        tiebreaks = {g: st.compute(cost).cpu() for (g, k), st in clean.items() if k == TIEBREAK and st.count}
+        joint_similarities = {t: st.compute(cost).cpu() for t, st in joint.items() if st.count}
+        solved = [_solve(run.spec, similarities, joint_similarities, tiebreaks)]
     if distributed:
         dist.broadcast_object_list(solved, src=0)
     indices, report = solved[0]
-    recipe: str | dict[str, str] = points if isinstance(points, str) else dict(chosen)
+    recipe: str | dict[str, str] = points if isinstance(points, str) else dict(run.chosen)
     return Permutation(
-        spec,
+        run.spec,
         indices,
         report={
             "method": "activation",
@@ -910,18 +883,17 @@ class _Visitor:
 
     def __call__(self, node: str, value_a: Tensor, value_b: Tensor) -> None:
         touched = []
-        for point, key, positions, tree in self.uses[node]:
-            if tree is not None:
-                stats = self.joint[tree]
+        for use in self.uses[node]:
+            point = use.point
+            if isinstance(use, _JointUse):
+                stats = self.joint[use.tree]
                 stats.update(_joint(value_a, point), _joint(value_b, point))
-            elif positions is None:  # one carrying dim that is the group: a view, no copy
-                assert key is not None
-                stats = self.clean[key]
+            elif use.positions is None:  # one carrying dim that is the group: a view, no copy
+                stats = self.clean[use.key]
                 stats.update(_layout(value_a, point.dims[0]), _layout(value_b, point.dims[0]))
             else:
-                assert key is not None
-                stats = self.clean[key]
-                where = positions.to(value_a.device)
+                stats = self.clean[use.key]
+                where = use.positions.to(value_a.device)
                 stats.update(_units(_joint(value_a, point), where), _units(_joint(value_b, point), where))
             touched.append(stats)
         if not all(stats.is_finite() for stats in touched):
@@ -935,8 +907,7 @@ def _marginal(tree: AxisTree, similarity: Tensor, group: str, perm: Mapping[str,
     """``(n, n)`` similarity of ``group``'s units within a joint axis, with every
     other group of A already permuted by ``perm``: ``C[i, i'] = sum_r S'[U[i, r], U[i', r]]``."""
     rows = similarity[index_vector(tree, perm, skip=group)]
-    positions = unit_positions(tree, group)
-    assert positions is not None
+    positions = positions_of(tree, group, "a joint activation axis")
     return rows[positions[:, None, :], positions[None, :, :]].sum(-1)
 
 
@@ -946,8 +917,7 @@ def _block_relaxation(tree: AxisTree, similarity: Tensor, group: str, max_block:
     unit ``i'`` of B score the best assignment between their blocks of
     positions (:func:`~maskalign.matching.lap.block_lap_values`). Falls back to the
     identity-aligned marginal when blocks exceed ``max_block`` positions."""
-    positions = unit_positions(tree, group)
-    assert positions is not None
+    positions = positions_of(tree, group, "a joint activation axis")
     if positions.shape[1] > max_block:
         return _marginal(tree, similarity, group, {})
     return block_lap_values(similarity[positions[:, None, :, None], positions[None, :, None, :]])
@@ -1026,19 +996,15 @@ def _solve(
                 out += _marginal(tree, sim, g, current)
         return out
 
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(max_sweeps if nested else 0):
-        changed = False
-        for i in torch.randperm(len(nested), generator=generator).tolist():
-            g = nested[i]
-            sim = total(g, perm)
-            ar = torch.arange(sim.shape[0])
-            idx = solve_lap(sim)
-            if float(sim[idx, ar].sum()) > float(sim[perm[g], ar].sum()) + 1e-12 * max(float(sim.abs().max()), 1.0):
-                perm[g] = idx
-                changed = True
-        if not changed:
-            break
+    def step(g: str) -> bool:  # the margin scales with the similarity's largest entry
+        sim = total(g, perm)
+        idx = lap_step(sim, perm[g], scale=max(float(sim.abs().max()), 1.0))
+        if idx is None:
+            return False
+        perm[g] = idx
+        return True
+
+    coordinate_ascent(nested, step, torch.Generator().manual_seed(0), max_sweeps if nested else 0)
     identity = {g: torch.arange(spec.groups[g].size) for g in perm}
     report: dict[str, dict[str, float]] = {}
     for g in perm:
