@@ -286,8 +286,8 @@ GOOD = torch.zeros(3, 2)
 @pytest.mark.parametrize(
     ("a", "b", "culprit", "words"),
     [
-        (GOOD, torch.zeros(3, 3), "b", "same shape"),
-        (torch.zeros(4, 2), GOOD, "a", "same shape"),
+        (GOOD, torch.zeros(3, 3), "b", "one shape"),
+        (torch.zeros(4, 2), GOOD, "a", "one shape"),
         (torch.zeros(3), GOOD, "a", r"shape \(N, C\)"),
         (GOOD, torch.zeros(1, 3, 2), "b", r"shape \(N, C\)"),
         (torch.zeros(0, 2), torch.zeros(0, 2), "a", "no samples"),
@@ -304,12 +304,14 @@ def test_pair_errors_name_the_argument(fn, a, b, culprit: str, words: str) -> No
     with pytest.raises(DataError, match=words) as info:
         fn(a, b)
     assert isinstance(info.value, ValueError)
-    assert str(info.value).startswith(names[culprit]) or f" {names[culprit]} " in f" {info.value}"
+    message = str(info.value)
+    assert message.startswith((f"Argument '{names[culprit]}'", "Arguments ")), message
+    assert f"'{names[culprit]}'" in message
 
 
 def test_non_finite_error_gives_advice_and_sample() -> None:
     probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
-    with pytest.raises(DataError, match=r"a has 1 non-finite value\(s\) \(first in sample 0\).*log_softmax"):
+    with pytest.raises(DataError, match=r"Argument 'a' has 1 non-finite value\(s\) \(first in sample 0\).*log_softmax"):
         js_divergence(probs.log(), probs.log())
 
 
@@ -320,19 +322,31 @@ TARGETS = torch.tensor([0, 1, 0])
 @pytest.mark.parametrize(
     ("logits", "targets", "words"),
     [
-        ([], TARGETS, r"logits is empty"),
-        ("ab", TARGETS, r"logits must be a sequence"),
-        (torch.zeros(3, 2), TARGETS, r"logits must be a sequence .* shape \(3, 2\)"),
-        ([GOOD, torch.zeros(3, 3)], TARGETS, r"logits\[0\] and logits\[1\] must have the same shape"),
-        ([GOOD, torch.zeros(3)], TARGETS, r"logits\[1\] must have shape \(N, C\)"),
-        ([GOOD, torch.full((3, 2), float("nan"))], TARGETS, r"logits\[1\] has 6 non-finite"),
-        ([GOOD, GOOD], torch.tensor([0.0, 1.0, 0.0]), r"targets must be an integer tensor"),
-        ([GOOD, GOOD], torch.tensor([True, False, True]), r"targets must be an integer tensor"),
-        ([GOOD, GOOD], torch.tensor([0, 1]), r"targets must have shape \(3,\)"),
-        ([GOOD, GOOD], torch.tensor([[0, 1, 0]]), r"targets must have shape \(3,\)"),
-        ([GOOD, GOOD], torch.tensor([0, 2, 0]), r"targets must lie in \[0, 1\]"),
-        ([GOOD, GOOD], torch.tensor([0, -1, 0]), r"targets must lie in \[0, 1\]"),
-        ([GOOD, GOOD], [0, 1, 0], r"targets must be a torch.Tensor"),
+        ([], TARGETS, r"Argument 'logits' is empty"),
+        ("ab", TARGETS, r"Argument 'logits' is a str; pass a sequence"),
+        (torch.zeros(3, 2), TARGETS, r"Argument 'logits' is a tensor of shape \(3, 2\); pass a sequence"),
+        (
+            [GOOD, torch.zeros(3, 3)],
+            TARGETS,
+            r"Arguments 'logits\[0\]' and 'logits\[1\]' have shapes \(3, 2\) and \(3, 3\)",
+        ),
+        ([GOOD, torch.zeros(3)], TARGETS, r"Argument 'logits\[1\]' has shape \(3,\); pass .* shape \(N, C\)"),
+        ([GOOD, torch.full((3, 2), float("nan"))], TARGETS, r"Argument 'logits\[1\]' has 6 non-finite"),
+        (
+            [GOOD, GOOD],
+            torch.tensor([0.0, 1.0, 0.0]),
+            r"Argument 'targets' has dtype torch.float32; pass an integer tensor",
+        ),
+        ([GOOD, GOOD], torch.tensor([True, False, True]), r"Argument 'targets' has dtype torch.bool"),
+        ([GOOD, GOOD], torch.tensor([0, 1]), r"Argument 'targets' has shape \(2,\); pass shape \(3,\)"),
+        ([GOOD, GOOD], torch.tensor([[0, 1, 0]]), r"Argument 'targets' has shape \(1, 3\); pass shape \(3,\)"),
+        (
+            [GOOD, GOOD],
+            torch.tensor([0, 2, 0]),
+            r"Argument 'targets' holds values in \[0, 2\]; pass class indices in \[0, 1\]",
+        ),
+        ([GOOD, GOOD], torch.tensor([0, -1, 0]), r"Argument 'targets' holds values in \[-1, 0\]"),
+        ([GOOD, GOOD], [0, 1, 0], r"Argument 'targets' is a list; pass a torch.Tensor"),
     ],
 )
 def test_ensemble_errors(fn, logits, targets, words: str) -> None:  # type: ignore[no-untyped-def]
@@ -341,14 +355,14 @@ def test_ensemble_errors(fn, logits, targets, words: str) -> None:  # type: igno
 
 
 def test_pairwise_needs_two_members() -> None:
-    with pytest.raises(DataError, match=r"logits has 1 member; pairwise diversity needs at least 2"):
+    with pytest.raises(DataError, match=r"Argument 'logits' has 1 member; pairwise diversity needs at least 2"):
         diversity([GOOD], TARGETS)
     with pytest.raises(DataError, match=r"at least 2"):
         diversity(GOOD.unsqueeze(0), TARGETS)
 
 
 def test_reference_errors() -> None:
-    with pytest.raises(DataError, match=r"reference and logits\[0\] must have the same shape"):
+    with pytest.raises(DataError, match=r"Arguments 'reference' and 'logits\[0\]' have shapes"):
         diversity([GOOD, GOOD], TARGETS, reference=torch.zeros(3, 3))
-    with pytest.raises(DataError, match=r"reference has 1 non-finite"):
+    with pytest.raises(DataError, match=r"Argument 'reference' has 1 non-finite"):
         diversity([GOOD], TARGETS, reference=torch.tensor([[0.0, 0.0], [0.0, float("nan")], [0.0, 0.0]]))

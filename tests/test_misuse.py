@@ -916,7 +916,7 @@ def evaluate_dict_batches():
 # --- metrics
 
 
-@case(DataError, "a and b", "(4, 3)", "(5, 3)", old=V)
+@case(DataError, "'a' and 'b'", "(4, 3)", "(5, 3)", old=V)
 def disagreement_shapes_differ():
     p, q = torch.randn(4, 3), torch.randn(5, 3)
     return lambda: ma.metrics.disagreement(p, q), (p, q)
@@ -934,7 +934,7 @@ def kl_of_lists():
     return lambda: ma.metrics.kl_divergence(p, q), (p, q)
 
 
-@case(DataError, "logits has 1 member", "reference=", old=V)
+@case(DataError, "'logits' has 1 member", "reference=", old=V)
 def pairwise_diversity_of_one_member():
     logits, targets = [torch.randn(4, 3)], torch.zeros(4, dtype=torch.long)
     return lambda: ma.metrics.diversity(logits, targets), (logits, targets)

@@ -21,6 +21,8 @@ from maskalign.repro.stages import StageMismatchError
 from maskalign.repro.training import batches
 from maskalign.spec import build_spec
 
+pytestmark = pytest.mark.slow  # every test runs the pipeline end to end
+
 CONFIG = ReproduceConfig(
     epochs=3,
     rewind_epochs=(0, 1),
@@ -101,9 +103,9 @@ def test_changed_setting_is_reported_by_stage_and_field(tmp_path: Path) -> None:
     with pytest.raises(StageMismatchError) as info:
         reproduce(small.replace(sparse_lr=0.02), out=tmp_path)
     message = str(info.value)
-    assert "stage 'sparse/seed0/k1/s0.5/lth'" in message
+    assert "Stage 'sparse/seed0/k1/s0.5/lth'" in message
     assert "sparse_lr: 0.05 -> 0.02" in message and "--force" in message
-    with pytest.raises(StageMismatchError, match="stage 'dense/seed0-A'.*epochs: 3 -> 4"):
+    with pytest.raises(StageMismatchError, match="Stage 'dense/seed0-A'.*epochs: 3 -> 4"):
         reproduce(small.replace(epochs=4), out=tmp_path)
     recomputed: list[tuple[str, str]] = []
     forced = reproduce(
@@ -125,7 +127,7 @@ def test_cli_reports_a_mismatch_and_force_recomputes(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     assert main([*tiny, "--imp-lr", "0.02"]) == 2
     err = capsys.readouterr().err
-    assert "stage 'imp/seed0'" in err and "imp_lr: 0.01 -> 0.02" in err
+    assert "Stage 'imp/seed0'" in err and "imp_lr: 0.01 -> 0.02" in err
     assert main([*tiny, "--imp-lr", "0.02", "--force"]) == 0
 
 
@@ -179,7 +181,7 @@ def test_matching_recipe_is_recorded_and_recomputes_only_what_depends_on_it(tmp_
     }
     other = "post" if small.match_points != "post" else "pre"
     with pytest.raises(
-        StageMismatchError, match=f"stage 'match/seed0'.*match_points: '{small.match_points}' -> '{other}'"
+        StageMismatchError, match=f"Stage 'match/seed0'.*match_points: '{small.match_points}' -> '{other}'"
     ):
         reproduce(small.replace(match_points=other), out=tmp_path)
     recomputed: list[tuple[str, str]] = []

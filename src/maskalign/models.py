@@ -18,6 +18,8 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ArgumentValueError, _did_you_mean
+
 __all__ = ["MLP", "BasicBlock", "ResNet20", "VGG11", "VGG11_CFG", "MODEL_NAMES", "build_model"]
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet20", "vgg11")
@@ -28,10 +30,10 @@ VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, 
 
 
 def _check_positive(**values: int) -> None:
-    """Raise ``ValueError`` naming the first argument that is not a positive int."""
+    """Raise :class:`ArgumentValueError` naming the first argument that is not a positive int."""
     for name, value in values.items():
         if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+            raise ArgumentValueError(f"Argument '{name}' is {value}; pass a positive integer.")
 
 
 class MLP(nn.Module):
@@ -51,7 +53,9 @@ class MLP(nn.Module):
     def __init__(self, in_features: int = 64, hidden: tuple[int, ...] = (128, 128), num_classes: int = 10) -> None:
         super().__init__()
         if not hidden:
-            raise ValueError("hidden must list at least one hidden layer size")
+            raise ArgumentValueError(
+                "Argument 'hidden' is empty; list at least one hidden layer size, e.g. (128, 128)."
+            )
         _check_positive(in_features=in_features, num_classes=num_classes)
         _check_positive(**{f"hidden[{i}]": h for i, h in enumerate(hidden)})
         self.flatten = nn.Flatten()
@@ -225,4 +229,6 @@ def build_model(
         return ResNet20(width=width, num_classes=num_classes, in_channels=in_channels)
     if key == "vgg11":
         return VGG11(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
-    raise ValueError(f"unknown model {name!r}; valid names are {', '.join(MODEL_NAMES)}")
+    raise ArgumentValueError(
+        f"Model {name!r} is unknown; pass one of {', '.join(MODEL_NAMES)}.{_did_you_mean(name, MODEL_NAMES)}"
+    )

@@ -132,8 +132,8 @@ def _same_tensors(model_a: nn.Module, model_b: nn.Module) -> tuple[dict[str, Ten
         only_a = sorted(set(state_a) - set(state_b))[:5]
         only_b = sorted(set(state_b) - set(state_a))[:5]
         raise SpecMismatchError(
-            f"model_a and model_b have different tensors (only in model_a: {only_a}, only in model_b: "
-            f"{only_b}); interpolate between two models of one architecture."
+            f"Arguments 'model_a' and 'model_b' have different tensors (only in model_a: {only_a}, only in "
+            f"model_b: {only_b}); interpolate between two models of one architecture."
         )
     for name, tensor in state_a.items():
         if tensor.shape != state_b[name].shape:

@@ -58,24 +58,32 @@ def _log_probs(x: object, name: str) -> Tensor:
     """``x`` validated as ``(N, C)`` logits / log-probabilities, returned as
     float64 log-probabilities on the CPU."""
     if not isinstance(x, Tensor):
-        raise DataError(f"{name} must be a torch.Tensor of shape (N, C), got {type(x).__name__}")
+        raise DataError(f"Argument '{name}' is a {type(x).__name__}; pass a torch.Tensor of shape (N, C).")
     if x.ndim != 2:
-        raise DataError(f"{name} must have shape (N, C) (logits or log-probabilities), got shape {tuple(x.shape)}")
+        raise DataError(
+            f"Argument '{name}' has shape {tuple(x.shape)}; pass logits or log-probabilities of shape (N, C)."
+        )
     if not x.is_floating_point():
-        raise DataError(f"{name} must be a floating-point tensor of logits or log-probabilities, got dtype {x.dtype}")
+        raise DataError(
+            f"Argument '{name}' has dtype {x.dtype}; pass a floating-point tensor of logits or log-probabilities."
+        )
     n, c = x.shape
     if n == 0:
-        raise DataError(f"{name} has no samples (shape {tuple(x.shape)})")
+        raise DataError(
+            f"Argument '{name}' has no samples (shape {tuple(x.shape)}); pass (N, C) predictions with N > 0."
+        )
     if c == 0:
-        raise DataError(f"{name} has no classes (shape {tuple(x.shape)})")
+        raise DataError(
+            f"Argument '{name}' has no classes (shape {tuple(x.shape)}); pass (N, C) predictions with C > 0."
+        )
     x = x.detach().to(device="cpu", dtype=torch.float64)
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = int((~finite).sum())
         row = int((~finite).any(dim=1).nonzero()[0, 0])
         raise DataError(
-            f"{name} has {bad} non-finite value(s) (first in sample {row}); pass logits or "
-            "F.log_softmax(logits) rather than torch.log(probabilities), which gives -inf for p = 0"
+            f"Argument '{name}' has {bad} non-finite value(s) (first in sample {row}); pass logits or "
+            "F.log_softmax(logits) rather than torch.log(probabilities), which gives -inf for p = 0."
         )
     return torch.log_softmax(x, dim=1)
 
@@ -83,7 +91,8 @@ def _log_probs(x: object, name: str) -> Tensor:
 def _same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise DataError(
-            f"{name_a} and {name_b} must have the same shape (N, C), got {tuple(a.shape)} and {tuple(b.shape)}"
+            f"Arguments '{name_a}' and '{name_b}' have shapes {tuple(a.shape)} and {tuple(b.shape)}; pass "
+            "predictions of one shape (N, C)."
         )
 
 
@@ -99,18 +108,19 @@ def _members(logits: object, name: str = "logits") -> list[Tensor]:
     if isinstance(logits, Tensor):
         if logits.ndim != 3:
             raise DataError(
-                f"{name} must be a sequence of (N, C) tensors or one (M, N, C) tensor, got a tensor of shape "
-                f"{tuple(logits.shape)}"
+                f"Argument '{name}' is a tensor of shape {tuple(logits.shape)}; pass a sequence of (N, C) "
+                "tensors or one (M, N, C) tensor."
             )
         items: list[object] = list(logits.unbind(0))
     elif isinstance(logits, Sequence) and not isinstance(logits, (str, bytes)):
         items = list(logits)
     else:
         raise DataError(
-            f"{name} must be a sequence of (N, C) tensors or one (M, N, C) tensor, got {type(logits).__name__}"
+            f"Argument '{name}' is a {type(logits).__name__}; pass a sequence of (N, C) tensors or one "
+            "(M, N, C) tensor."
         )
     if not items:
-        raise DataError(f"{name} is empty: pass at least one member's (N, C) predictions")
+        raise DataError(f"Argument '{name}' is empty; pass at least one member's (N, C) predictions.")
     members = [_log_probs(item, f"{name}[{i}]") for i, item in enumerate(items)]
     for i, member in enumerate(members[1:], start=1):
         _same_shape(members[0], member, f"{name}[0]", f"{name}[{i}]")
@@ -119,15 +129,21 @@ def _members(logits: object, name: str = "logits") -> list[Tensor]:
 
 def _targets(targets: object, n: int, c: int, name: str = "targets") -> Tensor:
     if not isinstance(targets, Tensor):
-        raise DataError(f"{name} must be a torch.Tensor of class indices of shape ({n},), got {type(targets).__name__}")
+        raise DataError(
+            f"Argument '{name}' is a {type(targets).__name__}; pass a torch.Tensor of class indices of shape ({n},)."
+        )
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise DataError(f"{name} must be an integer tensor of class indices, got dtype {targets.dtype}")
+        raise DataError(f"Argument '{name}' has dtype {targets.dtype}; pass an integer tensor of class indices.")
     if tuple(targets.shape) != (n,):
-        raise DataError(f"{name} must have shape ({n},) to match the predictions' N, got {tuple(targets.shape)}")
+        raise DataError(
+            f"Argument '{name}' has shape {tuple(targets.shape)}; pass shape ({n},) to match the predictions' N."
+        )
     targets = targets.detach().to(device="cpu", dtype=torch.int64)
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= c:
-        raise DataError(f"{name} must lie in [0, {c - 1}] (C = {c} classes), got values in [{low}, {high}]")
+        raise DataError(
+            f"Argument '{name}' holds values in [{low}, {high}]; pass class indices in [0, {c - 1}] (C = {c} classes)."
+        )
     return targets
 
 
@@ -324,7 +340,9 @@ def diversity(
 
     if reference is None:
         if count < 2:
-            raise DataError(f"logits has {count} member; pairwise diversity needs at least 2 (or pass reference=...)")
+            raise DataError(
+                f"Argument 'logits' has {count} member; pairwise diversity needs at least 2 (or pass reference=...)."
+            )
         pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
         dis = sum(_disagree(members[i], members[j]) for i, j in pairs) / len(pairs)
         js = sum(float(_js_rows(members[i], members[j]).mean()) for i, j in pairs) / len(pairs)

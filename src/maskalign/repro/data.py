@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ..errors import DataError
+from ..errors import ArgumentValueError, DataError, _did_you_mean
 
 __all__ = [
     "DATASET_NAMES",
@@ -119,12 +119,12 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> DatasetSplits:
         ValueError: if ``test_fraction`` is not in ``(0, 1)``.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ArgumentValueError(f"Argument 'test_fraction' is {test_fraction}; pass a fraction in (0, 1).")
     try:
         from sklearn.datasets import load_digits as sk_load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
-        raise ImportError("the digits data set needs scikit-learn: pip install 'maskalign[demo]'") from exc
+        raise ImportError("The digits data set needs scikit-learn; run pip install 'maskalign[demo]'.") from exc
     bunch = sk_load_digits()
     images = bunch.images.astype(np.float32)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
@@ -157,7 +157,7 @@ def load_cifar(root: str | os.PathLike[str], num_classes: int = 10) -> DatasetSp
             path looked for), or a file is malformed (the message names it).
     """
     if num_classes not in _CIFAR_LAYOUTS:
-        raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
+        raise ArgumentValueError(f"Argument 'num_classes' is {num_classes}; pass 10 or 100 for CIFAR.")
     layout = _CIFAR_LAYOUTS[num_classes]
     folder = _find_cifar_folder(Path(root), layout)
     train = [_read_cifar_file(folder / f, layout.label_key, num_classes) for f in layout.train_files]
@@ -185,10 +185,10 @@ def _find_cifar_folder(root: Path, layout: _CifarLayout) -> Path:
         if (candidate / layout.test_file).is_file():
             return candidate
     raise DataError(
-        f"CIFAR data not found: looked for {root / layout.folder / layout.test_file} "
+        f"Folder {root} holds no CIFAR data: looked for {root / layout.folder / layout.test_file} "
         f"(and {root / layout.test_file}). CIFAR cannot be downloaded at run time; "
         f"download the python version from https://www.cs.toronto.edu/~kriz/cifar.html "
-        f"and extract it so that {root / layout.folder} exists"
+        f"and extract it so that {root / layout.folder} exists."
     )
 
 
@@ -201,32 +201,35 @@ def _read_cifar_file(path: Path, label_key: bytes, num_classes: int) -> tuple[np
     """
     if not path.is_file():
         raise DataError(
-            f"CIFAR file not found: {path}. CIFAR cannot be downloaded at run time; "
-            "place the complete extracted python version there"
+            f"CIFAR file {path} is missing. CIFAR cannot be downloaded at run time; "
+            "place the complete extracted python version there."
         )
     try:
         with path.open("rb") as f:
             batch: Any = pickle.load(f, encoding="bytes")
     except _UNPICKLE_ERRORS as exc:
-        raise DataError(f"malformed CIFAR file {path}: cannot unpickle ({exc})") from exc
+        raise DataError(f"CIFAR file {path} cannot be unpickled ({exc}); extract the python version again.") from exc
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataError(f"malformed CIFAR file {path}: expected a dict with keys b'data' and {label_key!r}")
+        raise DataError(
+            f"CIFAR file {path} is not a dict with keys b'data' and {label_key!r}; extract the python version again."
+        )
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_ROW:
         raise DataError(
-            f"malformed CIFAR file {path}: b'data' must be uint8 of shape (N, {_CIFAR_ROW}), "
-            f"got {data.dtype} {data.shape}"
+            f"CIFAR file {path} holds b'data' of {data.dtype} {data.shape}, not uint8 of shape "
+            f"(N, {_CIFAR_ROW}); extract the python version again."
         )
     integral = labels.size == 0 or np.issubdtype(labels.dtype, np.integer)
     if labels.shape != (data.shape[0],) or not integral:
         raise DataError(
-            f"malformed CIFAR file {path}: {label_key!r} must hold {data.shape[0]} integers, "
-            f"got {labels.dtype} {labels.shape}"
+            f"CIFAR file {path} holds {label_key!r} of {labels.dtype} {labels.shape}, not "
+            f"{data.shape[0]} integers; extract the python version again."
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
-            f"malformed CIFAR file {path}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+            f"CIFAR file {path} holds labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes}); "
+            "check that it is the right data set (CIFAR-10 or CIFAR-100)."
         )
     return data, labels.astype(np.int64)
 
@@ -265,9 +268,9 @@ def augment_crop_flip(x: Tensor, generator: torch.Generator | None = None, paddi
         ValueError: if ``padding`` is negative.
     """
     if x.ndim != 4:
-        raise DataError(f"augment_crop_flip expects images (N, C, H, W), got shape {tuple(x.shape)}")
+        raise DataError(f"Argument 'x' has shape {tuple(x.shape)}; augment_crop_flip needs images (N, C, H, W).")
     if padding < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
+        raise ArgumentValueError(f"Argument 'padding' is {padding}; pass 0 or more.")
     n, c, h, w = x.shape
     rand_device = generator.device if generator is not None else x.device
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=rand_device)
@@ -299,12 +302,14 @@ def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DatasetSp
     if key in ("cifar10", "cifar100"):
         if root is None:
             raise DataError(
-                f"{key} is read from a local folder and cannot be downloaded at run time; "
+                f"Data set {key} is read from a local folder and cannot be downloaded at run time; "
                 "pass its location with --data-root (the folder holding "
-                f"{_CIFAR_LAYOUTS[int(key[5:])].folder}, or that folder itself)"
+                f"{_CIFAR_LAYOUTS[int(key[5:])].folder}, or that folder itself)."
             )
         return load_cifar(root, num_classes=int(key[5:]))
-    raise ValueError(f"unknown data set {name!r}; valid names are {', '.join(DATASET_NAMES)}")
+    raise ArgumentValueError(
+        f"Data set {name!r} is unknown; pass one of {', '.join(DATASET_NAMES)}.{_did_you_mean(name, DATASET_NAMES)}"
+    )
 
 
 def splits_to_device(splits: DatasetSplits, device: torch.device | str) -> DatasetSplits:
@@ -359,9 +364,9 @@ def write_fake_cifar(
         ValueError: if ``num_classes`` is not 10 or 100, or a size is negative.
     """
     if num_classes not in _CIFAR_LAYOUTS:
-        raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
+        raise ArgumentValueError(f"Argument 'num_classes' is {num_classes}; pass 10 or 100 for CIFAR.")
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"n_train and n_test must be non-negative, got {n_train}, {n_test}")
+        raise ArgumentValueError(f"Arguments 'n_train' and 'n_test' are {n_train} and {n_test}; pass 0 or more.")
     layout = _CIFAR_LAYOUTS[num_classes]
     folder = Path(root) / layout.folder
     folder.mkdir(parents=True, exist_ok=True)

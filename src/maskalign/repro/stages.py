@@ -108,7 +108,7 @@ class StageStore:
             if stored.get(name) != current.get(name)
         ]
         raise StageMismatchError(
-            f"stage '{stage}/{key}' in {self.root} was computed with different settings "
+            f"Stage '{stage}/{key}' in {self.root} was computed with different settings "
             f"({'; '.join(diffs) or 'unknown format'}). Use another --out folder, or --force to "
             "recompute the stages whose settings changed, or --restart to discard every stage."
         )

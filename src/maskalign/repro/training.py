@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from ..errors import ConfigError
 from ..sparse.enforce import enforce_masks
 from .data import augment_crop_flip
 
@@ -139,7 +140,9 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """
     dtypes = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in dtypes:
-        raise ValueError(f"amp must be one of {list(dtypes)}, got {amp!r}")
+        raise ConfigError(f"Setting 'amp' is {amp!r}; pass one of {list(dtypes)}.")
     if amp != "off" and device.type != "cuda":
-        raise ValueError(f"amp={amp!r} needs a CUDA model; this one is on {device}. Use --amp off on CPU.")
+        raise ConfigError(
+            f"Setting 'amp' is {amp!r}, which needs a CUDA model, but this one is on {device}; pass --amp off."
+        )
     return dtypes[amp]

@@ -346,7 +346,9 @@ def iterative_magnitude_pruning(
         validate_masks(model, masks)
         outside = [k for k in masks if k not in names]
         if outside:
-            raise MaskError(f"masks given for parameters that are not pruned: {outside}; add them to params.")
+            raise MaskError(
+                f"Masks {outside} are for parameters that are not pruned; add them to 'params' or drop them."
+            )
         current = {k: v.detach().clone() for k, v in masks.items()}
     numel = sum(named[n].numel() for n in names)
     start = _pruned_fraction(current, numel)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import gcd
 
+from ..errors import SpecError
+
 __all__ = ["AtomTable", "Freeze"]
 
 
@@ -167,7 +169,10 @@ class AtomTable:
         if a == b:
             return True
         if self._size[a] != self._size[b]:
-            raise AssertionError("union of atoms of different sizes")
+            raise SpecError(
+                f"Atoms {a} and {b} have different sizes ({self._size[a]} and {self._size[b]}) and cannot be joined; "
+                "this is a bug in maskalign's axis analysis: please report it with the model."
+            )
         cat_a, cat_b = self._concat.get(a), self._concat.get(b)
         exp_a, exp_b = self._expansion.get(a), self._expansion.get(b)
         if (cat_a and exp_b) or (cat_b and exp_a):

@@ -293,8 +293,8 @@ def _build(
     unknown = sorted(set(permutable_buffers) - set(captured.constants))
     if unknown:
         raise SpecError(
-            f"permutable_buffers {unknown} are not non-persistent buffers or constants of the model; "
-            f"candidates: {sorted(captured.constants)[:10]}"
+            f"Argument 'permutable_buffers' names {unknown}, which are not non-persistent buffers or constants "
+            f"of the model; pass some of {sorted(captured.constants)[:10]}."
         )
     train = None
     if isinstance(model, nn.Module):
