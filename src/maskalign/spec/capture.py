@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import importlib
 import inspect
 import io
@@ -477,7 +478,7 @@ def capture(
     with _in_mode(model, train), torch.no_grad():
         _check_signature(model, args, kwargs)
         try:
-            with warnings.catch_warnings(), _quiet_export():
+            with warnings.catch_warnings(), _quiet_export(), _kept_dim_marks((args, kwargs)):
                 # torch.nn.utils.prune recomputes `weight` in a forward pre-hook; export warns
                 # about the attribute write, which is exactly the form we support
                 assigned = r"The tensor attributes? .* (?:was|were) assigned during export"
@@ -609,6 +610,43 @@ def _quiet_export() -> Iterator[None]:
     for record in capture.records:
         if record.levelno >= logging.ERROR:
             logging.getLogger(record.name).handle(record)
+
+
+_DIM_MARKS = (
+    "_dynamo_weak_dynamic_indices",
+    "_dynamo_dynamic_indices",
+    "_dynamo_dynamic_range",
+    "_dynamo_static_indices",
+    "_dynamo_unbacked_indices",
+    "_dynamo_propagated_dynamic_indices",
+    "_has_dynamo_dim_marking",
+)
+"""Attributes by which ``torch._dynamo.mark_dynamic`` and friends mark the
+dims of a tensor (what ``torch._export.non_strict_utils._clean_dynamic_markers``
+removes)."""
+
+
+@contextlib.contextmanager
+def _kept_dim_marks(inputs: Any) -> Iterator[None]:
+    """Put the dim marks of every input tensor back as they were on exit.
+
+    ``torch.export`` with ``dynamic_shapes`` marks dims on the input tensors
+    themselves (``Dim.AUTO``: ``torch._dynamo.maybe_mark_dynamic``, after
+    clearing the user's own marks), and removes its marks only when export
+    succeeds: after a failed dynamic export, the next static export of the
+    same tensors would still trace those dims as symbols.
+    """
+    tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, Tensor)]
+    saved = [{name: copy.copy(getattr(t, name)) for name in _DIM_MARKS if hasattr(t, name)} for t in tensors]
+    try:
+        yield
+    finally:
+        for tensor, marks in zip(tensors, saved):
+            for name in _DIM_MARKS:
+                if name in marks:
+                    setattr(tensor, name, marks[name])
+                elif hasattr(tensor, name):
+                    delattr(tensor, name)
 
 
 def _export_error(model: nn.Module, exc: BaseException, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> TraceError:
