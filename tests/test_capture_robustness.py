@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,9 +20,11 @@ import torch
 import torch.nn.utils.prune
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 import maskalign as ma
-from maskalign.spec.capture import REGIONS_META, _GraphRunner, capture, flatten_wrappers
+from maskalign.matching import activation
+from maskalign.spec.capture import REGIONS_META, CapturedGraph, _GraphRunner, _restoring, capture, flatten_wrappers
 
 
 def randn(*shape: int, seed: int = 0) -> Tensor:
@@ -579,3 +582,133 @@ def test_dynamic_batch_covers_keyword_inputs() -> None:
     assert len(inputs) == 2 and all(not isinstance(s[0], int) for s in inputs)
     static = capture(model, None, _tagger_batch(2), check=False)
     assert all(isinstance(n.meta["val"].shape[0], int) for n in static.graph.nodes if n.op == "placeholder")
+
+
+def test_a_parameter_set_to_none_by_forward_is_put_back_and_refused() -> None:
+    model, x = randomized(Net()), randn(3, 64)
+    captured = capture(model, x)
+    weight = model.head.weight
+    with pytest.raises(ma.TraceError, match=r"^Parameter 'head.weight' of Net is set to None or deleted by forward"):
+        with _restoring(model, captured):
+            model.head.weight = None
+    assert model.head.weight is weight
+
+
+# ------------------------------------- activation probes of other batch sizes
+class _Probed(nn.Module):
+    """fc1 -> ReLU -> fc2, with the ReLU applied only when ``keep(x)``."""
+
+    def __init__(self, keep: Callable[[Tensor], bool] = lambda x: True) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.keep = keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h) if self.keep(x) else h)
+
+
+def _concrete_batch(x: Tensor) -> bool:
+    """Like a forward that sizes something on the Python side by the batch:
+    a symbolic batch size (``Dim.AUTO``) is refused."""
+    if not isinstance(x.shape[0], int):
+        raise TypeError(f"batch size {x.shape[0]} is not an int")
+    return True
+
+
+class _CaptureSpy:
+    """Stands in for ``capture`` in the activation matcher; records
+    ``(dynamic_batch, batch size, outcome)`` of every call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[bool, int, str]] = []
+        self.capture = activation.capture
+        monkeypatch.setattr(activation, "capture", self)
+
+    def __call__(self, model: nn.Module, args: Any, kwargs: Any, **options: Any) -> Any:
+        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+        try:
+            captured = self.capture(model, args, kwargs, **options)
+        except ma.TraceError:
+            self.calls.append((options.get("dynamic_batch", False), leaves[0].shape[0], "TraceError"))
+            raise
+        self.calls.append((options.get("dynamic_batch", False), leaves[0].shape[0], "captured"))
+        return captured
+
+
+def test_a_failed_dynamic_capture_leaves_the_inputs_unmarked() -> None:
+    """torch.export marks Dim.AUTO dims on the input tensors themselves and
+    removes the marks only when it succeeds; capture removes them either way,
+    so that a static capture of the same tensors afterwards is static."""
+    model, x = randomized(_Probed(_concrete_batch)), randn(3, 5)
+    with pytest.raises(ma.TraceError, match=r"TypeError: batch size s\d+ is not an int"):
+        capture(model, x, check=False, dynamic_batch=True)
+    assert not [name for name in vars(x) if name.startswith("_dynamo")]
+    static = capture(model, x)
+    assert all(isinstance(n.meta["val"].shape[0], int) for n in static.graph.nodes if n.op == "placeholder")
+
+
+def _self_match(model: nn.Module, data: list[Any], **kw: Any) -> tuple[ma.PermutationSpec, bool]:
+    """Spec of ``model`` on the first batch; whether matching ``model`` to a
+    permuted copy of itself over ``data`` recovers the permutation."""
+    first = data[0]
+    spec = ma.build_spec(model, **({"kwargs": first} if isinstance(first, dict) else {"example_inputs": first}))
+    sigma = ma.random_permutation(spec, torch.Generator().manual_seed(3))
+    permuted = ma.apply_permutation(model, sigma)
+    return spec, ma.match_activations(model, permuted, data, spec, progress=False, **kw) == sigma
+
+
+def test_other_batch_sizes_fall_back_to_static_capture_when_dynamic_export_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = randomized(_Probed(_concrete_batch))
+    spy = _CaptureSpy(monkeypatch)
+    spec, recovered = _self_match(model, [randn(4, 5), randn(3, 5, seed=1), randn(6, 5, seed=2)])
+    # batch 4 is the spec's own graph; batch 3 tries a dynamic batch dimension once, which fails,
+    # then captures statically; batch 6 goes straight to a static capture
+    assert spy.calls == [(True, 3, "TraceError"), (False, 3, "captured"), (False, 6, "captured")]
+    assert spec.cache["dynamic"] is False
+    assert recovered
+
+
+def test_a_dynamic_graph_without_the_probed_nodes_falls_back_to_static_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the ReLU (the probed point under points="post") is skipped on a symbolic batch size
+    model = randomized(_Probed(lambda x: isinstance(x.shape[0], int)))
+    spy = _CaptureSpy(monkeypatch)
+    spec, recovered = _self_match(model, [randn(4, 5), randn(3, 5, seed=1)], points="post")
+    # the dynamic capture works but lacks 'relu': the batch is captured once more, statically
+    assert spy.calls == [(True, 3, "captured"), (False, 3, "captured")]
+    assert spec.cache["dynamic"] is False
+    assert recovered
+
+
+def test_a_dynamic_batch_that_works_is_kept_for_every_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = randomized(_Probed())
+    spy = _CaptureSpy(monkeypatch)
+    spec, recovered = _self_match(model, [randn(4, 5), randn(3, 5, seed=1), randn(6, 5, seed=2)], points="post")
+    assert spy.calls == [(True, 3, "captured")]
+    assert isinstance(spec.cache["dynamic"], CapturedGraph)
+    assert recovered
+
+
+def test_keyword_inputs_of_other_batch_sizes_are_captured_statically(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _Tagger().double().eval()
+    spy = _CaptureSpy(monkeypatch)
+    _, recovered = _self_match(model, [_tagger_batch(4), _tagger_batch(3, seed=1), _tagger_batch(3, seed=2)])
+    assert spy.calls == [(False, 3, "captured")]  # one static graph per shape, cached
+    assert recovered
+
+
+def test_inputs_that_trace_to_a_different_graph_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a batch of 2 or fewer skips the ReLU that the spec (batch 4) probes under points="post"
+    model = randomized(_Probed(lambda x: x.shape[0] > 2))
+    spy = _CaptureSpy(monkeypatch)
+    with pytest.raises(
+        ma.TraceError,
+        match=r"^Inputs of shapes \(\(2, 5\),\) trace to a different graph \(nodes \['relu'\] are missing\); "
+        r"use batches of one shape",
+    ):
+        _self_match(model, [randn(4, 5), randn(2, 5, seed=1)], points="post")
+    assert spy.calls == [(True, 2, "captured"), (False, 2, "captured")]
