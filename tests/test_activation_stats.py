@@ -17,6 +17,7 @@ from torch import Tensor
 
 import maskalign as ma
 from maskalign.errors import ArgumentTypeError, ArgumentValueError, DataError
+from maskalign.matching import activation
 from maskalign.matching.activation import ActivationStats
 from maskalign.matching.stats import ActivationStats as StatsModuleActivationStats
 
@@ -73,7 +74,7 @@ def assert_state(stats: ActivationStats, expected: dict[str, Tensor], rtol: floa
 
 def test_activation_stats_is_importable_from_activation() -> None:
     assert ActivationStats is StatsModuleActivationStats
-    assert "ActivationStats" in ma.matching.activation.__all__
+    assert "ActivationStats" in activation.__all__
 
 
 # ------------------------------------------------------------- update / merge

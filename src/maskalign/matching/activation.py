@@ -634,8 +634,8 @@ def _agree_on_data(seen: int, has_spec: bool, device: torch.device) -> None:
     counts, stranded = table[0].tolist(), [r for r, flag in enumerate(table[1].tolist()) if flag]
     if not any(counts):
         raise DataError(
-            f"Argument 'data' yielded no batches on any of the {world} ranks (exhausted iterators?); pass the "
-            "ranks lists or DataLoaders with at least one batch in all."
+            f"Argument 'data' yielded no batches on any of the {world} ranks (exhausted iterators?); pass lists "
+            "or DataLoaders that hold at least one batch on some rank."
         )
     if stranded:
         raise DataError(
@@ -783,10 +783,10 @@ def match_activations(
             on different devices, or hold their weights in different dtypes.
         SpecError: ``spec`` was not made by :func:`~maskalign.build_spec`.
         DataError: ``data`` yields no batch (under ``torch.distributed``: on
-            any rank, or on a rank without ``spec``), a batch holds no tensor (or a list
-            of numbers, a numpy array), a batch's inputs are not those the spec
-            was built from, or an activation is not finite (the message names
-            the graph node and the batch).
+            no rank, or on a rank without ``spec``), a batch holds no tensor
+            (or a list of numbers, a numpy array), a batch's inputs are not
+            those the spec was built from, or an activation is not finite (the
+            message names the graph node and the batch).
         TraceError: the model cannot be captured on the first batch; for a
             transformers model with ``config.use_cache=True`` whose forward
             returns a key/value cache, the message says to pass
