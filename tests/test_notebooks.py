@@ -47,6 +47,7 @@ def test_committed_notebooks_have_outputs() -> None:
         assert not errors, f"{path.name} is stored with an error output: {errors[0].get('ename')}"
 
 
+@pytest.mark.slow  # starts a kernel
 def test_kernel_runs_this_interpreter() -> None:
     """The ``python3`` kernel is the interpreter running the tests (the venv
     with maskalign installed), not whichever ``python`` is first on PATH."""
@@ -66,6 +67,7 @@ def test_kernel_runs_this_interpreter() -> None:
     assert Path("".join(lines).strip()).resolve() == Path(sys.executable).resolve()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The kernel inherits this: one intra-op thread. The notebooks' models are

@@ -20,6 +20,8 @@ import pytest
 from maskalign.repro.experiment import reproduce
 from maskalign.repro.presets import PRESETS
 
+pytestmark = pytest.mark.slow  # the whole default run: about a minute
+
 
 @pytest.fixture(scope="module")
 def default_run() -> dict[str, Any]:

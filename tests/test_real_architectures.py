@@ -32,6 +32,8 @@ from maskalign.models import VGG11, ResNet20
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+pytestmark = pytest.mark.slow  # real architectures built and exported: the slow tier
+
 KEEP_TOL = 1e-9
 BREAK_TOL = 1e-6
 DT = torch.float64

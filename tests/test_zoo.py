@@ -219,6 +219,7 @@ def _param(case: Case, reason: str | None) -> object:
     return pytest.param(case.name, id=case.name, marks=marks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [_param(c, c.xfail or KNOWN_BUGS.get(c.name)) for c in CASES])
 def test_zoo_model(name: str) -> None:
     r = result(name)
@@ -229,6 +230,7 @@ def test_zoo_model(name: str) -> None:
     assert not r.problems, "\n".join(r.problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [_param(BY_NAME[n], f"frozen today: {why}") for n, why in PERMUTABLE.items() if n in BY_NAME]
@@ -248,6 +250,7 @@ def test_zoo_size_and_families() -> None:
     assert {"pattern", "maskalign"} <= families
 
 
+@pytest.mark.slow  # runs every transformers case
 def test_zoo_average_coverage_of_models_with_task_heads() -> None:
     """Acceptance: coverage (hidden-axis units in groups, PermutationSpec.coverage)
     averages at least 0.9 over the transformers models with task heads."""
