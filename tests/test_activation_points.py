@@ -128,6 +128,7 @@ def never_iterated() -> Iterator[Tensor]:
 
 
 # -------------------------------------------------------------- the spec
+@pytest.mark.slow
 def test_spec_lists_pre_and_post_points_of_every_nonlinearity() -> None:
     """Every ReLU of ResNet20 gives a post point (the relu node) and a pre
     point (its input node) to the groups it carries, in graph order."""
@@ -150,6 +151,7 @@ def test_spec_lists_pre_and_post_points_of_every_nonlinearity() -> None:
     assert {user.target for user in last.users} >= {torch.ops.aten.conv2d.default}
 
 
+@pytest.mark.slow
 def test_groups_without_nonlinearity_inputs_list_values() -> None:
     """A group that meets no nonlinearity (GPT-2's residual stream, the heads)
     lists every other value as kind "value"; "post" falls back to them."""
@@ -224,6 +226,7 @@ def test_mlp_statistics_match_a_hand_computed_correlation(points: str, stream: s
             assert np.array_equal(found, best)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("points", "stream"), RECIPES)
 def test_resnet_stream_statistics_match_the_hand_pooled_values(points: str, stream: str) -> None:
     """ResNet20's first stream, by hooks: "post"/"last" is the output of
@@ -280,6 +283,7 @@ def test_dead_units_are_dead_and_their_pre_activations_differ() -> None:
     assert np.abs(corr[~np.eye(len(dead), dtype=bool)]).max() < 1 - 1e-6  # no two alike before the ReLU
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cost", ["covariance", "euclidean"])
 @pytest.mark.parametrize("points", ["post", "both"])
 def test_resnet_self_recovery_with_other_costs(points: str, cost: str) -> None:
@@ -293,6 +297,7 @@ def test_resnet_self_recovery_with_other_costs(points: str, cost: str) -> None:
     assert pi == sigma
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("points", "stream"), [("post", "last"), ("both", "last"), ("post", "all")])
 @pytest.mark.parametrize("build", ["vit", "gpt2"])
 def test_transformer_self_recovery_for_other_recipes(build: str, points: str, stream: str) -> None:

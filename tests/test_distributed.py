@@ -33,6 +33,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_match_like_one_process(tmp_path) -> None:
     a, b = _models()

@@ -42,6 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     return reproduce(TINY, out=out), out
 
 
+@pytest.mark.slow
 def test_every_seed_k_sparsity_method_is_trained(tiny: tuple[dict, Path]) -> None:
     results, _ = tiny
     got = {(r["seed"], r["k"], r["sparsity"], r["method"]) for r in results["sparse"]}
@@ -55,6 +56,7 @@ def test_every_seed_k_sparsity_method_is_trained(tiny: tuple[dict, Path]) -> Non
     assert {(r["seed"], r["model"]) for r in results["dense"]} == {(0, "A"), (0, "B"), (1, "A"), (1, "B")}
 
 
+@pytest.mark.slow
 def test_masks_and_starting_points_follow_the_protocol(tiny: tuple[dict, Path]) -> None:
     """IMP masks are nested; permuted = pi(m_A); sparse models are zero off-mask;
     LTH starts from A_k and naive/permuted from B_k (their training differs,
@@ -80,6 +82,7 @@ def test_masks_and_starting_points_follow_the_protocol(tiny: tuple[dict, Path]) 
     assert not torch.equal(a_k["fc.weight"], b_k["fc.weight"])  # two different initialisations
 
 
+@pytest.mark.slow
 def test_lmc_curves_before_and_after_matching(tiny: tuple[dict, Path]) -> None:
     results, _ = tiny
     by_pair = {(c["seed"], c["pair"], c["k"], c["sparsity"]): c for c in results["lmc"]}
@@ -95,6 +98,7 @@ def test_lmc_curves_before_and_after_matching(tiny: tuple[dict, Path]) -> None:
                     assert (seed, pair, k, target) in by_pair
 
 
+@pytest.mark.slow
 def test_diversity_rows_in_both_modes(tiny: tuple[dict, Path]) -> None:
     results, _ = tiny
     rows = results["diversity"]
@@ -149,6 +153,7 @@ def _member(starts: dict, seed: int, method: str) -> tuple[dict, dict, int]:
     return starts[(stage, f"seed{seed}/k1/s0.5/{method}")]
 
 
+@pytest.mark.slow
 def test_shared_mask_lth_members_share_init_and_mask(shared_run: tuple) -> None:
     """ICML Table 1 / Evci et al. 2022: every LTH member starts from A_0,k
     with the one mask m_A0; only the data order differs."""
@@ -182,6 +187,7 @@ def test_shared_mask_lth_members_share_init_and_mask(shared_run: tuple) -> None:
     }
 
 
+@pytest.mark.slow
 def test_shared_mask_permuted_members_use_the_matching_from_a0(shared_run: tuple) -> None:
     """Permuted member s starts from B_s,k with pi'_s(m_A0), where pi'_s is
     activation matching A_0 -> B_s (pi'_0 = pi_0 of the across-seed run)."""
@@ -209,6 +215,7 @@ def test_shared_mask_permuted_members_use_the_matching_from_a0(shared_run: tuple
         assert all(torch.equal(state[n], b_k[n]) for n in b_k)
 
 
+@pytest.mark.slow
 def test_shared_mask_table_in_markdown(shared_run: tuple) -> None:
     results, _, _ = shared_run
     table = markdown_table(results)
@@ -222,6 +229,7 @@ def test_shared_mask_table_in_markdown(shared_run: tuple) -> None:
     assert reproduce(TINY.replace(seeds=1, rewind_epochs=(1,), sparsities=(0.5,)))["shared_mask"] is None
 
 
+@pytest.mark.slow
 def test_markdown_lays_out_tables_like_the_paper(tiny: tuple[dict, Path]) -> None:
     results, _ = tiny
     table = markdown_table(results)
@@ -235,6 +243,7 @@ def test_markdown_lays_out_tables_like_the_paper(tiny: tuple[dict, Path]) -> Non
     assert mean == pytest.approx(sum(accs) / 2) and std >= 0
 
 
+@pytest.mark.slow
 def test_fake_cifar_preset_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The cifar10-resnet20x1 preset on a tiny fake CIFAR folder: 1 epoch, 2
     IMP rounds, every stage, the reports, and `maskalign report`."""

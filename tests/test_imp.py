@@ -219,6 +219,7 @@ def test_evaluate_is_recorded_per_round() -> None:
     assert calls == pytest.approx([0.2, 0.36], abs=1e-2)  # sparsity of the weights the model ends with
 
 
+@pytest.mark.slow  # IMP training on digits
 def test_imp_finds_trainable_tickets_on_digits() -> None:
     """End to end: a digits MLP pruned to 80 % by IMP keeps its accuracy."""
     splits = ma_data_digits()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import maskalign as ma
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +54,7 @@ def test_one_folder_per_concept() -> None:
     assert top_level == ["__init__.py", "errors.py", "metrics.py", "models.py", "permutation.py"]
 
 
+@pytest.mark.slow  # a subprocess imports the package
 def test_the_library_never_imports_the_application() -> None:
     graph = layout_diagram.import_graph()
     offenders = {
@@ -102,6 +105,7 @@ def test_concepts_form_no_import_cycle() -> None:
     assert not cycles, cycles
 
 
+@pytest.mark.slow  # a subprocess imports the package
 def test_every_module_imports_on_its_own() -> None:
     """No module works only because another was imported first (a hidden
     cycle): each is imported first into a fresh copy of the package."""

@@ -10,6 +10,8 @@ from conftest import make_model, spec_for
 
 import maskalign as ma
 
+pytestmark = pytest.mark.slow  # matching at scale: hundreds of matchings, transformer models
+
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20_w1"])
 def test_match_weights_recovers_100_of_100(name: str) -> None:

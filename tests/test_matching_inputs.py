@@ -152,6 +152,7 @@ def test_keyword_order_may_change_between_batches(models, reference) -> None:
     assert match(a, b, batches) == reference
 
 
+@pytest.mark.slow
 def test_spec_built_with_kwargs_and_batches_of_other_lengths_recover_a_permutation() -> None:
     a = tiny_bert(2)
     first = dict_batches(seed=3)[0]

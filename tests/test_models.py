@@ -154,6 +154,7 @@ def test_models_are_fx_traceable(name: str) -> None:
     torch.testing.assert_close(traced(x), model(x))
 
 
+@pytest.mark.slow
 def test_vgg11_without_batch_norm_is_the_plain_vgg_and_permutes_exactly() -> None:
     """``batch_norm=False``: no BatchNorm, a bias on every convolution; a random
     permutation of its spec keeps the function (float64, non-trivial weights),

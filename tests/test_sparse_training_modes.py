@@ -140,6 +140,7 @@ def test_autocast_with_grad_scaler_and_clipping(device: str) -> None:
 # --- torch.compile
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize(
     ("device", "backend"),
     [

@@ -391,6 +391,7 @@ def test_first_conv_input_axis_frozen_with_reason(model, first: str) -> None:  #
 
 
 # -------------------------------------------------------- hypothesis: MLPs
+@pytest.mark.slow  # hypothesis sweep of random architectures
 @settings(max_examples=15, deadline=None)
 @given(
     hidden=st.lists(st.integers(2, 12), min_size=1, max_size=4, unique=True),
@@ -450,6 +451,7 @@ class RandomConvNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+@pytest.mark.slow  # hypothesis sweep of random architectures
 @settings(max_examples=15, deadline=None)
 @given(
     in_channels=st.integers(1, 3),

@@ -1431,6 +1431,7 @@ def mixed_architectures(draw: st.DrawFn) -> tuple[int, list[tuple[str, list[int]
     return in_features, blocks, out
 
 
+@pytest.mark.slow  # hypothesis sweep of random architectures
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=mixed_architectures(), seed=st.integers(0, 2**16))
 def test_property_mixed_architectures(arch: tuple[int, list[tuple[str, list[int], str]], int], seed: int) -> None:

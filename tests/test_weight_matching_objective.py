@@ -218,6 +218,7 @@ def git_rebasin_objectives(name: str, model_a: nn.Module, model_b: nn.Module) ->
     return values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "resnet20_w1"])
 def test_objective_at_least_git_rebasins(name: str) -> None:
     """Both are local searches of the same objective, so which local optimum
