@@ -79,7 +79,7 @@ ARCHS = {
         "vgg11",
         lambda: VGG11(num_classes=10, in_channels=3, image_size=32, batch_norm=False),
         True,
-        TrainConfig(epochs=8, lr=0.02, batch_size=64),
+        TrainConfig(epochs=6, lr=0.05, batch_size=64),
     ),
 }
 

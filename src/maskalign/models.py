@@ -160,12 +160,15 @@ class VGG11(nn.Module):
     redundant (REPAIR's reference code keeps it; the function is the same).
     With ``batch_norm=False`` there is no ``bn<i>`` and every convolution has a
     bias: the VGG11 without normalisation of the paper's Figure 3 (REPAIR's
-    "plain" VGG).
+    "plain" VGG). Without normalisation PyTorch's default initialisation
+    shrinks the signal at every layer and SGD stays at chance, so these
+    convolutions get He initialisation (Kaiming normal, fan-out, ReLU gain)
+    and zero biases, as torchvision's VGG (He et al., ICCV 2015).
 
     Input ``(N, in_channels, image_size, image_size)``; output ``(N, num_classes)``.
 
     Raises:
-        ValueError: if a size argument is not positive.
+        ArgumentValueError: (a ``ValueError``) a size argument is not positive.
     """
 
     def __init__(
@@ -197,6 +200,11 @@ class VGG11(nn.Module):
         self.features = nn.Sequential(layers)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(channels * size * size, num_classes)
+        if not batch_norm:
+            for module in self.features:
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(N, in_channels, image_size, image_size)`` to ``(N, num_classes)``."""
