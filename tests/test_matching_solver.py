@@ -156,7 +156,7 @@ def _warnings_of(fn) -> tuple[ma.Permutation, list[warnings.WarningMessage]]:  #
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fn()
-    return result, [w for w in caught if "activation matching skips" in str(w.message)]
+    return result, [w for w in caught if "Activation matching skips" in str(w.message)]
 
 
 def test_max_joint_skips_a_nested_group_with_a_warning_naming_it() -> None:
@@ -166,7 +166,7 @@ def test_max_joint_skips_a_nested_group_with_a_warning_naming_it() -> None:
     pi, caught = _warnings_of(lambda: ma.match_activations(model, permuted, data, spec, max_joint=7, progress=False))
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert message.startswith("activation matching skips nodes [")
+    assert message.startswith("Activation matching skips nodes [")
     assert f"'{HEADS}'" in message and f"'{HEAD_DIMS}'" in message and "max_joint=7" in message
     assert "troubleshooting/#warning-max-joint" in message
     assert caught[0].filename == __file__  # points at the caller

@@ -254,7 +254,9 @@ def _models_device_dtype(model_a: nn.Module, model_b: nn.Module) -> tuple[torch.
         raise SpecMismatchError("Model model_a has no parameters or buffers to match; pass a model with weights.")
     dev_a, dev_b = tensors_a[0].device, tensors_b[0].device if tensors_b else tensors_a[0].device
     if dev_a != dev_b:
-        raise SpecMismatchError(f"model_a is on {dev_a} but model_b is on {dev_b}; move both to one device.")
+        raise SpecMismatchError(
+            f"Arguments 'model_a' and 'model_b' are on {dev_a} and {dev_b}; move both to one device."
+        )
     return dev_a, tensors_a[0].dtype
 
 
@@ -546,7 +548,7 @@ class _Plan:
         nodes = list(self.skipped)
         groups = list(dict.fromkeys(g for found in self.skipped.values() for g in found))
         warnings.warn(
-            f"activation matching skips nodes {nodes[:3]}{' ...' if len(nodes) > 3 else ''} of groups "
+            f"Activation matching skips nodes {nodes[:3]}{' ...' if len(nodes) > 3 else ''} of groups "
             f"{', '.join(map(repr, groups))}: their joint axis has more than max_joint={max_joint} units; pass "
             "a larger max_joint= if memory allows (these groups are matched from their other points, or keep "
             f"the identity). See {DOCS_URL}/troubleshooting/#warning-max-joint",
@@ -899,8 +901,14 @@ class _Visitor:
         if not all(stats.is_finite() for stats in touched):
             for value, which in ((value_a, "model_a"), (value_b, "model_b")):
                 if not torch.isfinite(value).all():
-                    raise DataError(f"non-finite activation at graph node '{node}' of {which} in batch {self.batch}")
-            raise DataError(f"activation statistics overflowed at graph node '{node}' in batch {self.batch}")
+                    raise DataError(
+                        f"Graph node '{node}' of {which} has a non-finite activation in batch {self.batch}; check "
+                        "the inputs and the weights for NaN or inf."
+                    )
+            raise DataError(
+                f"Graph node '{node}' overflowed the activation statistics in batch {self.batch}; scale the "
+                "inputs down or match in float64 (model.double())."
+            )
 
 
 def _marginal(tree: AxisTree, similarity: Tensor, group: str, perm: Mapping[str, Tensor]) -> Tensor:

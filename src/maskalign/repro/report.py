@@ -414,5 +414,5 @@ def render(folder: str | os.PathLike[str]) -> dict[str, Path]:
     out = Path(folder)
     source = out / "results.json"
     if not source.is_file():
-        raise FileNotFoundError(f"{source} not found: run `maskalign reproduce --out {out}` first")
+        raise FileNotFoundError(f"File {source} is missing; run `maskalign reproduce --out {out}` first.")
     return _render(json.loads(source.read_text()), out)

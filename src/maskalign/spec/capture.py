@@ -359,7 +359,9 @@ class _Inliner:
             if regions:
                 new.meta[REGIONS_META] = regions
             env[node] = new
-        raise TraceError(f"subgraph '{prefix}' of the captured graph has no output node")
+        raise TraceError(
+            f"Subgraph '{prefix}' of the captured graph has no output node; please report this model to maskalign."
+        )
 
     def inline(
         self,
@@ -374,7 +376,10 @@ class _Inliner:
         path = f"{prefix}{subgraph.target}" if isinstance(subgraph, torch.fx.Node) else ""
         body = self.owner.get_submodule(path) if path else None
         if not isinstance(body, torch.fx.GraphModule):
-            raise TraceError(f"argument {position} of graph node {describe_node(call)} is not a subgraph")
+            raise TraceError(
+                f"Argument {position} of graph node {describe_node(call)} is not a subgraph; please report this "
+                "model to maskalign."
+            )
         inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
         sub_env: dict[torch.fx.Node, Any] = dict(
             zip(inputs, torch.fx.node.map_arg(call.args[position + 1 :], env.__getitem__))
@@ -746,7 +751,7 @@ def split_inputs(
     if example_inputs is None and not kwargs:
         raise TraceError(
             "Argument 'example_inputs' is missing; pass a tensor or a tuple of forward's positional inputs "
-            "(or keyword inputs as kwargs=...)"
+            "(or keyword inputs as kwargs=...)."
         )
     if isinstance(example_inputs, Mapping) and kwargs is None and _binds_as_keywords(model, example_inputs):
         return (), dict(example_inputs)
@@ -773,7 +778,7 @@ def _capture_program(
 ) -> CapturedGraph:
     if example_inputs is None:
         if program.example_inputs is None:
-            raise TraceError("this ExportedProgram carries no example inputs; pass example_inputs")
+            raise TraceError("Argument 'model' is an ExportedProgram without example inputs; pass example_inputs.")
         args, kwargs = program.example_inputs
     else:
         args = normalize_inputs(example_inputs)
@@ -789,7 +794,7 @@ def _capture_program(
         except Exception as exc:  # guards of the program, shape errors of its ops
             shapes = [tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
             raise TraceError(
-                f"the ExportedProgram does not accept example_inputs of shapes {shapes}: "
+                f"Argument 'example_inputs' (shapes {shapes}) is not accepted by the ExportedProgram: "
                 f"{type(exc).__name__}: {_first_line(exc)}\nWhat to do: pass inputs of the shapes it was "
                 "exported with, or leave example_inputs out to use the program's own."
             ) from exc
@@ -806,8 +811,8 @@ def _check_signature(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
         inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as exc:
         raise TraceError(
-            f"example_inputs do not match {type(model).__name__}.forward{inspect.signature(model.forward)}: "
-            f"{exc}; pass a tuple of positional inputs (and kwargs=...)"
+            f"Argument 'example_inputs' does not match {type(model).__name__}.forward"
+            f"{inspect.signature(model.forward)}: {exc}; pass a tuple of positional inputs (and kwargs=...)."
         ) from exc
     except ValueError:  # no signature (builtins): let export decide
         pass
@@ -855,7 +860,10 @@ def _from_exported(
             roles[name] = TensorRole("input", str(user_index))
             user_index += 1
         else:
-            raise TraceError(f"unsupported graph input {name!r} of kind {spec.kind.name}")
+            raise TraceError(
+                f"Graph input {name!r} is of kind {spec.kind.name}, which maskalign does not support; please report "
+                "this model to maskalign."
+            )
     user_outputs: list[str] = []
     mutated: dict[str, str] = {}
     mutated_inputs: dict[str, str] = {}
@@ -867,7 +875,10 @@ def _from_exported(
         elif spec.kind == gs.OutputKind.USER_INPUT_MUTATION:
             mutated_inputs[spec.arg.name] = str(spec.target)
         else:
-            raise TraceError(f"unsupported graph output {spec.arg.name!r} of kind {spec.kind.name}")
+            raise TraceError(
+                f"Graph output {spec.arg.name!r} is of kind {spec.kind.name}, which maskalign does not support; "
+                "please report this model to maskalign."
+            )
     _, input_spec = pytree.tree_flatten((args, dict(kwargs)))
     owner = program.graph_module
     flat = flatten_wrappers(program.graph, owner)
@@ -989,7 +1000,10 @@ def _check_reproduces(
     mutated = _compare_mutations(captured, state, flat_inputs, graph_mutations, eager_mutations, name, rtol, atol)
     got = [leaf for leaf in got if isinstance(leaf, Tensor)]
     if len(got) != len(expected):
-        raise TraceError(f"the captured graph returns {len(got)} tensors but the eager model returns {len(expected)}")
+        raise TraceError(
+            f"The captured graph returns {len(got)} tensors but the eager model returns {len(expected)}; "
+            "return the same tensors in both modes, or report the model to maskalign."
+        )
     for index, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape or not torch.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True):
             diff = (g - e).abs().max().item() if g.shape == e.shape else float("nan")
@@ -1001,7 +1015,7 @@ def _check_reproduces(
             )
             raise TraceError(
                 f"Output {index} of the captured graph of {name} differs from the eager model's "
-                f"(shapes {tuple(g.shape)} vs {tuple(e.shape)}, max abs diff {diff:.3g}); {cause}"
+                f"(shapes {tuple(g.shape)} vs {tuple(e.shape)}, max abs diff {diff:.3g}); {cause}."
             )
 
 

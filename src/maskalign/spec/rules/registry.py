@@ -111,12 +111,14 @@ def op_key(op: Any) -> Any:
         if dot and namespace and name:
             return f"{namespace}::{name.split('.')[0]}"
         raise SpecError(
-            f"register_rule op {op!r} is not a qualified op name; write 'namespace::name' "
-            "(e.g. 'aten::roll' or 'mylib::fused_gelu') or pass the op itself (torch.ops.mylib.fused_gelu)"
+            f"Argument 'op' of register_rule is {op!r}, not a qualified op name; write 'namespace::name' "
+            "(e.g. 'aten::roll' or 'mylib::fused_gelu') or pass the op itself (torch.ops.mylib.fused_gelu)."
         )
     if callable(op):
         return op
-    raise SpecError(f"register_rule op {op!r} is not an op; pass torch.ops.<namespace>.<name> or 'namespace::name'")
+    raise SpecError(
+        f"Argument 'op' of register_rule is {op!r}, not an op; pass torch.ops.<namespace>.<name> or 'namespace::name'."
+    )
 
 
 def register_rule(op: Any, rule: Rule, *, role: Role = "op", replace: bool = False) -> None:
@@ -153,14 +155,20 @@ def register_rule(op: Any, rule: Rule, *, role: Role = "op", replace: bool = Fal
         >>> ma.register_rule(torch.ops.aten.roll, roll_rule, replace=True)
     """
     if role not in _ROLES:
-        raise SpecError(f"register_rule role {role!r} is unknown; use one of {', '.join(map(repr, _ROLES))}")
+        raise SpecError(
+            f"Argument 'role' of register_rule is {role!r}, which is unknown; pass one of "
+            f"{', '.join(map(repr, _ROLES))}."
+        )
     if not callable(rule):
-        raise SpecError(f"register_rule rule {rule!r} is not callable; pass a function rule(ctx, node, out)")
+        raise SpecError(
+            f"Argument 'rule' of register_rule is {rule!r}, which is not callable; pass a function "
+            "rule(ctx, node, out)."
+        )
     key = op_key(op)
     if key in _TABLE and not replace:
         raise SpecError(
-            f"{key} already has a rule ({getattr(_TABLE[key].rule, '__qualname__', _TABLE[key].rule)}); "
-            "pass replace=True to override it"
+            f"Op {key} already has a rule ({getattr(_TABLE[key].rule, '__qualname__', _TABLE[key].rule)}); "
+            "pass replace=True to override it."
         )
     _TABLE[key] = OpInfo(rule, role)
 
