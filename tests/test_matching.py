@@ -24,9 +24,13 @@ from torch import Tensor, nn
 
 import maskalign as ma
 from maskalign.errors import DataError, MaskError, SpecMismatchError
+from maskalign.matching import DEFAULT_POINTS, DEFAULT_STREAM_POINTS
 from maskalign.models import MLP
 
 RECOVERY_MODELS = ["mlp", "resnet20_w1", "resnet20_w2", "vgg11"]
+# the larger models run in the full suite only (several seconds each); the fast tier keeps mlp and resnet20_w1
+_LARGE = ("resnet20_w2", "vgg11")
+_DEFAULT = (DEFAULT_POINTS, DEFAULT_STREAM_POINTS)
 
 
 def data_batches(count: int = 4, size: int = 64, seed: int = 100) -> list[Tensor]:
@@ -40,7 +44,9 @@ def weight_distance(a: nn.Module, b: nn.Module) -> float:
 
 
 # ------------------------------------------------------------ self-recovery
-@pytest.mark.parametrize("name", RECOVERY_MODELS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _LARGE else n for n in RECOVERY_MODELS]
+)
 def test_match_weights_recovers_permutation(name: str) -> None:
     model_b = make_model(name, seed=21)
     spec = spec_for(name)
@@ -57,7 +63,14 @@ def test_match_weights_recovers_permutation(name: str) -> None:
 # every activation recipe (points x stream_points); "last" only where there are
 # residual streams (elsewhere it selects what "all" does: test_activation_points)
 RECOVERY_RECIPES = [
-    pytest.param(name, points, stream, id=f"{name}-{points}-{stream}")
+    pytest.param(
+        name,
+        points,
+        stream,
+        id=f"{name}-{points}-{stream}",
+        # beyond the MLP, the fast tier keeps one ResNet20 recipe (the default)
+        marks=[pytest.mark.slow] if name in _LARGE or (name != "mlp" and (points, stream) != _DEFAULT) else [],
+    )
     for name in RECOVERY_MODELS
     for points in ("pre", "post", "both")
     for stream in ("all", "last")
