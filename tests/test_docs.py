@@ -75,14 +75,19 @@ def test_docs_have_pages_and_code() -> None:
     assert len(skipped) <= 3, f"too many skipped doc blocks: {skipped}"
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True)
+def _restore_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages and docstring examples register rules (register_rule's example
+    replaces aten::roll's built-in rule): every test here gets them back."""
     from maskalign.spec.rules import registry
 
+    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    # pages register rules (how-to/unsupported-ops replaces aten::roll's): give them back afterwards
-    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention
     namespace: dict[str, object] = {"__name__": "__docs__"}
