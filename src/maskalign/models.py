@@ -204,7 +204,8 @@ class VGG11(nn.Module):
             for module in self.features:
                 if isinstance(module, nn.Conv2d):
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(module.bias)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(N, in_channels, image_size, image_size)`` to ``(N, num_classes)``."""
