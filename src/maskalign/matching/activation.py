@@ -804,6 +804,21 @@ def match_activations(
     :class:`~maskalign.errors.DataError` (no batch on any rank, or a rank
     without batches and without ``spec``, named) instead of leaving peers
     waiting in a collective.
+
+    Example:
+        >>> import torch, maskalign as ma
+        >>> from maskalign.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model_b = MLP(in_features=64, hidden=(32, 32), num_classes=10)
+        >>> spec = ma.build_spec(model_b, torch.randn(2, 64))
+        >>> sigma = ma.random_permutation(spec, torch.Generator().manual_seed(1))
+        >>> model_a = ma.apply_permutation(model_b, sigma)      # B with its hidden units relabelled
+        >>> data = [torch.randn(128, 64) for _ in range(4)]     # batches of inputs (or (x, y) pairs)
+        >>> pi = ma.match_activations(model_a, model_b, data, spec, progress=False)
+        >>> pi == sigma.inverse()
+        True
+        >>> pi.report["points"], pi.report["stream_points"]
+        ('pre', 'all')
     """
     _check_module(model_a, "model_a", _CALL)
     _check_module(model_b, "model_b", _CALL)

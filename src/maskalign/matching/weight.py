@@ -234,6 +234,21 @@ def match_weights(
             different dtypes, or ``init`` was made for another spec.
         DataError: (a ``ValueError``) a weight the matching reads is NaN or
             infinite (the message names the model and the tensor).
+
+    Example:
+        >>> import torch, maskalign as ma
+        >>> from maskalign.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model_b = MLP(in_features=64, hidden=(32, 32), num_classes=10)
+        >>> spec = ma.build_spec(model_b, torch.randn(2, 64))
+        >>> sigma = ma.random_permutation(spec, torch.Generator().manual_seed(1))
+        >>> model_a = ma.apply_permutation(model_b, sigma)      # B with its hidden units relabelled
+        >>> pi = ma.match_weights(model_a, model_b, spec)       # the relabelling that undoes it
+        >>> pi == sigma.inverse()
+        True
+        >>> aligned = ma.apply_permutation(model_a, pi)
+        >>> torch.equal(aligned.layers[0].weight, model_b.layers[0].weight)
+        True
     """
     call = "match_weights(model_a, model_b, spec)"
     _check_module(model_a, "model_a", call)
