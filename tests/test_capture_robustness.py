@@ -712,3 +712,25 @@ def test_inputs_that_trace_to_a_different_graph_are_refused(monkeypatch: pytest.
     ):
         _self_match(model, [randn(4, 5), randn(2, 5, seed=1)], points="post")
     assert spy.calls == [(True, 2, "captured"), (False, 2, "captured")]
+
+
+def test_data_dependent_shapes_raise_a_trace_error_naming_the_node() -> None:
+    """``nonzero`` gives a tensor whose size depends on the data: the analysis
+    cannot size its axes, so build_spec raises a TraceError naming the node
+    (not torch's GuardOnDataDependentSymNode from deep in a rule)."""
+
+    class Selects(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.a(x))
+            rows = h[:, 0].nonzero().squeeze(1)
+            return self.b(h[rows])
+
+    with pytest.raises(
+        ma.TraceError, match=r"^Node '.*' \(aten::.*\) has a tensor size that depends on the data"
+    ) as info:
+        ma.build_spec(Selects(), torch.randn(6, 4))
+    assert "nonzero" in str(info.value) and info.value.__cause__ is not None

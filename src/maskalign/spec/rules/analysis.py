@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from ...errors import TraceError
 from ..atoms import AtomTable
 from ..capture import CapturedGraph
 from .registry import Dims, Role, RuleContext, Value, describe, flatten_value, is_dims, lookup
@@ -157,6 +159,17 @@ def _placeholder(
 
 
 def _call(ctx: RuleContext, node: torch.fx.Node, result: Analysis) -> None:
+    try:
+        _apply_rule(ctx, node, result)
+    except GuardOnDataDependentSymNode as exc:
+        raise TraceError(
+            f"Node '{node.name}' ({describe(node)}) has a tensor size that depends on the data "
+            f"({_first_line(exc)}), which maskalign cannot analyse; compute the selection outside forward, or "
+            "keep shapes fixed (multiply by a mask instead of indexing with nonzero / masked_select)."
+        ) from exc
+
+
+def _apply_rule(ctx: RuleContext, node: torch.fx.Node, result: Analysis) -> None:
     out = _fresh_from_meta(ctx, node.meta.get("val"))
     ctx.values[node] = out
     info = lookup(node.target)
@@ -222,3 +235,7 @@ def _tie_aliases(ctx: RuleContext, graphs: list[CapturedGraph], result: Analysis
         if name not in used and name not in tied:
             for dim in dims:
                 ctx.atoms.freeze(dim, f"'{name}' is not used by forward", op="unused", structural=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
