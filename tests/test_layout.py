@@ -136,3 +136,16 @@ def test_docs_layout_diagram_is_generated_from_the_imports() -> None:
         "sparse_masks --> sparse_enforce",
     ):
         assert edge in diagram
+
+
+def test_library_code_has_no_assert() -> None:
+    """``python -O`` strips asserts: validation and control flow raise typed errors instead."""
+    import ast
+
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sorted((ROOT / "src" / "maskalign").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert) or (isinstance(node, ast.Raise) and "AssertionError" in ast.dump(node))
+    ]
+    assert not found, found
