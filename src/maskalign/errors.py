@@ -58,7 +58,12 @@ class MaskAlignError(Exception):
         return f"{DOCS_URL}/{self.docs_page}"
 
     def one_line(self) -> str:
-        """Message and link on one line (what the command line prints)."""
+        """Message and link on one line (what the command line prints).
+
+        Returns:
+            The message followed by ``See <link>``, with every run of
+            whitespace (newlines included) collapsed to one space.
+        """
         return " ".join(f"{self.message} See {self.docs_link}".split())
 
     def __str__(self) -> str:

@@ -139,7 +139,12 @@ class Permutation(Mapping[str, Tensor]):
         return f"Permutation({len(self)} groups, {moved} non-identity)"
 
     def inverse(self) -> Permutation:
-        """The permutation that undoes this one: ``apply(apply(x, p), p.inverse()) == x``."""
+        """The permutation that undoes this one: ``apply(apply(x, p), p.inverse()) == x``.
+
+        Returns:
+            A new :class:`Permutation` of the same spec whose index tensor of
+            each group is the inverse of this one's (``inv[idx[j]] = j``).
+        """
         inv = {}
         for name, idx in self._indices.items():
             out = torch.empty_like(idx)
@@ -149,6 +154,13 @@ class Permutation(Mapping[str, Tensor]):
 
     def compose(self, then: Permutation) -> Permutation:
         """Apply ``self`` first, then ``then``: ``apply(x, p.compose(q)) == apply(apply(x, p), q)``.
+
+        Args:
+            then: the permutation applied second, of the same spec as ``self``.
+
+        Returns:
+            A new :class:`Permutation` of the same spec, with per group the
+            indices ``self[g][then[g]]``.
 
         Raises:
             ArgumentTypeError: ``then`` is not a :class:`Permutation`.
@@ -160,7 +172,11 @@ class Permutation(Mapping[str, Tensor]):
         return Permutation(self.spec, {g: self[g][then[g]] for g in self})
 
     def is_identity(self) -> bool:
-        """Whether every group's indices are ``arange(size)``."""
+        """Whether every group's indices are ``arange(size)``.
+
+        Returns:
+            ``True`` when applying the permutation changes nothing.
+        """
         return all(torch.equal(idx, torch.arange(idx.numel())) for idx in self._indices.values())
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -170,6 +186,10 @@ class Permutation(Mapping[str, Tensor]):
 
         The file also records the spec's module classes and axis trees, so
         that :meth:`load` with another spec names the first difference.
+
+        Args:
+            path: the file to write (a ``str`` or ``os.PathLike``); missing
+                parent folders are created and an existing file is replaced.
 
         Raises:
             ArgumentTypeError: ``path`` is not a path.
@@ -198,6 +218,15 @@ class Permutation(Mapping[str, Tensor]):
         Files of the first format (``maskalign.Permutation/1``, no module
         classes recorded) load when their fingerprint matches ``spec``'s,
         which checks the same tensor names, shapes and wiring.
+
+        Args:
+            path: a file written by :meth:`save` (a ``str`` or ``os.PathLike``).
+            spec: the spec of the model the permutation is for; its
+                fingerprint must equal the one in the file.
+
+        Returns:
+            The :class:`Permutation` of ``spec`` held in the file (without
+            the matcher's ``report``).
 
         Raises:
             SpecMismatchError: the file was saved for another spec (its
@@ -241,7 +270,16 @@ class Permutation(Mapping[str, Tensor]):
     def permute_tensor(self, name: str, tensor: Tensor) -> Tensor:
         """Permute ``tensor`` as the ``state_dict`` entry ``name`` of the spec.
 
-        Returns a new tensor; ``tensor`` itself is not modified.
+        ``tensor`` itself is not modified.
+
+        Args:
+            name: a ``state_dict`` key of the spec's model (a parameter or
+                buffer name).
+            tensor: a tensor of the spec's shape for ``name``, on any device.
+
+        Returns:
+            A new tensor of the same shape, dtype and device, with every
+            permuted axis reordered by ``index_select``.
 
         Raises:
             SpecError: ``name`` is not in the spec (close names are suggested).
@@ -273,6 +311,14 @@ class Permutation(Mapping[str, Tensor]):
 def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
     """A uniformly random permutation of every group of ``spec`` (``torch.randperm``).
 
+    Args:
+        spec: the spec whose groups are permuted.
+        generator: optional CPU ``torch.Generator`` for reproducible draws;
+            ``None`` uses the global generator.
+
+    Returns:
+        A :class:`Permutation` of ``spec``.
+
     Raises:
         ArgumentTypeError: ``spec`` is not a :class:`PermutationSpec`, or
             ``generator`` is not a CPU ``torch.Generator`` (pass
@@ -298,6 +344,12 @@ def check_same_architecture(
 
     Tensors of more than one element that the spec does not know (an extra
     layer) count as a difference; scalars are ignored.
+
+    Args:
+        state: a model's ``state_dict()``, or the model itself.
+        spec: the spec to compare with.
+        what: what ``state`` is called in the messages (``"model"``,
+            ``"state_dict"``).
 
     Raises:
         SpecMismatchError: naming the first missing, extra or differently
@@ -327,12 +379,20 @@ def permute_state_dict(
     metadata of a ``Module.state_dict()`` (its ``_metadata`` attribute, which
     ``_load_from_state_dict`` of e.g. torchvision's MNASNet reads) is kept.
 
+    Source: the permutation symmetry of hidden units (Hecht-Nielsen 1990;
+    Ainsworth et al., "Git Re-Basin", ICLR 2023, Sec. 2): permuting a
+    hidden axis and every axis that shares its units keeps the function.
+
     Args:
         state: a model's ``state_dict()``.
         perm: a permutation of a spec built for this architecture.
         spec: optionally the spec of the model ``state`` comes from
             (``build_spec(model, x)``): then its wiring is compared with
             ``perm.spec``'s as well, not only names and shapes.
+
+    Returns:
+        A new ``state_dict`` (an ``OrderedDict``, in the order of ``state``)
+        of new tensors; ``state`` is not modified.
 
     Raises:
         SpecMismatchError: a tensor of the spec is missing, extra or has
@@ -383,6 +443,10 @@ def apply_permutation(
     wiring inside modules of the same classes (a flag that adds a residual
     connection) is compared only when ``spec``, the model's own spec, is
     given.
+
+    Source: the permutation symmetry of hidden units (Hecht-Nielsen 1990;
+    Ainsworth et al., "Git Re-Basin", ICLR 2023, Sec. 2): permuting a
+    hidden axis and every axis that shares its units keeps the function.
 
     Tensors that share one storage (``dec.weight = nn.Parameter(enc.weight.t())``)
     are permuted only when the permutation keeps the shared storage
@@ -474,6 +538,10 @@ def permute_mask(
 
     Keys are parameter names; for a model in ``torch.nn.utils.prune`` form the
     logical names (``"conv.weight"`` for ``conv.weight_orig``) are accepted.
+
+    Source: the permuted masks of Adnan et al., "Sparse Training from Random
+    Initialization: Aligning Lottery Ticket Masks using Weight Symmetry",
+    ICML 2025, Sec. 3.
 
     Args:
         masks: parameter name -> dense ``torch.bool`` mask of the parameter's shape.

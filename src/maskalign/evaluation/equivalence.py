@@ -20,12 +20,17 @@ __all__ = ["EquivalenceReport", "check_equivalence"]
 
 @dataclass(frozen=True)
 class EquivalenceReport:
-    """Outcome of :func:`check_equivalence`.
+    """Outcome of :func:`check_equivalence`; true when the outputs agree.
 
-    ``max_abs``: largest absolute output difference; ``max_rel``: ``max_abs``
-    divided by the largest absolute reference output; ``culprit``: on failure,
-    the first group (in spec order) whose permutation, together with the
-    groups before it, changes the outputs.
+    Attributes:
+        ok: whether ``max_rel`` is within the tolerance.
+        max_abs: the largest absolute difference between the outputs of the
+            model and of the permuted model (in the outputs' units).
+        max_rel: ``max_abs`` divided by the largest absolute reference
+            output (unitless).
+        culprit: on failure, the first group (in spec order) whose
+            permutation, together with the groups before it, changes the
+            outputs; None when ``ok`` (or the spec has no group).
     """
 
     ok: bool
@@ -59,6 +64,14 @@ def check_equivalence(
 ) -> EquivalenceReport:
     """Compare ``model`` and ``apply_permutation(model, perm)`` on the inputs.
 
+    Only the floating-point tensors of the outputs are compared, and the
+    forward passes run without gradients, leaving the model's flags, buffers
+    and the random number generator as they were.
+
+    Source: the permutation symmetry of hidden units (Hecht-Nielsen 1990;
+    Ainsworth et al., "Git Re-Basin", ICLR 2023, Sec. 2): a permuted network
+    computes the same function.
+
     Args:
         model: the model (not modified).
         perm: a permutation of a spec of ``model``.
@@ -74,6 +87,14 @@ def check_equivalence(
     Returns:
         An :class:`EquivalenceReport`; when it fails, groups are bisected
         (``O(log groups)`` forward passes) to name the culprit.
+
+    Raises:
+        ArgumentTypeError: ``perm`` is not a :class:`~maskalign.Permutation`
+            (see :func:`~maskalign.apply_permutation`).
+        SpecMismatchError: the model's tensors or module classes differ from
+            the permutation's.
+        SpecError: a cache tensor appeared after the spec was built, or
+            tensors share storage in a way the permutation cannot keep.
     """
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})

@@ -40,6 +40,18 @@ class LMCResult:
     ``barrier`` is ``max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))]``
     (Frankle et al. 2020); ``barrier_mean`` is ``max_alpha L(alpha) - (L(0) + L(1)) / 2``
     (Entezari et al. 2022); ``error_barrier`` is the first definition on the error.
+
+    Source: linear mode connectivity and the loss barrier (Frankle et al.,
+    ICML 2020; Entezari et al., ICLR 2022), as used by Git Re-Basin
+    (Ainsworth et al., ICLR 2023, Sec. 2).
+
+    Attributes:
+        alphas: the interpolation coefficients, increasing from 0 (model A)
+            to 1 (model B).
+        losses: the mean loss per sample at each coefficient (nats for the
+            default cross-entropy).
+        errors: the error (1 - accuracy, a fraction in [0, 1]) at each
+            coefficient.
     """
 
     alphas: list[float]
@@ -53,14 +65,21 @@ class LMCResult:
 
     @property
     def barrier(self) -> float:
+        """The loss barrier above the straight line between the endpoints'
+        losses, ``max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))]``
+        (in the loss's units)."""
         return self._barrier(self.alphas, self.losses)
 
     @property
     def barrier_mean(self) -> float:
+        """The loss barrier above the mean of the endpoints' losses,
+        ``max_alpha L(alpha) - (L(0) + L(1)) / 2`` (in the loss's units)."""
         return max(self.losses) - (self.losses[0] + self.losses[-1]) / 2
 
     @property
     def error_barrier(self) -> float:
+        """:attr:`barrier` computed on the errors: a difference of
+        fractions, in [0, 1]."""
         return self._barrier(self.alphas, self.errors)
 
 
@@ -77,6 +96,22 @@ def interpolate(
     integer buffers (``num_batches_tracked``) are taken from ``model_a``.
     For sparse models pass their masks: the effective weights ``w * m`` are
     interpolated. Neither input is modified.
+
+    Source: the linear path between two networks of linear mode connectivity
+    (Frankle et al., ICML 2020; Entezari et al., ICLR 2022).
+
+    Args:
+        model_a: the endpoint at ``alpha = 0``.
+        model_b: the endpoint at ``alpha = 1``, of the same architecture
+            (same ``state_dict`` names and shapes).
+        alpha: the interpolation coefficient, a finite number; values
+            outside ``[0, 1]`` extrapolate.
+        masks_a: optional mask set of ``model_a`` (name -> ``torch.bool``
+            mask of the parameter's shape).
+        masks_b: optional mask set of ``model_b``.
+
+    Returns:
+        A deep copy of ``model_a`` holding the interpolated tensors.
 
     Raises:
         ArgumentTypeError: (a ``TypeError``) a model is not an ``nn.Module``,
@@ -219,12 +254,18 @@ def repair(
     For networks without BatchNorm (with BatchNorm, ``reset_bn_stats`` does
     this job). The last linear/conv layer (the output) is left alone.
 
+    Source: Jordan et al., "REPAIR", ICLR 2023, Sec. 3.
+
     Args:
         interpolated: e.g. ``interpolate(model_a, model_b, alpha)``; modified.
         model_a: the endpoint at ``alpha = 0`` (not modified).
         model_b: the endpoint at ``alpha = 1``, same architecture (not
             modified).
+        alpha: the interpolation coefficient ``interpolated`` was made with,
+            a finite number.
         data: batches (a list: it is read once per layer plus twice).
+        eps: lower bound on the measured std of a channel of
+            ``interpolated`` before dividing by it (in the activation's units).
 
     Returns:
         ``interpolated``.
@@ -232,6 +273,7 @@ def repair(
     Raises:
         ArgumentTypeError: a model is not an ``nn.Module``, ``alpha`` is not a
             number, or ``data`` is a one-shot iterator.
+        ArgumentValueError: ``alpha`` is NaN or infinite.
         DataError: ``data`` yields no batch, or a batch holds no input tensor.
     """
     for model, argument in ((interpolated, "interpolated"), (model_a, "model_a"), (model_b, "model_b")):
@@ -283,6 +325,17 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any], num_batches: int | Non
     """Re-estimate the running statistics of every BatchNorm layer (in place)
     as the plain average over ``data`` (``momentum=None``); modes and momenta
     are restored. Needed after interpolating (Jordan et al., REPAIR, ICLR 2023).
+
+    Source: Jordan et al., "REPAIR", ICLR 2023 (resetting BatchNorm
+    statistics of an interpolated network).
+
+    Args:
+        model: the network, modified in place (only its BatchNorm running
+            statistics change); a model without BatchNorm is left as is.
+        data: batches, each a tensor of inputs or an ``(inputs, targets)``
+            pair; moved to the model's device.
+        num_batches: read at most this many batches of ``data``; None reads
+            all of them.
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module``, or
@@ -377,6 +430,31 @@ def lmc_barrier(
     effective weights ``w * m``. With ``repair_data`` (a list of training
     batches), :func:`repair` corrects every interpolated model (networks
     without BatchNorm).
+
+    Source: the loss barrier of linear mode connectivity (Frankle et al.,
+    ICML 2020; Entezari et al., ICLR 2022), as used by Git Re-Basin
+    (Ainsworth et al., ICLR 2023, Sec. 2).
+
+    Args:
+        model_a: the endpoint at ``alpha = 0``.
+        model_b: the endpoint at ``alpha = 1``, of the same architecture.
+        data: evaluation batches, ``(inputs, targets)`` pairs of tensors,
+            read at every alpha (a list or a ``DataLoader``).
+        loss_fn: ``loss_fn(logits, targets)`` returning the summed loss of a
+            batch; None uses cross-entropy (nats).
+        num_points: the number of evenly spaced alphas, endpoints included
+            (an int >= 2).
+        bn_data: optional training batches to re-estimate BatchNorm
+            statistics at every alpha (:func:`reset_bn_stats`).
+        masks_a: optional mask set of ``model_a``: the path starts at its
+            effective weights ``w * m``.
+        masks_b: optional mask set of ``model_b``.
+        repair_data: optional list of training batches for :func:`repair`
+            at every alpha (networks without BatchNorm).
+
+    Returns:
+        An :class:`LMCResult` with the alphas, the mean loss per sample and
+        the error (a fraction) at each; its ``barrier`` is the loss barrier.
 
     Raises:
         ArgumentTypeError: (a ``TypeError``) a model is not an ``nn.Module``

@@ -176,6 +176,9 @@ def disagreement(a: Tensor, b: Tensor) -> float:
     the "Disagreement" column of Table 1 of Adnan et al., ICML 2025).
     Ties are broken towards the lowest class index.
 
+    Source: Fort, Hu, Lakshminarayanan, "Deep Ensembles: A Loss Landscape
+    Perspective", 2019, Sec. 4.1; Adnan et al., ICML 2025, Table 1.
+
     Args:
         a: ``(N, C)`` logits or log-probabilities of one model.
         b: ``(N, C)`` logits or log-probabilities of another model on the
@@ -198,6 +201,9 @@ def kl_divergence(p: Tensor, q: Tensor) -> float:
     The "KL" column of Table 1 of Adnan et al. (ICML 2025), following Fort et
     al. (2019) and Evci et al. (2022). Not symmetric: ``p`` is the distribution
     the expectation is taken under.
+
+    Source: Adnan et al., ICML 2025, Table 1 (after Fort et al. 2019 and Evci
+    et al., AAAI 2022).
 
     Args:
         p: ``(N, C)`` logits or log-probabilities of the distribution the
@@ -225,6 +231,9 @@ def js_divergence(a: Tensor, b: Tensor) -> float:
     al. (ICML 2025), following Evci et al. (2022). ``log m`` is computed as
     ``logaddexp(log a, log b) - ln 2``.
 
+    Source: Adnan et al., ICML 2025, Table 1 (after Evci et al., AAAI 2022);
+    the divergence of Lin (1991).
+
     Args:
         a: ``(N, C)`` logits or log-probabilities of one model.
         b: ``(N, C)`` logits or log-probabilities of another model on the
@@ -248,6 +257,9 @@ def ensemble_accuracy(logits: Sequence[Tensor] | Tensor, targets: Tensor) -> flo
     (the "Ensemble Acc." column of Table 1 of Adnan et al., ICML 2025). A
     single member gives that member's accuracy.
 
+    Source: Adnan et al., ICML 2025, Table 1; the probability-averaging
+    ensemble of Lakshminarayanan et al. (2017).
+
     Args:
         logits: ``M >= 1`` tensors of shape ``(N, C)`` (logits or
             log-probabilities), or one ``(M, N, C)`` tensor.
@@ -270,13 +282,24 @@ def ensemble_accuracy(logits: Sequence[Tensor] | Tensor, targets: Tensor) -> flo
 class DiversityReport:
     """Diversity of an ensemble (output of :func:`diversity`).
 
-    ``mode``: ``"pairwise"`` (members against each other) or ``"reference"``
-    (each member against one reference model). ``disagreement`` (fraction),
-    ``kl`` and ``js`` (nats) are averages over pairs (see :func:`diversity`);
-    ``ensemble_accuracy`` is the accuracy of the members' averaged
-    probabilities and ``member_accuracy`` the mean accuracy of the members
-    alone (the reference model is never part of the ensemble); ``members`` is
-    the ensemble size M.
+    The metrics of Table 1 of Adnan et al. (ICML 2025, Sec. 4.2).
+
+    Attributes:
+        mode: ``"pairwise"`` (members against each other) or ``"reference"``
+            (each member against one reference model).
+        disagreement: mean top-1 disagreement over the pairs (see
+            :func:`diversity`), a fraction in ``[0, 1]``.
+        kl: mean KL divergence over the pairs, in nats.
+        js: mean Jensen--Shannon divergence over the pairs, in nats, in
+            ``[0, ln 2]``.
+        ensemble_accuracy: accuracy of the members' averaged probabilities,
+            a fraction in ``[0, 1]`` (the reference model is never part of
+            the ensemble).
+        member_accuracy: mean accuracy of the members alone, a fraction in
+            ``[0, 1]``.
+        members: the ensemble size M.
+
+    Source: Adnan et al., ICML 2025, Table 1.
     """
 
     mode: Literal["pairwise", "reference"]
@@ -288,7 +311,12 @@ class DiversityReport:
     members: int
 
     def to_dict(self) -> dict[str, str | float | int]:
-        """The fields as a plain (JSON-serialisable) dict."""
+        """The fields as a plain (JSON-serialisable) dict.
+
+        Returns:
+            Field name -> value (``mode`` a str, ``members`` an int, the
+            metrics floats).
+        """
         return asdict(self)
 
 
@@ -302,6 +330,9 @@ def diversity(
     Table 1 of Adnan et al. (ICML 2025, Sec. 4.2) reports these for ensembles of
     sparse models trained from different seeds (following Evci et al. 2022 and
     Fort et al. 2019).
+
+    Source: Adnan et al., ICML 2025, Sec. 4.2 and Table 1; Fort et al. 2019
+    (disagreement, Sec. 4.1).
 
     Pair convention:
 

@@ -724,6 +724,10 @@ def match_activations(
     recovers the permutation for every choice, as long as a unit that is
     constant after its nonlinearity varies before it.
 
+    Source: activation matching of Git Re-Basin (Ainsworth et al., ICLR 2023,
+    Sec. 3.1; after Li et al. 2015), the method Adnan et al. (ICML 2025) align
+    their masks with.
+
     Args:
         model_a: the model to align (the permutation applies to it).
             Switched to eval mode for the pass and restored afterwards; not

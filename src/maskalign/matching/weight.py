@@ -181,6 +181,9 @@ def match_weights(
     seed-to-seed spread (about 0.1%). ``restarts=2`` adds a run with the
     greedy sweep in reverse model order.
 
+    Source: weight matching of Git Re-Basin (Ainsworth et al., ICLR 2023,
+    Sec. 3.2, Alg. 1).
+
     Args:
         model_a: the model to align (the permutation applies to it); not
             modified.

@@ -273,6 +273,11 @@ class MaskHandle:
     handle together.
 
     Handles are made by :func:`enforce_masks`, not constructed directly.
+
+    Args:
+        model: the model whose parameters are masked.
+        masks: name -> ``torch.bool`` mask of the parameter's shape, already
+            validated and copied by :func:`enforce_masks`.
     """
 
     def __init__(self, model: nn.Module, masks: Mapping[str, Tensor]) -> None:
@@ -661,8 +666,11 @@ def enforce_masks(
         uninstalls the hooks.
 
     Raises:
-        MaskError: see :func:`~maskalign.validate_masks`; also if
+        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``masks`` is
+            not a mapping (see :func:`~maskalign.validate_masks`), or
             ``optimizer`` is not an optimiser (see :meth:`MaskHandle.attach`).
+        MaskError: a mask is malformed for ``model`` (see
+            :func:`~maskalign.validate_masks`).
 
     Source: sparse training from a rewind point with a fixed mask, as in the
     lottery ticket hypothesis (Frankle & Carbin, ICLR 2019; Frankle et al.,

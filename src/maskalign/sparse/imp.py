@@ -78,6 +78,10 @@ def imp_schedule(targets: float | Sequence[float], rate: float = 0.2) -> list[fl
     would reach or pass the next target lands exactly on it, so every target
     is one of the levels.
 
+    Source: the pruning schedule of iterative magnitude pruning, a fixed
+    fraction of the remaining weights per round (Frankle & Carbin, ICLR
+    2019); Adnan et al. (ICML 2025) prune 20 % per round.
+
     Args:
         targets: one target sparsity or several, each in ``(0, 1)``.
         rate: fraction of the remaining weights pruned per round, in

@@ -214,6 +214,9 @@ def global_magnitude_prune(
     For IMP pruning 20 % of the remaining weights per round, call with
     ``sparsity = 1 - 0.8 ** round`` and the previous round's masks.
 
+    Source: magnitude pruning (Han et al., NeurIPS 2015), one global pruning
+    step of iterative magnitude pruning (Frankle & Carbin, ICLR 2019).
+
     Args:
         model: network whose current weights give the magnitudes; not
             modified.
@@ -480,7 +483,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             device); not modified.
 
     Raises:
-        ArgumentTypeError, MaskError: see :func:`validate_masks`.
+        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``masks`` is
+            not a mapping (see :func:`validate_masks`).
+        MaskError: a mask is malformed for ``model`` (see :func:`validate_masks`).
     """
     validate_masks(model, masks)
     named = dict(model.named_parameters())

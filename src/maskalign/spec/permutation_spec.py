@@ -155,6 +155,16 @@ class PermutationSpec:
             permutation keeps the shared storage consistent, and keeps them
             sharing it. One tensor object under several names (tied weights)
             is not listed: its names are in the same groups already.
+        captured: the model's captured graph (eval mode) that the spec was
+            derived from; :func:`~maskalign.match_activations` runs both
+            models through it. None for a spec not made by
+            :func:`build_spec`, which activation matching refuses.
+        cache: graphs captured later for inputs of other shapes (by
+            activation matching), kept for later calls; not part of the
+            spec's identity (not compared, not shown).
+
+    Source: the permutation spec of Git Re-Basin (Ainsworth et al., ICLR
+    2023), derived by :func:`build_spec` from the graph.
     """
 
     groups: dict[str, Group]
@@ -190,7 +200,15 @@ class PermutationSpec:
         return h.hexdigest()[:16]
 
     def summary(self) -> str:
-        """A readable table of groups, members and frozen axes."""
+        """A readable table of groups, members and frozen axes.
+
+        Returns:
+            Several lines of text (also what ``str(spec)`` gives): the
+            number of groups and the coverage; where they apply, the train
+            mode and the share of hidden axes frozen per op; one line per
+            group with its size and first members; the tensors that share
+            storage; and up to 20 frozen axes with their reasons.
+        """
         count = len(self.groups)
         lines = [f"PermutationSpec: {count} group{'' if count == 1 else 's'}, coverage {self.coverage:.3f}"]
         if self.train_mode != "same graph as eval mode":

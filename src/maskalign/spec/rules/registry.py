@@ -371,6 +371,16 @@ class RuleContext:
     sizes multiply to the dim's size; ``[]`` is a dim of size 1. Every method
     that takes a graph argument accepts anything found in ``node.args`` (a
     node, a constant, None).
+
+    A rule never builds one: :func:`maskalign.build_spec` passes it the
+    context of the running analysis.
+
+    Args:
+        atoms: the union-find table of atoms of the analysis (sizes,
+            factorisations, freezes).
+        values: graph node -> its value (the atom lists of a tensor, a tuple
+            of values for an op with several outputs, or None), filled in as
+            the analysis walks the graph.
     """
 
     def __init__(self, atoms: AtomTable, values: dict[torch.fx.Node, Value]) -> None:
@@ -383,8 +393,24 @@ class RuleContext:
     def propagate(self, subgraph: Any, inputs: Sequence[Value]) -> list[Value] | None:
         """Run the analysis through the subgraph that a higher-order op's
         ``get_attr`` argument names (a ``torch.cond`` branch), with its
-        placeholders bound to ``inputs``; returns the values of its outputs,
-        or None when ``subgraph`` names no graph."""
+        placeholders bound to ``inputs``.
+
+        Args:
+            subgraph: an argument of the node, normally the ``get_attr`` node
+                of the subgraph; anything else gives None.
+            inputs: one value per placeholder of the subgraph, in order; a
+                None input gets fresh atoms from the placeholder's metadata.
+
+        Returns:
+            The values of the subgraph's outputs, in order, or None when
+            ``subgraph`` names no graph (or the context runs outside an
+            analysis).
+
+        Raises:
+            SpecError: a rule of an op inside the subgraph cannot read its
+                node's arguments.
+            TraceError: an op inside the subgraph has a data-dependent size.
+        """
         if self._propagate is None or self.owner is None or not isinstance(subgraph, torch.fx.Node):
             return None
         if subgraph.op != "get_attr":
@@ -404,17 +430,40 @@ class RuleContext:
 
     # ------------------------------------------------------------- reading
     def value(self, arg: Any) -> Value:
-        """The atoms of ``arg`` (a tensor's ``Dims``, a tuple for multi-output nodes), or None."""
+        """The atoms of ``arg`` (a tensor's ``Dims``, a tuple for multi-output nodes), or None.
+
+        Args:
+            arg: anything found in ``node.args``: a graph node, a constant, None.
+
+        Returns:
+            The node's value, or None for a constant, None, or a node without
+            tensor outputs.
+        """
         return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
 
     def dims(self, arg: Any) -> Dims | None:
-        """The atom lists of a tensor argument (one per dim), or None if it is not a tensor."""
+        """The atom lists of a tensor argument (one per dim), or None if it is not a tensor.
+
+        Args:
+            arg: anything found in ``node.args``.
+
+        Returns:
+            One atom list per dim of the tensor ``arg`` stands for, or None.
+        """
         value = self.value(arg)
         return value if is_dims(value) else None
 
     def tensor_dims(self, node: torch.fx.Node, value: Argument, name: str) -> Dims:
         """The atom lists of ``value``, an argument (or list item) of ``node``
         that must be a tensor (``name`` in messages).
+
+        Args:
+            node: the node being analysed (named in the message).
+            value: the argument, normally taken from ``node.args``.
+            name: the argument's name, for the message.
+
+        Returns:
+            One atom list per dim of the tensor.
 
         Raises:
             SpecError: ``value`` is a constant, None, or a node whose value is no single tensor.
@@ -426,22 +475,62 @@ class RuleContext:
 
     def arg_dims(self, node: torch.fx.Node, index: int, name: str | None = None) -> Dims:
         """The atom lists of positional argument ``index`` of ``node``, a tensor
-        (``name`` in messages, by default the schema's)."""
+        (``name`` in messages, by default the schema's).
+
+        Args:
+            node: the node being analysed.
+            index: the position of the argument in ``node.args``.
+            name: the argument's name in messages; None takes the op schema's
+                name (``"args[index]"`` without a schema).
+
+        Returns:
+            One atom list per dim of the tensor.
+
+        Raises:
+            SpecError: ``node`` has no positional argument ``index``, or it
+                is not a tensor (a constant, None, a list).
+        """
         name = arg_name(node, index) if name is None else name
         return self.tensor_dims(node, arg(node, index, name), name)
 
     def meta(self, arg: Any) -> Any:
-        """The fake-tensor metadata of ``arg`` (shape, dtype, device), or None for a constant."""
+        """The fake-tensor metadata of ``arg`` (shape, dtype, device), or None for a constant.
+
+        Args:
+            arg: anything found in ``node.args``.
+
+        Returns:
+            ``arg.meta["val"]`` of a graph node (a fake tensor, a tuple of
+            them, a symbolic int), or None.
+        """
         return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
 
     def shape(self, arg: Any) -> tuple[int, ...]:
-        """The shape of a tensor argument (``()`` for a non-tensor)."""
+        """The shape of a tensor argument (``()`` for a non-tensor).
+
+        Args:
+            arg: anything found in ``node.args``.
+
+        Returns:
+            The shape as a tuple of ints, ``()`` when ``arg`` is no tensor.
+        """
         meta = self.meta(arg)
         return tuple(int(s) for s in meta.shape) if isinstance(meta, torch.Tensor) else ()
 
     @staticmethod
     def arg(node: torch.fx.Node, name: str, default: Any = None) -> Any:
-        """The argument called ``name`` in the op's schema, positional or keyword."""
+        """The argument called ``name`` in the op's schema, positional or keyword.
+
+        Args:
+            node: the node being analysed.
+            name: the argument's name in the op's schema (``"dim"``).
+            default: what to return when the node does not pass it, or its
+                target has no schema (a Python callable).
+
+        Returns:
+            The argument as found in ``node.args`` / ``node.kwargs`` (a
+            node, a constant, a list), or ``default``.
+        """
         if name in node.kwargs:
             return node.kwargs[name]
         if isinstance(node.target, torch._ops.OpOverload):
@@ -452,16 +541,39 @@ class RuleContext:
 
     @staticmethod
     def describe(node: torch.fx.Node) -> str:
-        """The op, node and module of ``node``, for reasons and messages."""
+        """The op, node and module of ``node``, for reasons and messages.
+
+        Args:
+            node: a graph node.
+
+        Returns:
+            A string such as ``"aten::linear at node 'linear_1' in module
+            'fc1' (Linear)"``.
+        """
         return describe(node)
 
     # ------------------------------------------------------------- atoms
     def new(self, size: int) -> list[int]:
-        """A fresh atom list for a dim of ``size`` (``[]`` for size 1)."""
+        """A fresh atom list for a dim of ``size`` (``[]`` for size 1).
+
+        Args:
+            size: the dim's size, a number of units (>= 1).
+
+        Returns:
+            ``[atom]`` with one new atom of ``size``, or ``[]`` for a size of
+            1 (or less).
+        """
         return [self.atoms.new(int(size))] if int(size) > 1 else []
 
     def fresh(self, shape: Sequence[int]) -> Dims:
-        """Fresh atoms for every dim of ``shape``."""
+        """Fresh atoms for every dim of ``shape``.
+
+        Args:
+            shape: the sizes of the dims.
+
+        Returns:
+            One fresh atom list per dim (see :meth:`new`).
+        """
         return [self.new(s) for s in shape]
 
     def refine(self, dim: list[int], sizes: Sequence[int], reason: str) -> list[list[int]]:
@@ -469,14 +581,32 @@ class RuleContext:
         (row-major, like a view ``(a*b) -> (a, b)``) and return one atom list
         per factor. If ``dim`` cannot be factored so (an incompatible earlier
         factorisation), it is frozen with ``reason`` and fresh, unrelated
-        factors are returned."""
+        factors are returned.
+
+        Args:
+            dim: the atom list of the dim to split.
+            sizes: the sizes of the factors, outermost first; their product
+                is the dim's size.
+            reason: why the dim is frozen if it cannot be split, for the
+                spec's report.
+
+        Returns:
+            One atom list per factor, in the order of ``sizes``.
+        """
         factors = [self.new(s) for s in sizes]
         self.unify(dim, [a for f in factors for a in f], reason)
         return factors
 
     def concat(self, parts: Sequence[list[int]]) -> list[int]:
         """An atom list for a dim that is the concatenation of ``parts``
-        (``torch.cat`` along it): each part keeps its own permutation."""
+        (``torch.cat`` along it): each part keeps its own permutation.
+
+        Args:
+            parts: the atom lists of the concatenated dims, in order.
+
+        Returns:
+            The atom list (one concatenation atom) of the result's dim.
+        """
         segments = []
         for part in parts:
             size = 1
@@ -492,23 +622,49 @@ class RuleContext:
         """Declare that two dims index the same units in the same order (an
         op's input and output channels, a weight axis and the activation it
         contracts with). Dims of equal size but incompatible factorisations
-        are frozen with ``reason`` instead."""
+        are frozen with ``reason`` instead.
+
+        Args:
+            left: the atom list of one dim.
+            right: the atom list of the other dim.
+            reason: why both are frozen if they cannot be joined, for the
+                spec's report (normally :meth:`describe` of the node).
+        """
         if not self.atoms.unify(left, right):
             self.freeze_dim(left + right, reason)
 
     def unify_dims(self, left: Dims, right: Dims, reason: str) -> None:
-        """:meth:`unify` dim by dim (two values of the same rank)."""
+        """:meth:`unify` dim by dim (two values of the same rank).
+
+        Args:
+            left: the atom lists of one tensor.
+            right: the atom lists of the other tensor, one per dim of ``left``.
+            reason: as for :meth:`unify`.
+        """
         for a, b in zip(left, right):
             self.unify(a, b, reason)
 
     def freeze_dim(self, dim: list[int], reason: str, *, structural: bool = False) -> None:
         """Forbid permuting ``dim``. ``structural``: the axis is not a hidden
         axis at all (spatial, vocabulary, stacked index), so coverage leaves
-        it out; otherwise it counts as a hidden axis lost to this op."""
+        it out; otherwise it counts as a hidden axis lost to this op.
+
+        Args:
+            dim: the atom list of the dim.
+            reason: why it may not be permuted, shown in the spec's report.
+            structural: whether the axis is no hidden axis at all.
+        """
         self.atoms.freeze(dim, reason, op=self._op(), structural=structural)
 
     def freeze(self, value: Value, reason: str, *, structural: bool = False) -> None:
-        """:meth:`freeze_dim` for every dim of a (nested) value."""
+        """:meth:`freeze_dim` for every dim of a (nested) value.
+
+        Args:
+            value: a value (the atom lists of a tensor, a tuple of values, or
+                None, which freezes nothing).
+            reason: as for :meth:`freeze_dim`.
+            structural: as for :meth:`freeze_dim`.
+        """
         for dims in flatten_value(value):
             for dim in dims:
                 self.freeze_dim(dim, reason, structural=structural)
