@@ -38,8 +38,9 @@ class LMCResult:
     """Loss and error (fraction in [0, 1]) at each interpolation coefficient.
 
     ``barrier`` is ``max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))]``
-    (Frankle et al. 2020); ``barrier_mean`` is ``max_alpha L(alpha) - (L(0) + L(1)) / 2``
-    (Entezari et al. 2022); ``error_barrier`` is the first definition on the error.
+    (Entezari et al. 2022, Def. 1; as in Git Re-Basin); ``barrier_mean`` is
+    ``max_alpha L(alpha) - (L(0) + L(1)) / 2`` (the instability of Frankle et al.
+    2020, there on the error); ``error_barrier`` is the first definition on the error.
 
     Source: linear mode connectivity and the loss barrier (Frankle et al.,
     ICML 2020; Entezari et al., ICLR 2022), as used by Git Re-Basin
