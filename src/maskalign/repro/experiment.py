@@ -77,7 +77,7 @@ from ..sparse.masks import random_masks_like, sparsity
 from ..spec.permutation_spec import PermutationSpec, build_spec
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
 from .presets import METHODS, PRESETS, ReproduceConfig
-from .stages import StageStore, settings_hash
+from .stages import StageMismatchError, StageStore, settings_hash
 from .training import TrainConfig, batches, train
 
 __all__ = ["METHODS", "SHARED_MASK", "SHARED_MASK_METHODS", "STAGES", "ReproduceConfig", "resolve_device", "reproduce"]
@@ -732,6 +732,48 @@ class _Run:
         results["shared_mask"] = self.shared_mask()
         return results
 
+    def plan(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """Every stage instance of :meth:`run` as ``(stage, key, settings)``,
+        in the order :meth:`run` reaches them, each once, computing and
+        loading nothing (the seed-0 members of the shared-mask protocol are
+        the ``sparse`` stages already listed). The keys and settings are
+        those the stage methods pass to :meth:`StageStore.finished`; the
+        tests check that a finished run reuses every planned stage."""
+        c = self.config
+        for seed in range(c.seeds):
+            for role in ("A", "B"):
+                yield "dense", f"seed{seed}-{role}", self.settings(_DENSE, seed=seed, role=role)
+            yield "imp", f"seed{seed}", self.settings(_IMP, seed=seed)
+            yield "match", f"seed{seed}", self.settings(_MATCH, seed=seed)
+            for target, k, method in itertools.product(c.sparsities, c.rewind_epochs, c.methods):
+                instance = {"seed": seed, "k": k, "sparsity": target, "method": method}
+                yield "sparse", _sparse_key(seed, k, target, method), self.settings(_sparse_fields(method), **instance)
+            yield "lmc", f"seed{seed}", self.settings(_LMC, seed=seed)
+        yield "diversity", "all", self.settings(_DIVERSITY)
+        if c.seeds < 2:
+            return
+        target, k = c.table1_level()
+        methods = tuple(m for m in SHARED_MASK_METHODS if m in c.methods)
+        if "permuted" in methods:
+            for seed in range(1, c.seeds):
+                yield "shared-match", f"A0-B{seed}", self.settings(_MATCH, seed=seed, mask_seed=0)
+        for method, seed in itertools.product(methods, range(1, c.seeds)):
+            instance = {"seed": seed, "k": k, "sparsity": target, "method": method, "mask_seed": 0}
+            key = _sparse_key(seed, k, target, method)
+            yield "shared-sparse", key, self.settings(_sparse_fields(method), **instance)
+        yield "shared-diversity", f"k{k}/s{_level_key(target)}", self.settings(_DIVERSITY, k=k, sparsity=target)
+
+
+def _run_device(config: ReproduceConfig) -> torch.device:
+    """The device of a run (:func:`resolve_device`), checked against ``amp``."""
+    device = resolve_device(config.device)
+    if config.amp != "off" and device.type != "cuda":
+        raise ConfigError(
+            f"Setting 'amp' (--amp) is {config.amp!r}, which needs CUDA, but the run uses {device}; "
+            "pass --amp off or a CUDA device."
+        )
+    return device
+
 
 def reproduce(
     config: ReproduceConfig | None = None,
@@ -784,12 +826,7 @@ def reproduce(
         )
     began = time.perf_counter()
     config = config or PRESETS["digits"]
-    device = resolve_device(config.device)
-    if config.amp != "off" and device.type != "cuda":
-        raise ConfigError(
-            f"Setting 'amp' (--amp) is {config.amp!r}, which needs CUDA, but the run uses {device}; "
-            "pass --amp off or a CUDA device."
-        )
+    device = _run_device(config)
     splits = splits or load_dataset(config.dataset, config.data_root)
     fingerprint = splits_fingerprint(splits)
     splits = splits_to_device(splits, device)
@@ -818,3 +855,54 @@ def reproduce(
         **body,
         "timing": {"elapsed_s": time.perf_counter() - began},
     }
+
+
+def plan_stages(
+    config: ReproduceConfig | None = None,
+    *,
+    out: str | Path,
+    splits: DatasetSplits | None = None,
+) -> list[dict[str, Any]]:
+    """What :func:`reproduce` would do in ``out``, without doing it: every
+    stage instance in run order (:meth:`_Run.plan`) and whether the run
+    would reuse or compute it. Reads the output folder and the data (for its
+    fingerprint); writes and trains nothing, and creates no folder.
+
+    Args:
+        config: as :func:`reproduce`.
+        out: the output folder (need not exist).
+        splits: as :func:`reproduce`.
+
+    Returns:
+        One ``{"stage", "key", "status", "reason"}`` per stage instance;
+        ``status`` is ``"reuse"`` (finished with the same settings),
+        ``"compute"`` (not finished) or ``"changed"`` (finished with other
+        settings: recomputed with ``force``, else :func:`reproduce` raises
+        there); ``reason`` is the :class:`StageMismatchError` of a changed
+        stage (naming each differing setting), else ``None``.
+
+    Raises:
+        ArgumentTypeError: ``config`` is not a :class:`ReproduceConfig`.
+        ConfigError: (a ``ValueError``) as :func:`reproduce`.
+        DataError, ValueError: as :func:`~maskalign.repro.data.load_dataset`.
+    """
+    if config is not None and not isinstance(config, ReproduceConfig):
+        raise ArgumentTypeError(
+            f"Argument 'config' is {_describe(config)}, not a ReproduceConfig; pass get_preset(name, **overrides) "
+            "or ReproduceConfig(...)."
+        )
+    config = config or PRESETS["digits"]
+    _run_device(config)  # the checks of a real run; the plan itself needs no device
+    splits = splits or load_dataset(config.dataset, config.data_root)
+    store = StageStore(Path(out))
+    run = _Run(config, splits, torch.device("cpu"), store, splits_fingerprint(splits), lambda _: None, None)
+    rows = []
+    for stage, key, settings in run.plan():
+        status, reason = "compute", None
+        try:
+            if store.finished(stage, key, settings) is not None:
+                status = "reuse"
+        except StageMismatchError as exc:
+            status, reason = "changed", exc
+        rows.append({"stage": stage, "key": key, "status": status, "reason": reason})
+    return rows
