@@ -1,24 +1,32 @@
-"""Command line.
+"""Command line: ``maskalign reproduce`` and ``maskalign report``.
 
 ``maskalign reproduce [--preset NAME] [--SETTING VALUE ...] [--out DIR]`` runs
 (or resumes) the paper's lottery-ticket mask transfer experiment
-(:mod:`maskalign.repro.experiment`); ``maskalign report DIR`` re-renders the tables
-and plots of a finished run from its ``results.json``.
+(:mod:`maskalign.repro.experiment`); ``--dry-run`` lists the stages it would
+compute and reuse, and writes nothing. ``maskalign report DIR`` re-renders the
+tables and plots of a finished run from its ``results.json``.
 
 Every error is printed as one line ``maskalign: <what is wrong and what to
-do> See <troubleshooting link>`` on stderr, and the exit status is 2.
+do> See <troubleshooting link>`` on stderr, and the exit status is 2. A
+missing optional dependency is said at the start of a run, in one line with
+the ``pip`` command. The help texts are plain words (no markup): this
+docstring is not shown by ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import DOCS_URL, MaskAlignError
 from ..matching.activation import POINTS, STREAM_POINTS
-from .experiment import reproduce
+from .experiment import plan_stages, reproduce
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
 from .report import markdown_table, render, write_results
 
@@ -26,15 +34,36 @@ __all__ = ["main"]
 
 _CLI_DOCS = f"{DOCS_URL}/troubleshooting/#command-line"
 
+#: How to install the optional dependencies of ``maskalign reproduce``.
+_PIP_DEMO = "pip install 'maskalign[demo]'"
+
+# What ``main`` reports as one line (exit status 2) rather than a traceback:
+# maskalign's typed errors, the file system's (a folder that is a file, no
+# permission, a full disk), bad values, and a missing optional dependency.
+_USER_ERRORS: tuple[type[BaseException], ...] = (MaskAlignError, OSError, ValueError, ImportError)
+
 
 def _error_line(exc: BaseException) -> str:
-    """One ``maskalign: ...`` line for ``exc``, ending with its docs link."""
+    """One ``maskalign: ...`` line for ``exc``, ending with its docs link.
+    Only the error's own message: its ``__cause__`` or ``__context__`` is
+    never printed."""
     if isinstance(exc, MaskAlignError):
         return f"maskalign: {exc.one_line()}"
-    text = (str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)).strip()
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        text = f"{exc.filename} is not a folder ({exc.strerror}); pass a folder, or a path that does not exist yet."
+    elif isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}; check the path and its permissions."
+    else:
+        text = (str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)).strip()
+    text = text or type(exc).__name__
     if not text.endswith((".", "?", "!")):
         text += "."
     return "maskalign: " + " ".join(f"{text} See {_CLI_DOCS}".split())
+
+
+def _say(line: str) -> None:
+    """One ``maskalign: ...`` line on stderr."""
+    print(f"maskalign: {line}", file=sys.stderr, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,66 +75,180 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"maskalign: {where}{message}; see `{self.prog} --help`. See {_CLI_DOCS}\n")
 
 
+_DESCRIPTION = """\
+Reproduce the lottery-ticket mask transfer experiment of Adnan et al. (ICML
+2025): a winning-ticket mask found on network A is aligned to a second
+network B by the permutation that matches their hidden units, and the sparse
+networks trained from it are compared with the original ticket, the unaligned
+mask and a random mask.
+
+Errors are printed as one line with a link to the troubleshooting page, and
+the exit status is 2."""
+
+_EPILOG = """\
+examples:
+  maskalign reproduce                    the digits preset (about a minute on 2 CPU cores)
+  maskalign reproduce --dry-run          list the stages to compute and to reuse
+  maskalign reproduce --seeds 1 --out small
+  maskalign reproduce --preset cifar10-resnet20x1 --data-root DIR
+  maskalign report maskalign-results     draw the tables and plots again
+
+Run "maskalign COMMAND --help" for the options of a command."""
+
+_REPRODUCE_DESCRIPTION = """\
+Run the experiment, or resume it: a stage already finished in the output
+folder with the same settings is loaded, not computed again, so rerunning
+the same command after an interruption continues where it stopped. Per seed,
+the stages are: train A and B (dense), prune A by iterative magnitude pruning
+(imp), match B's hidden units to A's (match), train the sparse networks of
+each method, rewind point and sparsity (sparse), and measure the loss barrier
+between the solutions (lmc); then the diversity of the solutions over seeds.
+
+The results go to the output folder: results.json, results.md and the plots
+(PNG, with matplotlib)."""
+
+_REPRODUCE_EPILOG = textwrap.fill(
+    "presets: " + ", ".join(PRESETS) + ". A setting flag replaces that one value of the preset; "
+    "--list-presets prints every value of every preset.",
+    width=79,
+)
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`ReproduceConfig` setting; unset flags keep the preset's value."""
-    add = parser.add_argument_group("settings (override the preset)").add_argument
+    add = parser.add_argument_group("settings (each replaces the preset's value)").add_argument
     keep = argparse.SUPPRESS
-    add("--dataset", choices=["digits", "cifar10", "cifar100"], default=keep)
-    add("--data-root", default=keep, help="folder holding the CIFAR python-pickle batches")
-    add("--model", choices=["mlp", "resnet20", "vgg11"], default=keep)
-    add("--width", type=int, default=keep, help="width multiplier")
-    add("--hidden", type=int, nargs="+", default=keep, help="MLP hidden sizes")
-    add("--epochs", "-T", type=int, default=keep, help="dense epochs T")
-    add("--rewind-epochs", "-k", type=int, nargs="+", default=keep, help="rewind points k (sweep)")
-    add("--sparsities", type=float, nargs="+", default=keep)
-    add("--seeds", type=int, default=keep, help="number of seeds (A/B pairs)")
-    add("--batch-size", type=int, default=keep)
-    add("--lr", type=float, default=keep, help="dense peak learning rate")
-    add("--sparse-lr", type=float, default=keep, help="sparse peak learning rate")
-    add("--momentum", type=float, default=keep)
-    add("--weight-decay", type=float, default=keep)
-    add("--augment", action=argparse.BooleanOptionalAction, default=keep, help="random crop + flip")
-    add("--prune-rate", type=float, default=keep, help="fraction of remaining weights pruned per IMP round")
-    add("--imp-epochs", type=int, default=keep, help="fine-tuning epochs per IMP round")
-    add("--imp-lr", type=float, default=keep, help="IMP fine-tuning peak learning rate")
-    add("--methods", nargs="+", choices=METHODS, default=keep)
+    add("--dataset", choices=["digits", "cifar10", "cifar100"], default=keep, help="data set")
+    add("--data-root", default=keep, metavar="DIR", help="folder holding the CIFAR batches (python version)")
+    add("--model", choices=["mlp", "resnet20", "vgg11"], default=keep, help="network architecture")
+    add("--width", type=int, default=keep, help="width multiplier of resnet20 and vgg11")
+    add("--hidden", type=int, nargs="+", default=keep, metavar="N", help="hidden layer sizes of the MLP")
+    add("--epochs", "-T", type=int, default=keep, metavar="T", help="dense training epochs T")
+    add(
+        "--rewind-epochs",
+        "-k",
+        type=int,
+        nargs="+",
+        default=keep,
+        metavar="K",
+        help="rewind points k, in epochs (0 is the initialisation); sparse runs train T - k epochs",
+    )
+    add(
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=keep,
+        metavar="S",
+        help="target sparsities, as fractions of pruned weights (0.9 for 90 percent)",
+    )
+    add("--seeds", type=int, default=keep, help="number of seeds, one pair of networks A and B each")
+    add("--batch-size", type=int, default=keep, help="training batch size")
+    add("--lr", type=float, default=keep, help="peak learning rate of dense training (cosine schedule)")
+    add("--sparse-lr", type=float, default=keep, help="peak learning rate of sparse training")
+    add("--momentum", type=float, default=keep, help="SGD momentum")
+    add("--weight-decay", type=float, default=keep, help="SGD weight decay")
+    add(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=keep,
+        help="random crop and horizontal flip of the training images",
+    )
+    add("--prune-rate", type=float, default=keep, help="fraction of the remaining weights pruned per pruning round")
+    add("--imp-epochs", type=int, default=keep, help="fine-tuning epochs per pruning round")
+    add("--imp-lr", type=float, default=keep, help="peak learning rate of the fine-tuning between pruning rounds")
+    add(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=keep,
+        help="sparse runs: lth (A with its mask), naive (B with A's mask), permuted (B with the aligned mask), "
+        "random (B with a random mask of the same layer densities)",
+    )
     add("--table1-sparsity", type=float, default=keep, help="sparsity of the shared-mask diversity table")
     add("--table1-k", type=int, default=keep, help="rewind point of the shared-mask diversity table")
-    add("--match-points", choices=POINTS, default=keep, help="activations matched: pre, post or both (nonlinearity)")
+    add(
+        "--match-points",
+        choices=POINTS,
+        default=keep,
+        help="activations matched: before the nonlinearity (pre), after it (post) or both",
+    )
     add(
         "--match-stream-points",
         choices=STREAM_POINTS,
         default=keep,
-        help="residual streams: match every point of a stage (all) or its last one",
+        help="residual streams: match every point of a stage (all) or only its last one",
     )
-    add("--barrier-points", type=int, default=keep, help="interpolation points per LMC curve")
-    add("--bn-batches", type=int, default=keep, help="training batches for BatchNorm re-estimation in LMC")
+    add("--barrier-points", type=int, default=keep, help="interpolation points per loss-barrier curve")
+    add(
+        "--bn-batches",
+        type=int,
+        default=keep,
+        help="training batches that re-estimate the BatchNorm statistics at each interpolation point",
+    )
     add("--device", default=keep, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     add("--amp", choices=AMP_MODES, default=keep, help="mixed precision (CUDA only)")
-    add("--threads", type=int, default=keep, help="CPU threads for torch (0: torch's default)")
+    add("--threads", type=int, default=keep, help="CPU threads for torch (0 keeps torch's default)")
+
+
+def _version() -> str:
+    """``maskalign.__version__``. The package is always imported before its
+    modules, so it is read from ``sys.modules``: an import of the package here
+    would make this module depend on all of it in the docs' layout diagram
+    (``scripts/layout_diagram.py``)."""
+    return str(sys.modules["maskalign"].__version__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="maskalign", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="maskalign", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=raw)
+    parser.add_argument(
+        "--version", "-V", action="version", version=f"maskalign {_version()}", help="print the version and exit"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     rep = commands.add_parser(
         "reproduce",
-        help="train A and B, find A's ticket by IMP, compare LTH / naive / permuted / random masks",
-        description="Run or resume the experiment. Presets: " + ", ".join(PRESETS) + ".",
+        help="run or resume the experiment",
+        description=_REPRODUCE_DESCRIPTION,
+        epilog=_REPRODUCE_EPILOG,
+        formatter_class=raw,
     )
-    rep.add_argument("--preset", default="digits", choices=list(PRESETS), help="named settings (default: digits)")
+    rep.add_argument(
+        "--preset",
+        default="digits",
+        choices=list(PRESETS),
+        metavar="NAME",
+        help="named settings, one of the presets listed below (default: digits)",
+    )
     rep.add_argument("--list-presets", action="store_true", help="print every preset's settings and exit")
-    rep.add_argument("--out", default="maskalign-results", help="output folder (reused: the run resumes)")
-    rep.add_argument("--force", action="store_true", help="recompute stages whose settings changed")
+    rep.add_argument(
+        "--out",
+        default="maskalign-results",
+        metavar="DIR",
+        help="output folder (default: maskalign-results); an existing one is resumed",
+    )
+    rep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the stages the run would compute and those it would reuse from the output folder, "
+        "then exit; computes and writes nothing",
+    )
+    rep.add_argument(
+        "--force", action="store_true", help="compute again the stages whose settings changed (instead of stopping)"
+    )
     rep.add_argument("--restart", action="store_true", help="discard every stored stage first")
     rep.add_argument("--quiet", action="store_true", help="no per-stage log lines")
     _add_settings(rep)
-    report = commands.add_parser("report", help="re-render results.md and the plots from DIR/results.json")
-    report.add_argument("folder")
+    report = commands.add_parser(
+        "report",
+        help="draw the tables and plots of a finished run again",
+        description="Write results.md and the plots (PNG, with matplotlib) of a finished run again, "
+        "from the results.json in its output folder.",
+    )
+    report.add_argument("folder", metavar="DIR", help="output folder of a finished maskalign reproduce run")
     return parser
 
 
-_RUN_FLAGS = ("command", "preset", "list_presets", "out", "force", "restart", "quiet")
+_RUN_FLAGS = ("command", "preset", "list_presets", "out", "dry_run", "force", "restart", "quiet")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,20 +262,58 @@ def _print_settings(name: str, config: ReproduceConfig, overrides: dict[str, Any
         print(f"  {key} = {value}" + ("  (override)" if key in overrides else ""))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``maskalign`` script; returns the exit status
-    (0 done, 2 bad settings or an output folder that does not match them).
-    Errors are printed as one ``maskalign: ...`` line ending with the link to
-    their troubleshooting entry."""
-    args = _parser().parse_args(argv)
-    if args.command == "report":
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_dependencies(config: ReproduceConfig) -> None:
+    """Say what a missing optional dependency means, before any stage runs.
+
+    Raises:
+        ImportError: the data set needs scikit-learn and it is not installed.
+    """
+    if config.dataset == "digits":
         try:
-            paths = render(args.folder)
-        except (FileNotFoundError, NotADirectoryError, MaskAlignError, ValueError) as exc:
-            print(_error_line(exc), file=sys.stderr)
-            return 2
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-        return 0
+            import sklearn  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                f"The digits data set needs scikit-learn, which is not installed; run {_PIP_DEMO}."
+            ) from None
+    if not _has_matplotlib():
+        _say(
+            "The plots need matplotlib, which is not installed; the run goes on without them "
+            f"(run {_PIP_DEMO}, then maskalign report DIR draws them)."
+        )
+
+
+def _dry_run(config: ReproduceConfig, args: argparse.Namespace) -> int:
+    """List every stage with what the run would do with it; writes nothing."""
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():  # as the run would find
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), args.out)
+    rows = plan_stages(config, out=folder)
+    if args.restart:  # --restart discards every stored stage first
+        rows = [{**row, "status": "compute", "reason": None} for row in rows]
+    where = args.out if folder.exists() else f"{args.out} (does not exist yet; the run creates it)"
+    print(f"dry run in {where}: nothing is computed or written")
+    words = {"reuse": "reuse  ", "compute": "compute", "changed": "compute"}
+    for row in rows:
+        note = "  (finished with other settings)" if row["status"] == "changed" else ""
+        print(f"  {words[row['status']]}  {row['stage']}/{row['key']}{note}")
+    changed = [row for row in rows if row["status"] == "changed"]
+    reused = sum(row["status"] == "reuse" for row in rows)
+    print(f"{len(rows)} stages: {len(rows) - reused} to compute, {reused} reused")
+    if changed and not args.force:
+        print(f"{len(changed)} of them finished with other settings; without --force the run stops at the first:")
+        print(f"  {changed[0]['reason'].one_line()}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
     if args.list_presets:
         for name, config in PRESETS.items():
             _print_settings(name, config, {})
@@ -143,18 +324,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MaskAlignError, ValueError, TypeError, KeyError) as exc:
         print(_error_line(exc), file=sys.stderr)
         return 2
+    _check_dependencies(config)
     _print_settings(args.preset, config, overrides)
+    if args.dry_run:
+        return _dry_run(config, args)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        results = reproduce(config, out=args.out, preset=args.preset, force=args.force, restart=args.restart, log=log)
-    except (MaskAlignError, ValueError) as exc:
-        print(_error_line(exc), file=sys.stderr)
-        return 2
+    results = reproduce(config, out=args.out, preset=args.preset, force=args.force, restart=args.restart, log=log)
     results["overrides"] = sorted(overrides)
     paths = write_results(results, args.out)
     print(markdown_table(results))
     print(f"\nfinished in {results['timing']['elapsed_s']:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    paths = render(args.folder)
+    if not _has_matplotlib():
+        _say(f"The plots need matplotlib, which is not installed; wrote results.md only (run {_PIP_DEMO}).")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``maskalign`` script; returns the exit status
+    (0 done, 2 bad settings, an output folder that does not match them, a
+    missing file or optional dependency). Errors are printed as one
+    ``maskalign: ...`` line ending with the link to their troubleshooting
+    entry, never as a traceback. ``--help``, ``--version`` and usage errors
+    exit through ``argparse`` (``SystemExit`` 0 or 2)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _report(args) if args.command == "report" else _reproduce(args)
+    except _USER_ERRORS as exc:
+        print(_error_line(exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
