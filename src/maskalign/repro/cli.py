@@ -87,7 +87,7 @@ the exit status is 2."""
 
 _EPILOG = """\
 examples:
-  maskalign reproduce                    run the default preset, digits, on the CPU
+  maskalign reproduce                    run the default preset, digits
   maskalign reproduce --dry-run          list the stages to compute and to reuse
   maskalign reproduce --seeds 1 --out small
   maskalign reproduce --preset cifar10-resnet20x1 --data-root DIR
