@@ -766,11 +766,23 @@ def match_activations(
         aligned to ``model_b``. ``pi.report`` holds ``"method"``
         (``"activation"``), ``"cost"``, ``"points"`` (the string passed, or a
         dict group name -> choice when a mapping or callable was passed),
-        ``"stream_points"``, and ``"groups"``: per group name the mean
-        matched similarity of the chosen statistic before (identity) and
-        after matching, plus, for groups matched on post-activations with a
-        pre-activation tie-break, ``"tied"``: the number of matched pairs
-        that lay in a tie class (decided by the tie-break). All of it is
+        ``"stream_points"``, and ``"groups"``: per group name ``"before"``
+        (every group the identity) and ``"after"`` (every group matched),
+        the mean of the chosen statistic over the pairs of units that the
+        group's matched total sums, every pair weighing the same: for a
+        group pooled into one statistic, its ``n`` units paired with their
+        matches; for a group nested in a joint axis (heads, the dims inside
+        a head), every position of that axis the group carries, paired with
+        its position under the whole permutation (a head's ``head_dim``
+        positions, or a head dim's one per head), over all its joint axes
+        and its pooled statistic together. Under ``"correlation"`` this is
+        the mean Pearson correlation of matched units, in ``[-1, 1]``
+        (1 for a model against a permuted copy of itself, when no unit is
+        constant); under ``"covariance"`` the mean matched covariance;
+        under ``"euclidean"`` minus the mean squared distance of matched
+        units. Groups matched on post-activations with a pre-activation
+        tie-break also have ``"tied"``: the number of matched pairs that
+        lay in a tie class (decided by the tie-break). All of it is
         JSON-serialisable.
 
     Raises:
@@ -1037,8 +1049,22 @@ def _solve(
     for g in perm:
         before, after = total(g, identity), total(g, perm)
         ar = torch.arange(before.shape[0])
-        scale = len([t for t in joint if g in set(groups_of(t))]) + (1 if g in clean else 0)
-        report[g] = {"before": float(before[ar, ar].mean()) / scale, "after": float(after[perm[g], ar].mean()) / scale}
+        pairs = _matched_pairs(g, clean, joint)
+        report[g] = {"before": float(before[ar, ar].sum()) / pairs, "after": float(after[perm[g], ar].sum()) / pairs}
         if g in tied:
             report[g]["tied"] = tied[g]
     return perm, report
+
+
+def _matched_pairs(group: str, clean: Mapping[str, Tensor], joint: Mapping[AxisTree, Tensor]) -> int:
+    """How many entries of the similarity matrices the matched total of
+    ``group`` sums: one per unit of its pooled statistic, and, per joint axis
+    that carries it, one per position of ``group``'s units there (a head
+    contributes its ``head_dim`` positions, a head dim one per head, as
+    :func:`_marginal` sums them). The total divided by this is the mean
+    similarity of a matched pair of units."""
+    pairs = clean[group].shape[0] if group in clean else 0
+    for tree in joint:
+        if group in set(groups_of(tree)):
+            pairs += positions_of(tree, group, "a joint activation axis").numel()
+    return max(pairs, 1)
