@@ -373,6 +373,21 @@ def test_sparsity_str_is_a_table() -> None:
     assert lines[-1].split() == ["total", "4", "3", "75.00%"]
 
 
+def test_float_of_a_sparsity_report_is_the_global_sparsity() -> None:
+    masks = {"a": torch.tensor([True, False, False, True]), "b": torch.zeros(2, 3, dtype=torch.bool)}
+    rep = sparsity(masks)
+    assert isinstance(float(rep), float)
+    assert float(rep) == rep.global_ == pytest.approx(0.8)
+    assert float(sparsity({})) == 0.0
+    assert float(sparsity({"a": torch.ones(3, dtype=torch.bool)})) == 0.0
+    model = mlp()
+    pruned = global_magnitude_prune(model, 0.6)
+    apply_masks(model, pruned)
+    assert float(sparsity(model)) == sparsity(model).global_ == pytest.approx(float(sparsity(pruned)))
+    assert 0.5 < float(sparsity(model)) < 0.7
+    assert f"{float(rep):.0%}" == "80%"
+
+
 # --- apply_masks
 
 

@@ -373,6 +373,11 @@ def _check_dense_bool(masks: Mapping[str, Tensor]) -> None:
 class SparsityReport:
     """Per-tensor and overall sparsity.
 
+    ``float(report)`` is the global sparsity, :attr:`global_` (a fraction in
+    ``[0, 1]``: ``float(ma.sparsity(masks)) == 0.8`` when 80% of the entries
+    are pruned), so a report can stand where a number is expected
+    (``f"{float(report):.1%}"``, comparisons after ``float``).
+
     Attributes:
         pruned: name -> number of pruned (mask ``False``) or exactly-zero
             entries.
@@ -386,6 +391,11 @@ class SparsityReport:
     numel: dict[str, int]
     per_layer: dict[str, float]
     global_: float
+
+    def __float__(self) -> float:
+        """The global sparsity, :attr:`global_`: pruned entries over all
+        entries, in ``[0, 1]``."""
+        return float(self.global_)
 
     def __str__(self) -> str:
         """A compact fixed-width table: one row per tensor and a total row."""
@@ -433,7 +443,8 @@ def sparsity(
         masks: only with a model: the mask set selecting the parameters.
 
     Returns:
-        A :class:`SparsityReport`; printing it renders a table.
+        A :class:`SparsityReport`; printing it renders a table, and
+        ``float(report)`` is the global sparsity (a fraction in ``[0, 1]``).
 
     Raises:
         ArgumentTypeError: (a ``TypeError``) ``obj`` is neither a model nor a
