@@ -419,15 +419,17 @@ def test_per_group_mapping_and_callable() -> None:
     spec = spec_of(model_a)
     data = batches(2)
     run = lambda points: ma.match_activations(model_a, model_b, data, spec, points=points, progress=False)  # noqa: E731
-    pre, post = run("pre"), run("post")
-    mapping = run({"layers.0.weight:0": "post"})
-    called = run(lambda group: "post" if group == "layers.0.weight:0" else "pre")
+    other = "pre" if am.DEFAULT_POINTS != "pre" else "post"  # a choice that is not the default
+    chosen, default = run(other), run(am.DEFAULT_POINTS)
+    assert chosen.report["groups"] != default.report["groups"]  # the premise: the choice matters here
+    mapping = run({"layers.0.weight:0": other})  # layers.1 left out: the default
+    called = run(lambda group: other if group == "layers.0.weight:0" else am.DEFAULT_POINTS)
     for mixed in (mapping, called):
-        assert mixed.report["points"] == {"layers.0.weight:0": "post", "layers.1.weight:0": am.DEFAULT_POINTS}
-        assert mixed.report["groups"]["layers.0.weight:0"] == post.report["groups"]["layers.0.weight:0"]
-        assert mixed.report["groups"]["layers.1.weight:0"] == pre.report["groups"]["layers.1.weight:0"]
-        assert torch.equal(mixed["layers.0.weight:0"], post["layers.0.weight:0"])
-        assert torch.equal(mixed["layers.1.weight:0"], pre["layers.1.weight:0"])
+        assert mixed.report["points"] == {"layers.0.weight:0": other, "layers.1.weight:0": am.DEFAULT_POINTS}
+        assert mixed.report["groups"]["layers.0.weight:0"] == chosen.report["groups"]["layers.0.weight:0"]
+        assert mixed.report["groups"]["layers.1.weight:0"] == default.report["groups"]["layers.1.weight:0"]
+        assert torch.equal(mixed["layers.0.weight:0"], chosen["layers.0.weight:0"])
+        assert torch.equal(mixed["layers.1.weight:0"], default["layers.1.weight:0"])
 
 
 # ----------------------------------------------------- report and defaults
@@ -437,8 +439,8 @@ def test_report_records_the_recipe_and_is_json() -> None:
     assert pi.report["points"] == "both" and pi.report["stream_points"] == "last"
     assert json.loads(json.dumps(pi.report)) == pi.report
     default = ma.match_activations(model, model, batches(1), progress=False)
-    assert default.report["points"] == am.DEFAULT_POINTS == "pre"
-    assert default.report["stream_points"] == am.DEFAULT_STREAM_POINTS == "all"
+    assert default.report["points"] == am.DEFAULT_POINTS == "post"
+    assert default.report["stream_points"] == am.DEFAULT_STREAM_POINTS == "last"
     parameters = inspect.signature(ma.match_activations).parameters
     assert parameters["points"].default is am.DEFAULT_POINTS
     assert parameters["stream_points"].default is am.DEFAULT_STREAM_POINTS

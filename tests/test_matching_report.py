@@ -7,6 +7,11 @@ total sums one correlation per position of the axis; ``"after"`` is at
 least ``"before"``, and 1 for a model against a permuted copy of itself. A
 plain group's values are checked against correlations computed here from raw
 activations captured with forward hooks.
+
+Every match here uses ``points="pre"``: the hooks capture the inputs of the
+nonlinearities, and on post-activations a dead ReLU unit (zero variance) has
+correlation 0 even with itself, so "after" of a self-match is the share of
+live units rather than 1 (checked in the last test).
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ def test_bert_has_head_groups() -> None:
 
 def test_bert_report_of_independent_models_is_a_correlation() -> None:
     spec = bert_spec()
-    pi = ma.match_activations(small_bert(1), small_bert(2), token_batches(), spec, progress=False)
+    pi = ma.match_activations(small_bert(1), small_bert(2), token_batches(), spec, points="pre", progress=False)
     assert_sensible(pi.report["groups"], spec)
     for group in nested_groups(spec):  # the heads were the groups reported above 1
         assert pi.report["groups"][group]["after"] > pi.report["groups"][group]["before"], group
@@ -110,7 +115,7 @@ def test_bert_report_of_independent_models_is_a_correlation() -> None:
 def test_bert_self_matching_reports_correlation_one() -> None:
     spec, model = bert_spec(), small_bert(3)
     sigma = ma.random_permutation(spec, torch.Generator().manual_seed(4))
-    pi = ma.match_activations(model, ma.apply_permutation(model, sigma), token_batches(), spec, progress=False)
+    pi = ma.match_activations(model, ma.apply_permutation(model, sigma), token_batches(), spec, points="pre", progress=False)
     assert pi == sigma
     report = pi.report["groups"]
     assert_sensible(report, spec)
@@ -126,7 +131,7 @@ def test_bert_self_matching_other_costs_are_means_per_pair(cost: str) -> None:
     spec, model = bert_spec(), small_bert(3)
     sigma = ma.random_permutation(spec, torch.Generator().manual_seed(4))
     pi = ma.match_activations(
-        model, ma.apply_permutation(model, sigma), token_batches(), spec, cost=cost, progress=False
+        model, ma.apply_permutation(model, sigma), token_batches(), spec, cost=cost, points="pre", progress=False
     )
     assert pi == sigma
     for group, values in pi.report["groups"].items():
@@ -142,7 +147,7 @@ def test_bert_plain_group_matches_a_reference_from_hooks() -> None:
     model_a, model_b, batches = small_bert(5), small_bert(6), token_batches(seed=7)
     group = "encoder.layer.0.intermediate.dense.weight:0"
     assert group in spec.groups and group not in nested_groups(spec)
-    pi = ma.match_activations(model_a, model_b, batches, spec, progress=False)
+    pi = ma.match_activations(model_a, model_b, batches, spec, points="pre", progress=False)
 
     def outputs(model: nn.Module) -> Tensor:
         return hooked_outputs(model, model.encoder.layer[0].intermediate.dense, batches)
@@ -157,7 +162,7 @@ def test_bert_plain_group_matches_a_reference_from_hooks() -> None:
 def test_report_of_independent_models_is_a_correlation(name: str) -> None:
     spec = spec_for(name)
     data = [make_inputs(64, seed=300 + i) for i in range(2)]
-    pi = ma.match_activations(make_model(name, seed=41), make_model(name, seed=42), data, spec, progress=False)
+    pi = ma.match_activations(make_model(name, seed=41), make_model(name, seed=42), data, spec, points="pre", progress=False)
     assert_sensible(pi.report["groups"], spec)
 
 
@@ -166,7 +171,7 @@ def test_self_matching_reports_correlation_one(name: str) -> None:
     spec, model = spec_for(name), make_model(name, seed=43)
     sigma = ma.random_permutation(spec, torch.Generator().manual_seed(44))
     data = [make_inputs(64, seed=310 + i) for i in range(2)]
-    pi = ma.match_activations(model, ma.apply_permutation(model, sigma), data, spec, progress=False)
+    pi = ma.match_activations(model, ma.apply_permutation(model, sigma), data, spec, points="pre", progress=False)
     assert pi == sigma
     assert_sensible(pi.report["groups"], spec)
     for group, values in pi.report["groups"].items():
@@ -176,7 +181,7 @@ def test_self_matching_reports_correlation_one(name: str) -> None:
 def test_mlp_plain_group_matches_a_reference_from_hooks() -> None:
     model_a, model_b = make_model("mlp", seed=45), make_model("mlp", seed=46)
     data = [make_inputs(64, seed=320 + i) for i in range(3)]
-    pi = ma.match_activations(model_a, model_b, data, spec_for("mlp"), progress=False)
+    pi = ma.match_activations(model_a, model_b, data, spec_for("mlp"), points="pre", progress=False)
     for i, layer in enumerate(model_a.layers):
         group = f"layers.{i}.weight:0"
         other = model_b.layers[i]
@@ -213,9 +218,28 @@ def test_attention_heads_report_a_mean_correlation() -> None:
     spec = ma.build_spec(model, (data[0],))
     assert nested_groups(spec)
     sigma = ma.random_permutation(spec, torch.Generator().manual_seed(11))
-    itself = ma.match_activations(model, ma.apply_permutation(model, sigma), data, spec, progress=False)
+    itself = ma.match_activations(model, ma.apply_permutation(model, sigma), data, spec, points="pre", progress=False)
     assert itself == sigma
     for group, values in itself.report["groups"].items():
         assert values["after"] == pytest.approx(1.0, abs=TOL), group
-    pi = ma.match_activations(model, other, data, spec, progress=False)
+    pi = ma.match_activations(model, other, data, spec, points="pre", progress=False)
     assert_sensible(pi.report["groups"], spec)
+
+
+def test_post_activation_self_match_reports_the_share_of_live_units() -> None:
+    """With ``points="post"`` a unit that is 0 on every input has no
+    correlation, even with itself: a self-match reports the share of units
+    that are live, counted here directly from the ReLU outputs."""
+    model = randomize(make_model("mlp", seed=51), seed=52)
+    spec = spec_for("mlp")
+    sigma = ma.random_permutation(spec, torch.Generator().manual_seed(53))
+    data = [make_inputs(64, seed=54 + i) for i in range(3)]
+    pi = ma.match_activations(model, ma.apply_permutation(model, sigma), data, spec, points="post", progress=False)
+    assert pi == sigma
+    x = torch.cat(data)
+    hidden, shares = x.flatten(1), []
+    for index, layer in enumerate(model.layers):
+        hidden = torch.relu(layer(hidden))
+        shares.append(float((hidden.std(0) > 0).double().mean()))
+        assert pi.report["groups"][f"layers.{index}.weight:0"]["after"] == pytest.approx(shares[-1], abs=1e-9)
+    assert min(shares) < 1  # the premise: some unit is dead, so "after" is not 1
