@@ -239,6 +239,22 @@ def randomize(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
     return model
 
 
+class TwoHeadAttention(nn.Module):
+    """A ReLU layer, 2-head self-attention (head dim 4) and a residual sum: the
+    smallest model with groups nested in a joint axis (heads, head dims)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.inp(x))
+        y, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(torch.relu(y + h))
+
+
 class CrossTied(nn.Module):
     """``b.weight`` is a transposed view of ``a.weight`` on a path where the
     graph does not tie their axes: a non-identity permutation cannot keep the

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs, make_model, randomize, spec_for
+from conftest import TwoHeadAttention, make_inputs, make_model, randomize, spec_for
 from torch import Tensor, nn
 
 import maskalign as ma
@@ -115,7 +115,9 @@ def test_bert_report_of_independent_models_is_a_correlation() -> None:
 def test_bert_self_matching_reports_correlation_one() -> None:
     spec, model = bert_spec(), small_bert(3)
     sigma = ma.random_permutation(spec, torch.Generator().manual_seed(4))
-    pi = ma.match_activations(model, ma.apply_permutation(model, sigma), token_batches(), spec, points="pre", progress=False)
+    pi = ma.match_activations(
+        model, ma.apply_permutation(model, sigma), token_batches(), spec, points="pre", progress=False
+    )
     assert pi == sigma
     report = pi.report["groups"]
     assert_sensible(report, spec)
@@ -162,7 +164,9 @@ def test_bert_plain_group_matches_a_reference_from_hooks() -> None:
 def test_report_of_independent_models_is_a_correlation(name: str) -> None:
     spec = spec_for(name)
     data = [make_inputs(64, seed=300 + i) for i in range(2)]
-    pi = ma.match_activations(make_model(name, seed=41), make_model(name, seed=42), data, spec, points="pre", progress=False)
+    pi = ma.match_activations(
+        make_model(name, seed=41), make_model(name, seed=42), data, spec, points="pre", progress=False
+    )
     assert_sensible(pi.report["groups"], spec)
 
 
@@ -194,27 +198,12 @@ def test_mlp_plain_group_matches_a_reference_from_hooks() -> None:
 
 
 # ---------------------------------------------- a small attention model
-class _Attention(nn.Module):
-    """A ReLU layer, 2-head self-attention (head dim 4) and a residual sum:
-    its "after" under self-matching was reported as 8.0 (a sum over the 8
-    positions of the joint axis, not a mean)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(5, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.inp(x))
-        y, _ = self.attn(h, h, h, need_weights=False)
-        return self.out(torch.relu(y + h))
-
-
 def test_attention_heads_report_a_mean_correlation() -> None:
+    """Its heads' "after" under self-matching was once reported as 8.0 (a sum
+    over the 8 positions of the joint axis, not a mean)."""
     generator = torch.Generator().manual_seed(8)
     data = [torch.randn(8, 6, 5, dtype=torch.float64, generator=generator) for _ in range(3)]
-    model, other = randomize(_Attention(), seed=9), randomize(_Attention(), seed=10)
+    model, other = randomize(TwoHeadAttention(), seed=9), randomize(TwoHeadAttention(), seed=10)
     spec = ma.build_spec(model, (data[0],))
     assert nested_groups(spec)
     sigma = ma.random_permutation(spec, torch.Generator().manual_seed(11))

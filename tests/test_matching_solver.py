@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_inputs, make_model, randomize, spec_for
+from conftest import TwoHeadAttention, make_inputs, make_model, randomize, spec_for
 from torch import Tensor, nn
 
 import maskalign as ma
@@ -78,24 +78,9 @@ def test_positions_of_a_group_not_on_the_axis_is_a_spec_error() -> None:
 
 
 # ------------------------------------------------------- activation matching
-class _Attention(nn.Module):
-    """A ReLU layer, 2-head self-attention (head dim 4) and a residual sum."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(5, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.inp(x))
-        y, _ = self.attn(h, h, h, need_weights=False)
-        return self.out(torch.relu(y + h))
-
-
 def _attention() -> tuple[nn.Module, list[Tensor], ma.PermutationSpec, ma.Permutation]:
     torch.manual_seed(0)
-    model = randomize(_Attention(), seed=3)
+    model = randomize(TwoHeadAttention(), seed=3)
     generator = torch.Generator().manual_seed(1)
     data = [torch.randn(8, 6, 5, dtype=torch.float64, generator=generator) for _ in range(3)]
     spec = ma.build_spec(model, (data[0],))
