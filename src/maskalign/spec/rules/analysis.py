@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ...errors import TraceError
 from ..atoms import AtomTable
-from ..capture import CapturedGraph
+from ..capture import CapturedGraph, _first_line
 from .registry import Dims, Role, RuleContext, Value, describe, flatten_value, is_dims, lookup
 
 __all__ = ["Analysis", "analyze"]
@@ -235,7 +235,3 @@ def _tie_aliases(ctx: RuleContext, graphs: list[CapturedGraph], result: Analysis
         if name not in used and name not in tied:
             for dim in dims:
                 ctx.atoms.freeze(dim, f"'{name}' is not used by forward", op="unused", structural=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
