@@ -9,7 +9,13 @@ tables and plots of a finished run from its ``results.json``.
 Every error is printed as one line ``maskalign: <what is wrong and what to
 do> See <troubleshooting link>`` on stderr, and the exit status is 2. A
 missing optional dependency is said at the start of a run, in one line with
-the ``pip`` command. The help texts are plain words (no markup): this
+the ``pip`` command.
+
+A run shows one progress display (:class:`~maskalign.repro.progress.RunProgress`)
+on stderr and writes its per-stage lines to ``OUT/log.txt`` (and to the
+console with ``--verbose``). Ctrl-C (SIGINT) or SIGTERM ends it with one line,
+``maskalign: interrupted during <stage>; rerun the same command to resume (n
+of N stages done)``, and exit status 130; a second one exits at once. The help texts are plain words (no markup): this
 docstring is not shown by ``--help``.
 """
 
@@ -18,16 +24,22 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import textwrap
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from types import FrameType
+from typing import IO, Any, NoReturn
 
 from ..errors import DOCS_URL, MaskAlignError
 from ..matching.activation import POINTS, STREAM_POINTS
 from .experiment import plan_stages, reproduce
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
+from .progress import RunProgress
 from .report import markdown_table, render, write_results
 
 __all__ = ["main"]
@@ -105,7 +117,12 @@ each method, rewind point and sparsity (sparse), and measure the loss barrier
 between the solutions (lmc); then the diversity of the solutions over seeds.
 
 The results go to the output folder: results.json, results.md and the plots
-(PNG, with matplotlib)."""
+(PNG, with matplotlib). The console shows one progress line for the whole
+run; the per-stage lines go to log.txt in the output folder.
+
+Ctrl-C (or SIGTERM) stops the run with one line saying where it stopped, and
+exit status 130; rerunning the same command resumes it. A second Ctrl-C exits
+at once."""
 
 _REPRODUCE_EPILOG = textwrap.fill(
     "presets: " + ", ".join(PRESETS) + ". A setting flag replaces that one value of the preset; "
@@ -236,7 +253,11 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="compute again the stages whose settings changed (instead of stopping)"
     )
     rep.add_argument("--restart", action="store_true", help="discard every stored stage first")
-    rep.add_argument("--quiet", action="store_true", help="no per-stage log lines")
+    shown = rep.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no progress display (log.txt is still written)")
+    shown.add_argument(
+        "--verbose", action="store_true", help="also print the per-stage lines of log.txt on the console"
+    )
     _add_settings(rep)
     report = commands.add_parser(
         "report",
@@ -248,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_RUN_FLAGS = ("command", "preset", "list_presets", "out", "dry_run", "force", "restart", "quiet")
+_RUN_FLAGS = ("command", "preset", "list_presets", "out", "dry_run", "force", "restart", "quiet", "verbose")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,7 +334,7 @@ def _dry_run(config: ReproduceConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+def _reproduce(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     if args.list_presets:
         for name, config in PRESETS.items():
             _print_settings(name, config, {})
@@ -328,13 +349,115 @@ def _reproduce(args: argparse.Namespace) -> int:
     _print_settings(args.preset, config, overrides)
     if args.dry_run:
         return _dry_run(config, args)
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    results = reproduce(config, out=args.out, preset=args.preset, force=args.force, restart=args.restart, log=log)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = interrupts.progress = RunProgress(sys.stderr, enabled=not args.quiet)
+    with _Log(folder / _LOG, progress if args.verbose else None) as log:
+        log(f"maskalign {_version()} reproduce --preset {args.preset} --out {args.out}")
+        try:
+            results = reproduce(
+                config,
+                out=folder,
+                preset=args.preset,
+                force=args.force,
+                restart=args.restart,
+                log=log,
+                observer=progress,
+            )
+        except KeyboardInterrupt:
+            progress.abandon()
+            log.record(progress.interrupted())
+            raise
+        progress.close()
+        log.record(progress.summary())
     results["overrides"] = sorted(overrides)
     paths = write_results(results, args.out)
     print(markdown_table(results))
     print(f"\nfinished in {results['timing']['elapsed_s']:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+#: The run's log in its output folder: the per-stage lines, appended by every run.
+_LOG = "log.txt"
+
+#: Exit status of an interrupted run (128 + SIGINT, as a shell reports Ctrl-C).
+_INTERRUPTED = 130
+
+
+class _Log:
+    """The ``log`` of a run: each line, time-stamped, appended to ``path``
+    (flushed, so that a killed run keeps it) and, with ``--verbose``, shown
+    on the console above the progress display (``echo``)."""
+
+    def __init__(self, path: Path, echo: RunProgress | None) -> None:
+        self.path, self.echo = path, echo
+        self.handle: IO[str] | None = None
+
+    def __enter__(self) -> _Log:
+        self.handle = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+    def record(self, line: str) -> None:
+        """``line`` in the log file only."""
+        if self.handle is not None:
+            self.handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            self.handle.flush()
+
+    def __call__(self, line: str) -> None:
+        self.record(line)
+        if self.echo is not None:
+            self.echo.write(line)
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM, while :meth:`installed`: the first raises
+    ``KeyboardInterrupt`` in the main thread, so that the stage being
+    computed is abandoned (every artifact is written atomically, so nothing
+    half-written is kept) and :func:`main` prints :meth:`message`; a second
+    one prints it and exits at once, with the same status."""
+
+    def __init__(self) -> None:
+        #: The run's progress display, once there is one: it knows where the run is.
+        self.progress: RunProgress | None = None
+        self._signalled = self._said = False
+
+    def message(self) -> str:
+        """``interrupted during <stage>; rerun the same command to resume (n of N stages done)``."""
+        if self.progress is not None:
+            return self.progress.interrupted()
+        return "interrupted; rerun the same command"
+
+    def say(self) -> None:
+        """:meth:`message` as one ``maskalign: ...`` line on stderr, once."""
+        if not self._said:
+            self._said = True
+            _say(self.message() + ".")
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._signalled:
+            self.say()
+            os._exit(_INTERRUPTED)
+        self._signalled = True
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers of SIGINT and SIGTERM, the previous ones restored on
+        exit. Outside the main thread (where Python allows no handler) the
+        signals keep theirs."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -351,13 +474,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing file or optional dependency). Errors are printed as one
     ``maskalign: ...`` line ending with the link to their troubleshooting
     entry, never as a traceback. ``--help``, ``--version`` and usage errors
-    exit through ``argparse`` (``SystemExit`` 0 or 2)."""
+    exit through ``argparse`` (``SystemExit`` 0 or 2). Ctrl-C or SIGTERM
+    ends a run with one line saying where it stopped and how much is done,
+    and status 130 (see :class:`_Interrupts`)."""
     args = _parser().parse_args(argv)
-    try:
-        return _report(args) if args.command == "report" else _reproduce(args)
-    except _USER_ERRORS as exc:
-        print(_error_line(exc), file=sys.stderr)
-        return 2
+    interrupts = _Interrupts()
+    with interrupts.installed():
+        try:
+            return _report(args) if args.command == "report" else _reproduce(args, interrupts)
+        except _USER_ERRORS as exc:
+            print(_error_line(exc), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            interrupts.say()
+            return _INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ from ..sparse.masks import random_masks_like, sparsity
 from ..spec.permutation_spec import PermutationSpec, build_spec
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
 from .presets import METHODS, PRESETS, ReproduceConfig
+from .progress import StageObserver, percent
 from .stages import StageMismatchError, StageStore, settings_hash
 from .training import TrainConfig, batches, train
 
@@ -200,6 +202,21 @@ def _sparse_key(seed: int, k: int, target: float, method: str) -> str:
     return f"seed{seed}/k{k}/s{_level_key(target)}/{method}"
 
 
+@dataclass(frozen=True)
+class _Ref:
+    """One stage instance: its stage (one of :data:`STAGES`), its key (its
+    folder under ``OUT/stages/<stage>``), the settings it depends on (what
+    :meth:`StageStore.finished` compares) and its name in words for the
+    progress display, e.g. ``sparse seed 2 / k=5 / 99% / permuted``. Made by
+    the ``_Run.ref_*`` methods only, which both the stages and
+    :meth:`_Run.plan` use."""
+
+    stage: str
+    key: str
+    settings: dict[str, Any]
+    words: str
+
+
 class _Run:
     """One execution of :func:`reproduce`: the stages, loaded or computed."""
 
@@ -212,6 +229,7 @@ class _Run:
         fingerprint: str,
         log: Callable[[str], None],
         on_stage_end: Callable[[str, str], None] | None,
+        observer: StageObserver | None = None,
     ) -> None:
         self.config = config
         self.splits = splits
@@ -220,6 +238,7 @@ class _Run:
         self.fingerprint = fingerprint
         self.log = log
         self.on_stage_end = on_stage_end
+        self.observer = observer
         self.test_data = list(batches(splits.test, _EVAL_BATCH, device=device))
         self.targets = splits.test.tensors[1].cpu()
         self._spec: PermutationSpec | None = None
@@ -230,6 +249,47 @@ class _Run:
         """The values of ``fields`` plus the data fingerprint and ``instance``."""
         values = self.config.to_dict()
         return {**{f: values[f] for f in fields}, "data": self.fingerprint, **instance}
+
+    # One method per stage: the key, settings and words of an instance.
+    def ref_dense(self, seed: int, role: str) -> _Ref:
+        settings = self.settings(_DENSE, seed=seed, role=role)
+        return _Ref("dense", f"seed{seed}-{role}", settings, f"dense seed {seed} / {role}")
+
+    def ref_imp(self, seed: int) -> _Ref:
+        return _Ref("imp", f"seed{seed}", self.settings(_IMP, seed=seed), f"imp seed {seed}")
+
+    def ref_match(self, seed: int) -> _Ref:
+        return _Ref("match", f"seed{seed}", self.settings(_MATCH, seed=seed), f"match seed {seed}")
+
+    def ref_shared_match(self, seed: int) -> _Ref:
+        settings = self.settings(_MATCH, seed=seed, mask_seed=0)
+        return _Ref("shared-match", f"A0-B{seed}", settings, f"shared-match A seed 0 / B seed {seed}")
+
+    def ref_sparse(self, seed: int, k: int, target: float, method: str, *, shared: bool = False) -> _Ref:
+        instance: dict[str, object] = {"seed": seed, "k": k, "sparsity": target, "method": method}
+        stage = "shared-sparse" if shared else "sparse"
+        settings = self.settings(_sparse_fields(method), **instance, **({"mask_seed": 0} if shared else {}))
+        words = f"{stage} seed {seed} / k={k} / {percent(target)} / {method}"
+        return _Ref(stage, _sparse_key(seed, k, target, method), settings, words)
+
+    def ref_lmc(self, seed: int) -> _Ref:
+        return _Ref("lmc", f"seed{seed}", self.settings(_LMC, seed=seed), f"lmc seed {seed}")
+
+    def ref_diversity(self) -> _Ref:
+        return _Ref("diversity", "all", self.settings(_DIVERSITY), "diversity")
+
+    def ref_shared_diversity(self, target: float, k: int) -> _Ref:
+        settings = self.settings(_DIVERSITY, k=k, sparsity=target)
+        words = f"shared-diversity k={k} / {percent(target)}"
+        return _Ref("shared-diversity", f"k{k}/s{_level_key(target)}", settings, words)
+
+    def finished(self, ref: _Ref) -> dict[str, Any] | None:
+        """The stored record of ``ref`` (told to the observer as reused), or
+        ``None`` when it is to be computed."""
+        record = self.store.finished(ref.stage, ref.key, ref.settings)
+        if record is not None and self.observer is not None:
+            self.observer.reused(ref.stage, ref.key, ref.words)
+        return record
 
     def train_config(self, epochs: int, lr: float) -> TrainConfig:
         c = self.config
@@ -271,24 +331,30 @@ class _Run:
         return self._has_bn
 
     @contextmanager
-    def stage(self, stage: str, key: str) -> Iterator[None]:
-        """Time and log a computed stage; then call ``on_stage_end``."""
+    def stage(self, ref: _Ref) -> Iterator[None]:
+        """Time, log and tell the observer about a computed stage; then call
+        ``on_stage_end``."""
         began = time.perf_counter()
+        if self.observer is not None:
+            self.observer.begin(ref.stage, ref.key, ref.words)
         yield
-        self.log(f"[{stage} {key}] computed in {time.perf_counter() - began:.1f} s")
+        seconds = time.perf_counter() - began
+        self.log(f"[{ref.stage} {ref.key}] computed in {seconds:.1f} s")
+        if self.observer is not None:
+            self.observer.computed(ref.stage, ref.key, ref.words, seconds)
         if self.on_stage_end is not None:
-            self.on_stage_end(stage, key)
+            self.on_stage_end(ref.stage, ref.key)
 
     # ------------------------------------------------------------- stages
     def dense(self, seed: int, role: str) -> dict[str, Any]:
         """Train dense ``role`` ("A" or "B") of ``seed``; keeps ``final.pt`` and
         ``rewind_k<k>.pt`` for each k."""
-        key = f"seed{seed}-{role}"
-        settings = self.settings(_DENSE, seed=seed, role=role)
-        record = self.store.finished("dense", key, settings)
+        ref = self.ref_dense(seed, role)
+        key, settings = ref.key, ref.settings
+        record = self.finished(ref)
         if record is not None:
             return record
-        with self.stage("dense", key):
+        with self.stage(ref):
             torch.manual_seed(_derive_seed(seed, "dense", role, "init"))
             model = self.build().to(self.device)
             rewinds = set(self.config.rewind_epochs)
@@ -315,12 +381,12 @@ class _Run:
     def imp(self, seed: int) -> dict[str, Any]:
         """IMP on A_T of ``seed`` (no rewinding); keeps ``target_<s>.pt``
         (weights and masks) per target and checkpoints every round."""
-        key = f"seed{seed}"
-        settings = self.settings(_IMP, seed=seed)
-        record = self.store.finished("imp", key, settings)
+        ref = self.ref_imp(seed)
+        key, settings = ref.key, ref.settings
+        record = self.finished(ref)
         if record is not None:
             return record
-        with self.stage("imp", key):
+        with self.stage(ref):
             c = self.config
             model = self.load_model("dense", f"seed{seed}-A", "final.pt")
             checkpoint = self.store.path("imp", key, "last_round.pt")
@@ -357,6 +423,8 @@ class _Run:
                 state = {"settings": settings_hash(settings), "state": _cpu_state(m), "masks": cpu_masks}
                 self.store.save_tensors("imp", key, "last_round.pt", {**state, "history": history})
                 self.log(f"[imp {key}] round {imp_round.index}: sparsity {imp_round.sparsity:.4f}, test acc {acc:.4f}")
+                if self.observer is not None:
+                    self.observer.note(f"round {imp_round.index} of {len(imp_schedule(c.sparsities, c.prune_rate))}")
                 if self.on_stage_end is not None:
                     self.on_stage_end("imp-round", f"{key}/round{imp_round.index}")
 
@@ -389,7 +457,7 @@ class _Run:
 
     def match(self, seed: int) -> tuple[dict[str, Any], Permutation]:
         """Activation matching A_T -> B_T of ``seed`` on the training data."""
-        return self._match("match", f"seed{seed}", self.settings(_MATCH, seed=seed), seed, seed)
+        return self._match(self.ref_match(seed), seed, seed)
 
     def shared_match(self, seed: int) -> tuple[dict[str, Any], Permutation]:
         """pi'_s of the shared-mask protocol: activation matching A_0,T ->
@@ -397,19 +465,17 @@ class _Run:
         ``shared-match``, key ``A0-B<s>``."""
         if seed == 0:
             return self.match(0)
-        settings = self.settings(_MATCH, seed=seed, mask_seed=0)
-        return self._match("shared-match", f"A0-B{seed}", settings, 0, seed)
+        return self._match(self.ref_shared_match(seed), 0, seed)
 
-    def _match(
-        self, stage: str, key: str, settings: Mapping[str, Any], seed_a: int, seed_b: int
-    ) -> tuple[dict[str, Any], Permutation]:
+    def _match(self, ref: _Ref, seed_a: int, seed_b: int) -> tuple[dict[str, Any], Permutation]:
         """Activation matching A_T of ``seed_a`` -> B_T of ``seed_b`` as
-        stage instance ``stage/key`` (the permutation in ``perm.pt``)."""
+        stage instance ``ref`` (the permutation in ``perm.pt``)."""
+        stage, key = ref.stage, ref.key
         model_a = self.load_model("dense", f"seed{seed_a}-A", "final.pt")
         spec = self.spec(model_a)
-        record = self.store.finished(stage, key, settings)
+        record = self.finished(ref)
         if record is None:
-            with self.stage(stage, key):
+            with self.stage(ref):
                 model_b = self.load_model("dense", f"seed{seed_b}-B", "final.pt")
                 data = batches(self.splits.train, _MATCH_BATCH, device=self.device)
                 c = self.config
@@ -433,7 +499,7 @@ class _Run:
                     "batch_size": _MATCH_BATCH,
                 }
                 record = self.store.finish(
-                    stage, key, settings, {**identity, "recipe": recipe, "groups": perm.report.get("groups", {})}
+                    stage, key, ref.settings, {**identity, "recipe": recipe, "groups": perm.report.get("groups", {})}
                 )
         return record, Permutation.load(self.store.path(stage, key, "perm.pt"), spec)
 
@@ -452,8 +518,7 @@ class _Run:
         """Sparse-train ``method`` of ``seed`` from rewind point ``k`` at ``target``
         (LTH from A_k, the others from B_k of the same seed)."""
         start = f"seed{seed}-{'A' if method == 'lth' else 'B'}"
-        settings = self.settings(_sparse_fields(method), seed=seed, k=k, sparsity=target, method=method)
-        return self._train_sparse("sparse", settings, start, seed, k, target, method, masks)
+        return self._train_sparse(self.ref_sparse(seed, k, target, method), start, seed, k, target, method, masks)
 
     def shared_sparse(self, seed: int, k: int, target: float, method: str) -> dict[str, Any]:
         """Member ``seed`` of ``method`` in the shared-mask protocol: LTH
@@ -466,8 +531,8 @@ class _Run:
             return self.sparse(0, k, target, method, self.method_masks(0, target, self.match(0)[1])[method])
         masks = self.method_masks(0, target, self.shared_match(seed)[1])[method]
         start = "seed0-A" if method == "lth" else f"seed{seed}-B"
-        settings = self.settings(_sparse_fields(method), seed=seed, k=k, sparsity=target, method=method, mask_seed=0)
-        return self._train_sparse("shared-sparse", settings, start, seed, k, target, method, masks)
+        ref = self.ref_sparse(seed, k, target, method, shared=True)
+        return self._train_sparse(ref, start, seed, k, target, method, masks)
 
     def shared_model(self, seed: int, k: int, target: float, method: str) -> nn.Module:
         """The trained member ``seed`` of ``method`` in the shared-mask protocol."""
@@ -475,8 +540,7 @@ class _Run:
 
     def _train_sparse(
         self,
-        stage: str,
-        settings: Mapping[str, Any],
+        ref: _Ref,
         start: str,
         seed: int,
         k: int,
@@ -487,12 +551,12 @@ class _Run:
         """Train the rewind checkpoint k of dense stage ``start`` under
         ``masks`` for T - k epochs at ``sparse_lr`` with the data order of
         (``seed``, k, ``target``, ``method``), as stage instance
-        ``stage/<seed, k, target, method key>``."""
-        key = _sparse_key(seed, k, target, method)
-        record = self.store.finished(stage, key, settings)
+        ``ref``."""
+        stage, key = ref.stage, ref.key
+        record = self.finished(ref)
         if record is not None:
             return record
-        with self.stage(stage, key):
+        with self.stage(ref):
             model = self.load_model("dense", start, f"rewind_k{k}.pt")
             train(
                 model,
@@ -512,7 +576,7 @@ class _Run:
                 "test_acc": acc,
                 "mask_sparsity": sparsity(masks).global_,
             }
-            record = self.store.finish(stage, key, settings, data)
+            record = self.store.finish(stage, key, ref.settings, data)
         return record
 
     def sparse_model(self, seed: int, k: int, target: float, method: str, stage: str = "sparse") -> nn.Module:
@@ -522,12 +586,11 @@ class _Run:
     def lmc(self, seed: int, perm: Permutation) -> list[dict[str, Any]]:
         """LMC curves of ``seed``: A-B before and after matching, and between
         the sparse solutions at every (k, sparsity)."""
-        key = f"seed{seed}"
-        settings = self.settings(_LMC, seed=seed)
-        record = self.store.finished("lmc", key, settings)
+        ref = self.ref_lmc(seed)
+        record = self.finished(ref)
         if record is not None:
             return record["curves"]
-        with self.stage("lmc", key):
+        with self.stage(ref):
             c = self.config
             bn_data = None
             if self.has_bn():
@@ -574,7 +637,7 @@ class _Run:
                                     masks_b=masks[b],
                                 )
                             )
-            record = self.store.finish("lmc", key, settings, {"curves": curves})
+            record = self.store.finish("lmc", ref.key, ref.settings, {"curves": curves})
         return record["curves"]
 
     @torch.no_grad()
@@ -586,11 +649,11 @@ class _Run:
 
     def diversity(self) -> list[dict[str, Any]]:
         """Diversity of every solution over seeds, pairwise and against A_T."""
-        settings = self.settings(_DIVERSITY)
-        record = self.store.finished("diversity", "all", settings)
+        ref = self.ref_diversity()
+        record = self.finished(ref)
         if record is not None:
             return record["rows"]
-        with self.stage("diversity", "all"):
+        with self.stage(ref):
             c = self.config
             seeds = range(c.seeds)
             dense_a = [self.log_probs(self.load_model("dense", f"seed{s}-A", "final.pt")) for s in seeds]
@@ -603,7 +666,7 @@ class _Run:
                     for method in c.methods:
                         members = [self.log_probs(self.sparse_model(s, k, target, method)) for s in seeds]
                         rows += self._diversity_rows(method, k, target, members, members, dense_a)
-            record = self.store.finish("diversity", "all", settings, {"rows": rows})
+            record = self.store.finish("diversity", "all", ref.settings, {"rows": rows})
         return record["rows"]
 
     def imp_model(self, seed: int, target: float) -> nn.Module:
@@ -646,12 +709,11 @@ class _Run:
         then the members of each of ``methods`` at (``target``, k). Each row:
         :meth:`~maskalign.metrics.DiversityReport.to_dict` plus ``protocol``,
         ``method``, ``k``, ``sparsity`` and ``member_accuracies`` (in seed order)."""
-        key = f"k{k}/s{_level_key(target)}"
-        settings = self.settings(_DIVERSITY, k=k, sparsity=target)
-        record = self.store.finished("shared-diversity", key, settings)
+        ref = self.ref_shared_diversity(target, k)
+        record = self.finished(ref)
         if record is not None:
             return record["rows"]
-        with self.stage("shared-diversity", key):
+        with self.stage(ref):
             ensembles: list[tuple[str, int | None, float | None, Callable[[int], nn.Module]]] = [
                 ("dense", None, None, lambda s: self.load_model("dense", f"seed{s}-A", "final.pt")),
                 ("imp", None, target, lambda s: self.imp_model(s, target)),
@@ -666,7 +728,7 @@ class _Run:
                 accuracies = [ensemble_accuracy([m], self.targets) for m in members]
                 base = {"protocol": SHARED_MASK, "method": method, "k": kk, "sparsity": level}
                 rows.append({**base, **report, "member_accuracies": accuracies})
-            record = self.store.finish("shared-diversity", key, settings, {"rows": rows})
+            record = self.store.finish("shared-diversity", ref.key, ref.settings, {"rows": rows})
         return record["rows"]
 
     def _diversity_rows(
@@ -732,36 +794,45 @@ class _Run:
         results["shared_mask"] = self.shared_mask()
         return results
 
-    def plan(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """Every stage instance of :meth:`run` as ``(stage, key, settings)``,
-        in the order :meth:`run` reaches them, each once, computing and
-        loading nothing (the seed-0 members of the shared-mask protocol are
-        the ``sparse`` stages already listed). The keys and settings are
-        those the stage methods pass to :meth:`StageStore.finished`; the
-        tests check that a finished run reuses every planned stage."""
+    def plan(self) -> Iterator[_Ref]:
+        """Every stage instance of :meth:`run`, in the order :meth:`run`
+        reaches them, each once, computing and loading nothing (the seed-0
+        members of the shared-mask protocol are the ``sparse`` stages
+        already listed). The instances come from the same ``ref_*`` methods
+        as the stages' own; the tests check that a finished run reuses every
+        planned stage."""
         c = self.config
         for seed in range(c.seeds):
-            for role in ("A", "B"):
-                yield "dense", f"seed{seed}-{role}", self.settings(_DENSE, seed=seed, role=role)
-            yield "imp", f"seed{seed}", self.settings(_IMP, seed=seed)
-            yield "match", f"seed{seed}", self.settings(_MATCH, seed=seed)
+            yield from (self.ref_dense(seed, role) for role in ("A", "B"))
+            yield self.ref_imp(seed)
+            yield self.ref_match(seed)
             for target, k, method in itertools.product(c.sparsities, c.rewind_epochs, c.methods):
-                instance = {"seed": seed, "k": k, "sparsity": target, "method": method}
-                yield "sparse", _sparse_key(seed, k, target, method), self.settings(_sparse_fields(method), **instance)
-            yield "lmc", f"seed{seed}", self.settings(_LMC, seed=seed)
-        yield "diversity", "all", self.settings(_DIVERSITY)
+                yield self.ref_sparse(seed, k, target, method)
+            yield self.ref_lmc(seed)
+        yield self.ref_diversity()
         if c.seeds < 2:
             return
         target, k = c.table1_level()
         methods = tuple(m for m in SHARED_MASK_METHODS if m in c.methods)
         if "permuted" in methods:
-            for seed in range(1, c.seeds):
-                yield "shared-match", f"A0-B{seed}", self.settings(_MATCH, seed=seed, mask_seed=0)
+            yield from (self.ref_shared_match(seed) for seed in range(1, c.seeds))
         for method, seed in itertools.product(methods, range(1, c.seeds)):
-            instance = {"seed": seed, "k": k, "sparsity": target, "method": method, "mask_seed": 0}
-            key = _sparse_key(seed, k, target, method)
-            yield "shared-sparse", key, self.settings(_sparse_fields(method), **instance)
-        yield "shared-diversity", f"k{k}/s{_level_key(target)}", self.settings(_DIVERSITY, k=k, sparsity=target)
+            yield self.ref_sparse(seed, k, target, method, shared=True)
+        yield self.ref_shared_diversity(target, k)
+
+    def plan_status(self) -> list[dict[str, Any]]:
+        """:meth:`plan` with what the run would do with each instance (the
+        rows of :func:`plan_stages`)."""
+        rows = []
+        for ref in self.plan():
+            status, reason = "compute", None
+            try:
+                if self.store.finished(ref.stage, ref.key, ref.settings) is not None:
+                    status = "reuse"
+            except StageMismatchError as exc:
+                status, reason = "changed", exc
+            rows.append({"stage": ref.stage, "key": ref.key, "words": ref.words, "status": status, "reason": reason})
+        return rows
 
 
 def _run_device(config: ReproduceConfig) -> torch.device:
@@ -785,6 +856,7 @@ def reproduce(
     restart: bool = False,
     log: Callable[[str], None] | None = None,
     on_stage_end: Callable[[str, str], None] | None = None,
+    observer: StageObserver | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment; returns the JSON-ready results.
 
@@ -803,6 +875,10 @@ def reproduce(
         on_stage_end: ``on_stage_end(stage, key)`` after each computed stage
             (one of :data:`STAGES`) and after each IMP round's checkpoint
             (``"imp-round"``, ``"seed<s>/round<i>"``).
+        observer: told the plan at the start and every stage reused, begun
+            and computed (:class:`~maskalign.repro.progress.StageObserver`;
+            the command line's progress display is
+            :class:`~maskalign.repro.progress.RunProgress`).
 
     Returns:
         ``{"config", "preset", "device", "data_fingerprint", "imp_schedule",
@@ -841,7 +917,9 @@ def reproduce(
                 store.clear()
             settings = {"preset": preset, "config": config.to_dict(), "device": str(device)}
             atomic_write(Path(folder) / "config.json", lambda h: json.dump(settings, h, indent=1))
-            run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end)
+            run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end, observer)
+            if observer is not None:
+                observer.start(run.plan_status())
             body = run.run()
     finally:
         torch.set_num_threads(threads)
@@ -874,7 +952,9 @@ def plan_stages(
         splits: as :func:`reproduce`.
 
     Returns:
-        One ``{"stage", "key", "status", "reason"}`` per stage instance;
+        One ``{"stage", "key", "words", "status", "reason"}`` per stage
+        instance (``words``: its name in words, e.g. ``sparse seed 2 / k=5 /
+        99% / permuted``);
         ``status`` is ``"reuse"`` (finished with the same settings),
         ``"compute"`` (not finished) or ``"changed"`` (finished with other
         settings: recomputed with ``force``, else :func:`reproduce` raises
@@ -896,13 +976,4 @@ def plan_stages(
     splits = splits or load_dataset(config.dataset, config.data_root)
     store = StageStore(Path(out))
     run = _Run(config, splits, torch.device("cpu"), store, splits_fingerprint(splits), lambda _: None, None)
-    rows = []
-    for stage, key, settings in run.plan():
-        status, reason = "compute", None
-        try:
-            if store.finished(stage, key, settings) is not None:
-                status = "reuse"
-        except StageMismatchError as exc:
-            status, reason = "changed", exc
-        rows.append({"stage": stage, "key": key, "status": status, "reason": reason})
-    return rows
+    return run.plan_status()
