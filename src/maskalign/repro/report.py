@@ -5,10 +5,11 @@
 seeds), then the IMP accuracies, the LMC barriers, the ensemble diversity over
 seeds (its mode stated) and the ICML paper's Table 1 itself (the shared-mask
 protocol: one mask m_A0 shared by every member). Plots follow the papers'
-figures: accuracy vs rewind point per sparsity (dense accuracy dashed),
-accuracy vs sparsity per rewind point, and LMC curves. Everything is rendered
-from the results dict alone, so :func:`render` re-draws a finished run from
-its ``results.json``.
+figures: accuracy vs rewind point per sparsity (dense accuracy as a grey
+line), accuracy vs sparsity per rewind point, and LMC curves; ``summary.png``
+shows the run at a glance (accuracy vs sparsity, loss barriers before and
+after matching). Everything is rendered from the results dict alone, so
+:func:`render` re-draws a finished run from its ``results.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "plot_accuracy",
     "plot_accuracy_vs_rewind",
     "plot_lmc",
+    "plot_summary",
     "render",
     "summarize",
     "write_results",
@@ -261,126 +263,382 @@ def _diversity_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _pyplot() -> Any:
-    import matplotlib
+# ---------------------------------------------------------------- plots
+#
+# Every figure is built by a ``_figure_*`` function that returns the
+# matplotlib Figure (tests inspect it) and saved by its public ``plot_*``.
+# One style per method and per LMC pair, shared by all figures; one shared
+# legend per figure, outside the panels (below them), so no legend covers data.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+#: Colour, marker and line style of each method, the same in every figure.
+_STYLES: dict[str, dict[str, Any]] = {
+    "lth": {"color": "#1f77b4", "marker": "o", "linestyle": "-"},
+    "imp": {"color": "black", "marker": "s", "linestyle": "--", "markerfacecolor": "none"},
+    "permuted": {"color": "#2ca02c", "marker": "^", "linestyle": "-"},
+    "naive": {"color": "#ff7f0e", "marker": "D", "linestyle": ":"},
+    "random": {"color": "#9467bd", "marker": "v", "linestyle": "-."},
+}
+#: The dense reference line (mean over all dense models A and B).
+_DENSE_STYLE: dict[str, Any] = {"color": "#7f7f7f", "linestyle": "-", "linewidth": 2.0, "alpha": 0.6}
+_DENSE_LABEL = "dense (A and B)"
 
-    return plt
+#: LMC pairs: legend label and style. The curve runs from the first model
+#: (alpha = 0) to the second (alpha = 1).
+_PAIR_STYLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "A-B": ("A-B, before matching", {"color": "#d62728", "marker": "x", "linestyle": ":"}),
+    "pi(A)-B": ("pi(A)-B, after matching (A permuted to B)", {"color": "#2ca02c", "marker": "^", "linestyle": "-"}),
+    "lth-naive": ("LTH-naive", {"color": "#ff7f0e", "marker": "D", "linestyle": ":"}),
+    "pi(lth)-permuted": (
+        "pi(LTH)-perm. (LTH permuted to B)",
+        {"color": "#17becf", "marker": "o", "linestyle": "-"},
+    ),
+    "naive-permuted": ("naive-perm.", {"color": "#8c564b", "marker": "s", "linestyle": "-."}),
+}
+#: Bars of the summary's barrier panel: unaligned pairs vs pairs aligned by pi.
+_UNALIGNED_COLOR, _ALIGNED_COLOR = "#d62728", "#2ca02c"
+
+_PANEL_WIDTH, _PANEL_HEIGHT, _DPI = 3.6, 3.1, 100
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _new_figure(figsize: tuple[float, float]) -> Any:
+    """A Figure on its own Agg canvas (no pyplot state), constrained layout."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), mode="wb")
-    _pyplot().close(fig)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=_DPI), mode="wb")
 
 
-def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[tuple[float, float]], **style: Any) -> None:
-    """One line of ``(mean, std)`` points with std error bars on ``ax``."""
-    ax.errorbar(xs, [m for m, _ in stats], yerr=[e for _, e in stats], capsize=3, **style)
+def _percent(fraction: float) -> str:
+    """A sparsity written the one way of every plot: ``0.968 -> "96.8%"``."""
+    return f"{100 * fraction:.4g}%"
 
 
-def _grid(plt: Any, count: int) -> tuple[Any, list[Any]]:
-    cols = min(count, 4)
+def _seeds_words(results: dict[str, Any], what: str = "mean +- std") -> str:
+    """``"mean +- std over 3 seeds"``, or ``"1 seed"`` (no std to show)."""
+    seeds = results["config"]["seeds"]
+    return "1 seed" if seeds == 1 else f"{what} over {seeds} seeds"
+
+
+def _accuracy_label(results: dict[str, Any]) -> str:
+    return f"test accuracy (%),\n{_seeds_words(results)}"
+
+
+def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[MeanStd], results: dict[str, Any], **style: Any) -> None:
+    """One line of ``(mean, std)`` points on ``ax``, std error bars unless there is one seed."""
+    yerr = None if results["config"]["seeds"] == 1 else [e for _, e in stats]
+    ax.errorbar(xs, [m for m, _ in stats], yerr=yerr, capsize=3, markersize=5, **style)
+
+
+def _grid(count: int, *, sharey: bool = True) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels, at most 3 per row (4 as 2 x 2), so it
+    reads at the width of a page; the unused panels hidden."""
+    cols = 2 if count == 4 else min(count, 3)
     rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig = _new_figure((_PANEL_WIDTH * cols + 0.4, _PANEL_HEIGHT * rows + 1.0))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey)
     flat = [ax for row in axes for ax in row]
     for ax in flat[count:]:
         ax.set_visible(False)
+    for ax in flat[:count]:
+        ax.grid(alpha=0.3)
     return fig, flat[:count]
 
 
-def plot_accuracy_vs_rewind(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Test accuracy vs rewind point k, one panel per sparsity, one line per
-    method (error bars: std over seeds), dense accuracy dashed (workshop
-    Figs. 3-4). Saved as PNG atomically. Needs matplotlib."""
-    plt = _pyplot()
+def _ylabel(axes: Sequence[Any], label: str) -> None:
+    """``label`` on the first panel of every row."""
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(label)
+
+
+def _shared_legend(fig: Any, axes: Sequence[Any], ncols: int | None = None) -> Any:
+    """One legend for the figure, below the panels (outside every axes), from
+    the labelled artists of ``axes`` (first occurrence of each label)."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if _DENSE_LABEL in handles:  # the reference line last
+        handles[_DENSE_LABEL] = handles.pop(_DENSE_LABEL)
+    ncols = ncols or min(len(handles), 6)
+    try:
+        return fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=ncols)
+    except ValueError:  # matplotlib < 3.7 has no "outside" locations: reserve a band at the bottom
+        fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
+        return fig.legend(handles.values(), handles.keys(), loc="lower center", ncols=ncols)
+
+
+def _sparsity_axis(ax: Any, targets: Sequence[float]) -> None:
+    """Sparsity on a logit axis (90%, 95%, 98%, 99% spread out), ticked at the measured levels."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("logit")
+    ax.set_xticks(list(targets), [_percent(t) for t in targets])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("sparsity (%), logit axis")
+
+
+def _dense_line(ax: Any, summary: dict[str, Any]) -> None:
+    ax.axhline(summary["dense"][0], label=_DENSE_LABEL, **_DENSE_STYLE)
+
+
+def _figure_accuracy_vs_rewind(results: dict[str, Any]) -> Any:
+    """The figure of :func:`plot_accuracy_vs_rewind`."""
     summary = summarize(results)
     targets = list(summary["accuracy"])
-    fig, axes = _grid(plt, len(targets))
+    fig, axes = _grid(len(targets))
     for ax, target in zip(axes, targets):
         for method, row in summary["accuracy"][target].items():
             if row:
                 ks = sorted(row)
-                _errorbar(ax, ks, [row[k] for k in ks], marker="o", label=_LABELS[method])
-        ax.axhline(summary["dense"][0], linestyle="--", color="gray", label="dense")
-        ax.set_title(f"sparsity = {target:g}")
+                _errorbar(ax, ks, [row[k] for k in ks], results, label=_LABELS[method], **_STYLES[method])
+        _dense_line(ax, summary)
+        ax.set_title(f"sparsity {_percent(target)}")
         ax.set_xlabel("rewind point k (epochs)")
-        ax.set_ylabel("test accuracy (%)")
-    axes[0].legend()
+        ax.set_xticks(results["config"]["rewind_epochs"])
+    _ylabel(axes, _accuracy_label(results))
     fig.suptitle(_title(results))
-    fig.tight_layout()
-    _save(fig, path)
+    _shared_legend(fig, axes)
+    return fig
 
 
-def plot_accuracy(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Test accuracy vs sparsity, one panel per rewind point k, one line per
-    method plus IMP (error bars: std over seeds), dense dashed (workshop
-    Fig. 7). Saved as PNG atomically. Needs matplotlib."""
-    plt = _pyplot()
+def _figure_accuracy(results: dict[str, Any]) -> Any:
+    """The figure of :func:`plot_accuracy`."""
     summary = summarize(results)
     ks = results["config"]["rewind_epochs"]
     targets = list(summary["accuracy"])
-    fig, axes = _grid(plt, len(ks))
+    fig, axes = _grid(len(ks))
     for ax, k in zip(axes, ks):
         for method in METHODS:
             points = [(t, summary["accuracy"][t].get(method, {}).get(k)) for t in targets]
-            points = [(t, v) for t, v in points if v is not None]
-            if points:
-                _errorbar(ax, [100 * t for t, _ in points], [v for _, v in points], marker="o", label=_LABELS[method])
-        _errorbar(
-            ax, [100 * t for t in targets], [summary["imp"][t] for t in targets], marker="s", label="IMP", color="black"
-        )
-        ax.axhline(summary["dense"][0], linestyle="--", color="gray", label="dense")
-        ax.set_title(f"k = {k}")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("test accuracy (%)")
-    axes[0].legend()
+            present = [(t, v) for t, v in points if v is not None]
+            if present:
+                _errorbar(
+                    ax, [t for t, _ in present], [v for _, v in present], results, label=_LABELS[method],
+                    **_STYLES[method],
+                )  # fmt: skip
+        _errorbar(ax, targets, [summary["imp"][t] for t in targets], results, label="IMP", **_STYLES["imp"])
+        _dense_line(ax, summary)
+        ax.set_title(f"rewind point k = {k}")
+        _sparsity_axis(ax, targets)
+    _ylabel(axes, _accuracy_label(results))
     fig.suptitle(_title(results))
-    fig.tight_layout()
-    _save(fig, path)
+    _shared_legend(fig, axes)
+    return fig
+
+
+def _mean_curve(results: dict[str, Any], key: tuple[str, int | None, float | None]) -> tuple[list[float], list[float]]:
+    """Alphas and the mean test loss over seeds of the LMC curves ``key``; empty when there are none."""
+    curves = [c for c in results["lmc"] if (c["pair"], c["k"], c["sparsity"]) == key]
+    if not curves:
+        return [], []
+    return curves[0]["alphas"], [sum(v) / len(v) for v in zip(*(c["losses"] for c in curves))]
+
+
+def _figure_lmc(results: dict[str, Any]) -> Any:
+    """The figure of :func:`plot_lmc`."""
+    config = results["config"]
+    k = max(config["rewind_epochs"])
+    dense_x = "interpolation weight alpha\n(0 = A or pi(A), 1 = B)"
+    sparse_x = "interpolation weight alpha\n(0 = first, 1 = second of each pair)"
+    panels: list[tuple[str, str, list[tuple[str, int | None, float | None]]]] = [
+        ("dense models A and B", dense_x, [("A-B", None, None), ("pi(A)-B", None, None)])
+    ]
+    panels += [
+        (f"sparsity {_percent(t)}, k = {k}", sparse_x, [(p, k, t) for p in _SPARSE_PAIRS]) for t in config["sparsities"]
+    ]
+    present = {(c["pair"], c["k"], c["sparsity"]) for c in results["lmc"]}
+    panels = [panel for panel in panels if present.intersection(panel[2])]
+    fig, axes = _grid(len(panels))
+    for ax, (title, xlabel, keys) in zip(axes, panels):
+        for key in keys:
+            alphas, mean = _mean_curve(results, key)
+            if alphas:
+                label, style = _PAIR_STYLES[key[0]]
+                ax.plot(alphas, mean, label=label, markersize=5, **style)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+    _ylabel(axes, f"test loss (nats),\n{_seeds_words(results, 'mean')}")
+    fig.suptitle(_title(results))
+    _shared_legend(fig, axes, ncols=3)
+    return fig
+
+
+def _barrier_groups(results: dict[str, Any]) -> list[tuple[str, tuple[str, Any, Any], tuple[str, Any, Any]]]:
+    """Groups of the summary's barrier panel: ``(name, unaligned key, aligned key)``;
+    the dense pair, then the sparse pairs at the largest rewind point, per sparsity."""
+    config = results["config"]
+    k = max(config["rewind_epochs"])
+    groups: list[tuple[str, tuple[str, Any, Any], tuple[str, Any, Any]]] = [
+        ("dense", ("A-B", None, None), ("pi(A)-B", None, None))
+    ]
+    groups += [(_percent(t), ("lth-naive", k, t), ("pi(lth)-permuted", k, t)) for t in config["sparsities"]]
+    barrier = summarize(results)["barrier"]
+    return [g for g in groups if g[1] in barrier and g[2] in barrier]
+
+
+def _figure_summary(results: dict[str, Any]) -> Any:
+    """The figure of :func:`plot_summary`."""
+    summary = summarize(results)
+    config = results["config"]
+    k = max(config["rewind_epochs"])
+    targets = list(summary["accuracy"])
+    fig = _new_figure((11.0, 4.8))
+    halves = fig.subfigures(1, 2, width_ratios=(1.0, 1.15), wspace=0.02)
+    left, right = (half.subplots() for half in halves)
+    for method in ("lth", "permuted", "naive", "random"):
+        points = [(t, summary["accuracy"][t].get(method, {}).get(k)) for t in targets]
+        present = [(t, v) for t, v in points if v is not None]
+        if present:
+            _errorbar(
+                left, [t for t, _ in present], [v for _, v in present], results, label=_LABELS[method],
+                **_STYLES[method],
+            )  # fmt: skip
+    _dense_line(left, summary)
+    _sparsity_axis(left, targets)
+    left.set_ylabel(_accuracy_label(results))
+    left.set_title(f"sparse training from rewind point k = {k}")
+    left.grid(alpha=0.3)
+
+    groups = _barrier_groups(results)
+    barrier = summary["barrier"]
+    xs = list(range(len(groups)))
+    width = 0.38
+    std = config["seeds"] > 1
+    for offset, which, label, color in (
+        (-width / 2, 1, "not aligned: A-B, LTH-naive", _UNALIGNED_COLOR),
+        (width / 2, 2, "aligned by pi: pi(A)-B, pi(LTH)-perm.", _ALIGNED_COLOR),
+    ):
+        stats = [barrier[g[which]] for g in groups]
+        bars = right.bar(
+            [x + offset for x in xs], [m for m, _ in stats], width, yerr=[e for _, e in stats] if std else None,
+            capsize=3, color=color, label=label,
+        )  # fmt: skip
+        right.bar_label(
+            bars, labels=[f"{m:.2f}" if m >= 0.1 else f"{m:.3f}" for m, _ in stats], padding=2, fontsize="small"
+        )
+    right.set_xticks(xs, [g[0] for g in groups])
+    right.set_xlabel(f"dense models, and sparse solutions at k = {k} by sparsity")
+    right.set_ylabel(f"test-loss barrier (nats),\n{_seeds_words(results)}")
+    right.set_title("loss barrier on the linear path, before / after matching")
+    right.set_ylim(0, right.get_ylim()[1] * 1.1)
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle(_title(results))
+    _shared_legend(halves[0], (left,), ncols=3)
+    _shared_legend(halves[1], (right,), ncols=1)
+    return fig
+
+
+def plot_accuracy_vs_rewind(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Test accuracy vs rewind point k (workshop Figs. 3-4).
+
+    One panel per sparsity, one line per method (LTH, naive, perm., random):
+    test accuracy in %, mean over seeds with sample-std error bars (no bars
+    with one seed); the grey line is the mean dense accuracy of A and B.
+    Saved as PNG atomically.
+
+    Args:
+        results: the results dict of :func:`~maskalign.repro.experiment.reproduce`.
+        path: the PNG to write.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    _save(_figure_accuracy_vs_rewind(results), path)
+
+
+def plot_accuracy(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Test accuracy vs sparsity (workshop Fig. 7).
+
+    One panel per rewind point k, one line per method plus IMP (the pruned
+    solution, independent of k): test accuracy in %, mean over seeds with
+    sample-std error bars; the grey line is the mean dense accuracy. The
+    sparsity axis is a logit axis ticked at the measured levels. Saved as PNG
+    atomically.
+
+    Args:
+        results: the results dict of :func:`~maskalign.repro.experiment.reproduce`.
+        path: the PNG to write.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    _save(_figure_accuracy(results), path)
 
 
 def plot_lmc(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Mean test loss along the LMC paths (over seeds): dense A-B before and
-    after matching, and the sparse pairs at the largest rewind point, one
-    panel per sparsity. Saved as PNG atomically. Needs matplotlib."""
-    plt = _pyplot()
-    config = results["config"]
-    k = max(config["rewind_epochs"])
-    panels: list[tuple[str, list[tuple[str, int | None, float | None]]]] = [
-        ("dense A-B", [("A-B", None, None), ("pi(A)-B", None, None)])
-    ]
-    panels += [(f"sparsity {t:g}, k={k}", [(p, k, t) for p in _SPARSE_PAIRS]) for t in config["sparsities"]]
-    present = {(c["pair"], c["k"], c["sparsity"]) for c in results["lmc"]}
-    panels = [(title, keys) for title, keys in panels if present.intersection(keys)]
-    fig, axes = _grid(plt, len(panels))
-    for ax, (title, keys) in zip(axes, panels):
-        for pair, kk, target in keys:
-            curves = [c for c in results["lmc"] if (c["pair"], c["k"], c["sparsity"]) == (pair, kk, target)]
-            if curves:
-                mean = [sum(v) / len(v) for v in zip(*(c["losses"] for c in curves))]
-                ax.plot(curves[0]["alphas"], mean, marker=".", label=pair)
-        ax.set_title(title)
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("test loss")
-        ax.legend(fontsize="small")
-    fig.suptitle(_title(results))
-    fig.tight_layout()
-    _save(fig, path)
+    """Test loss along the linear paths between models (LMC).
+
+    First panel: the dense models, A to B before matching and pi(A) (A
+    permuted to B's units) to B after; then one panel per sparsity at the
+    largest rewind point: LTH to naive, pi(LTH) to perm., naive to perm.
+    Each curve is the mean test loss (nats) over seeds at each interpolation
+    weight alpha (0: the first model of the pair, 1: the second). Saved as
+    PNG atomically.
+
+    Args:
+        results: the results dict of :func:`~maskalign.repro.experiment.reproduce`.
+        path: the PNG to write.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    _save(_figure_lmc(results), path)
+
+
+def plot_summary(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """The run at a glance, two panels.
+
+    Left: test accuracy (%) vs sparsity at the largest rewind point k for
+    LTH, perm., naive and random, mean over seeds with sample-std error bars,
+    and the mean dense accuracy as a grey reference line. Right: the
+    test-loss barrier (nats, the largest rise of the test loss on the linear
+    path above the straight line between its ends), mean over seeds with
+    sample-std error bars, of the dense pair before matching (A-B) and after
+    (pi(A)-B), and of the sparse solutions at that k per sparsity without
+    alignment (LTH-naive) and with it (pi(LTH)-perm.). The title names the
+    model, data and number of seeds. Saved as PNG atomically.
+
+    Args:
+        results: the results dict of :func:`~maskalign.repro.experiment.reproduce`.
+        path: the PNG to write.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    _save(_figure_summary(results), path)
 
 
 def _title(results: dict[str, Any]) -> str:
     config = results["config"]
-    model = config["model"] if config["model"] == "mlp" else f"{config['model']}x{config['width']}"
+    model = f"mlp {config['hidden']}" if config["model"] == "mlp" else f"{config['model']}x{config['width']}"
     preset = f"preset {results['preset']!r}" if results.get("preset") else "custom settings"
-    return f"{model} on {config['dataset']}, T={config['epochs']}, {config['seeds']} seeds ({preset})"
+    seeds = config["seeds"]
+    return (
+        f"{model} on {config['dataset']}, T={config['epochs']} epochs, "
+        f"{seeds} seed{'s' if seeds != 1 else ''} ({preset})"
+    )
 
 
 def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and (when matplotlib is
-    installed) ``accuracy_vs_rewind.png``, ``accuracy_vs_sparsity.png`` and
-    ``lmc.png`` into ``out_dir``, each atomically; returns their paths."""
+    installed) ``summary.png``, ``accuracy_vs_rewind.png``,
+    ``accuracy_vs_sparsity.png`` and ``lmc.png`` into ``out_dir``, each
+    atomically; returns their paths."""
     out = Path(out_dir)
     paths = {"json": out / "results.json"}
     atomic_write(paths["json"], lambda h: json.dump(results, h, indent=1))
@@ -390,11 +648,10 @@ def write_results(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> d
 def _render(results: dict[str, Any], out: Path) -> dict[str, Path]:
     paths = {"markdown": out / "results.md"}
     atomic_write(paths["markdown"], lambda h: h.write(markdown_table(results) + "\n"))
-    try:
-        _pyplot()
-    except ImportError:
+    if not _have_matplotlib():
         return paths
     for name, plot in (
+        ("summary", plot_summary),
         ("accuracy_vs_rewind", plot_accuracy_vs_rewind),
         ("accuracy_vs_sparsity", plot_accuracy),
         ("lmc", plot_lmc),
