@@ -571,7 +571,7 @@ def _batches(data: Iterable[Any], num_batches: int | None, progress: bool) -> It
             from tqdm.auto import tqdm
 
             total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
-            iterator = tqdm(data, total=total, desc="activation matching", leave=False)
+            iterator = tqdm(data, total=total, desc="activation matching", leave=False, delay=0.5)
         except ImportError:
             pass
     for index, batch in enumerate(iterator):
@@ -759,7 +759,9 @@ def match_activations(
             :data:`DEFAULT_POINTS`.
         stream_points: ``"all"`` or ``"last"`` (see above). Default
             :data:`DEFAULT_STREAM_POINTS`.
-        progress: show a tqdm progress bar (when tqdm is installed).
+        progress: show a tqdm progress bar of the batches (when tqdm is
+            installed; it appears only if matching takes more than half a
+            second); ``False`` is silent.
         max_joint: largest joint axis (e.g. heads x head_dim) whose full
             ``(N, N)`` statistic is kept for nested groups; larger ones are
             skipped with a warning.

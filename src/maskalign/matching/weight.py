@@ -145,6 +145,7 @@ def match_weights(
     restarts: int = 1,
     init: Permutation | None = None,
     seed: int | None = None,
+    progress: bool = True,
 ) -> Permutation:
     """Find the permutation aligning ``model_a`` to ``model_b`` by weight matching.
 
@@ -208,6 +209,9 @@ def match_weights(
             the best final objective is returned.
         init: warm start (e.g. an activation-matching result).
         seed: seed of the random group orders and random restarts.
+        progress: show a tqdm progress bar of the sweeps (when tqdm is
+            installed; it appears only if matching takes more than half a
+            second); ``False`` is silent.
 
     Returns:
         A :class:`Permutation` ``pi`` with ``apply_permutation(model_a, pi)``
@@ -266,6 +270,8 @@ def match_weights(
     _check_int(max_iter, "max_iter", 0)
     _check_int(restarts, "restarts", 1)
     _check_int(seed, "seed", 0, allow_none=True)
+    if not isinstance(progress, bool):
+        raise ArgumentTypeError(f"Argument 'progress' is {_describe(progress)}; pass True or False.")
     if init is not None and not isinstance(init, Permutation):
         raise ArgumentTypeError(
             f"Argument 'init' is {_describe(init)}, not a Permutation; pass the result of a matcher, e.g. "
@@ -315,7 +321,10 @@ def match_weights(
     nested = [g for g in spec.groups if any(co_groups(spec.axes[o.tensor][o.dim], g) for o in occurrences[g])]
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
     runs: list[_Run] = []
+    bar = _sweep_bar(progress)
     for restart in range(restarts):
+        if bar is not None and restarts > 1:
+            bar.set_description_str(f"weight matching, run {restart + 1} of {restarts}")
         greedy: list[str] | None = None
         if restart == 0 and init is not None:
             start = {g: init[g].to(device) for g in spec.groups}
@@ -328,16 +337,18 @@ def match_weights(
             # flat groups first, then nested ones (heads) as blocks, then everything
             flat = [g for g in greedy if g not in nested]
             first = _run_from(
-                spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, flat, flat
+                spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, flat, flat, bar
             )
             start = first.perm
             for g in nested:
                 start[g] = solve_lap(_block_start(spec, tensors_a, start, g, occurrences[g])).to(device)
             greedy = None
         run = _run_from(
-            spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, None, greedy
+            spec, tensors_a, tensors_b, occurrences, target, start, max_iter, tolerance, generator, None, greedy, bar
         )
         runs.append(run)
+    if bar is not None:
+        bar.close()
     finals = [run.objective[-1] for run in runs]
     best = runs[finals.index(max(finals))]  # the first of the best (restarts >= 1: never empty)
     report = {
@@ -439,6 +450,7 @@ def _run_from(
     generator: torch.Generator,
     groups: Sequence[str] | None = None,
     greedy: Sequence[str] | None = None,
+    bar: Any = None,
 ) -> _Run:
     """Git Re-Basin Alg. 1 from ``perm``
     (:func:`~maskalign.matching.coordinate_ascent.coordinate_ascent`): sweeps
@@ -453,7 +465,7 @@ def _run_from(
     groups it already visited (all of the group's tensors if there are
     none): the start's pairing of a not yet matched neighbour is arbitrary,
     and counting it adds noise. That sweep is kept only if it does not lower
-    the objective."""
+    the objective. ``bar`` (a tqdm bar or ``None``) counts the sweeps."""
     aligned = _Aligned(spec, tensors_a, perm)
     names: Sequence[str] = list(spec.groups) if groups is None else list(groups)
     parts = [target.parts(aligned, tensors_b)]
@@ -485,10 +497,25 @@ def _run_from(
         def stop(changed: bool) -> bool:  # record the sweep's objective; stop on no change or a small gain
             parts.append(target.parts(aligned, tensors_b))
             objective.append(target.value(parts[-1]))
+            if bar is not None:
+                bar.set_postfix_str(f"objective {objective[-1]:.6g}", refresh=False)
+                bar.update()
             return not changed or _small_gain(objective, tol)
 
         _, converged = coordinate_ascent(names, step, generator, max_iter + 1 - len(objective), stop)
     return _Run(aligned.perm, objective, [p[0] for p in parts], [p[1] for p in parts], converged)
+
+
+def _sweep_bar(progress: bool) -> Any:
+    """A tqdm bar counting sweeps (shown after half a second), or ``None``
+    without ``progress`` or without tqdm."""
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(desc="weight matching", unit="sweep", leave=False, delay=0.5)
 
 
 def _small_gain(objective: Sequence[float], tol: float) -> bool:

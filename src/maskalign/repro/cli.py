@@ -350,10 +350,9 @@ def _reproduce(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     if args.dry_run:
         return _dry_run(config, args)
     folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
     progress = interrupts.progress = RunProgress(sys.stderr, enabled=not args.quiet)
-    with _Log(folder / _LOG, progress if args.verbose else None) as log:
-        log(f"maskalign {_version()} reproduce --preset {args.preset} --out {args.out}")
+    header = f"maskalign {_version()} reproduce --preset {args.preset} --out {args.out}"
+    with _Log(folder / _LOG, header, progress if args.verbose else None) as log:
         try:
             results = reproduce(
                 config,
@@ -387,14 +386,15 @@ _INTERRUPTED = 130
 class _Log:
     """The ``log`` of a run: each line, time-stamped, appended to ``path``
     (flushed, so that a killed run keeps it) and, with ``--verbose``, shown
-    on the console above the progress display (``echo``)."""
+    on the console above the progress display (``echo``). The file is
+    opened at the first line, after ``header``, and only once the run has
+    made its output folder: a run stopped by bad settings leaves nothing."""
 
-    def __init__(self, path: Path, echo: RunProgress | None) -> None:
-        self.path, self.echo = path, echo
+    def __init__(self, path: Path, header: str, echo: RunProgress | None) -> None:
+        self.path, self.header, self.echo = path, header, echo
         self.handle: IO[str] | None = None
 
     def __enter__(self) -> _Log:
-        self.handle = open(self.path, "a", encoding="utf-8")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -403,9 +403,13 @@ class _Log:
 
     def record(self, line: str) -> None:
         """``line`` in the log file only."""
-        if self.handle is not None:
-            self.handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-            self.handle.flush()
+        if self.handle is None:
+            if not self.path.parent.is_dir():
+                return
+            self.handle = open(self.path, "a", encoding="utf-8")
+            self.record(self.header)
+        self.handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self.handle.flush()
 
     def __call__(self, line: str) -> None:
         self.record(line)
