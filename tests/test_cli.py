@@ -332,7 +332,7 @@ def test_missing_matplotlib_is_said_at_the_start_and_the_run_goes_on(
     assert PIP in first and "maskalign report DIR" in first
     assert "Traceback" not in printed.err
     assert (out / "results.md").is_file() and list(out.glob("*.png")) == []
-    assert "finished in" in printed.out
+    assert "Finished in" in printed.out and "Figures: none (matplotlib is not installed)." in printed.out
     # `maskalign report` says it too
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr()
@@ -354,3 +354,17 @@ def test_no_word_about_dependencies_when_they_are_installed(tmp_path: Path, caps
     pytest.importorskip("matplotlib")
     assert main(_reproduce(tmp_path / "out", "--dry-run")) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly() -> None:
+    """`maskalign ... | head -1`: no error line about a broken pipe, status 141 (128 + SIGPIPE)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "maskalign", "reproduce", "--list-presets"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()  # as `head -1` does after its line
+    err = process.stderr.read().decode()
+    assert first.startswith(b"preset digits") and process.wait(timeout=60) == 141 and err == ""

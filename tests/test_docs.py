@@ -367,3 +367,24 @@ def test_entry_points_have_a_runnable_example(name: str) -> None:
     for test in tests:
         runner.run(test)
     assert runner.failures == 0 and runner.tries == len(examples), name
+
+
+def test_ci_runs_the_readme_commands_verbatim() -> None:
+    """The README opens with two commands, the main job and the tests, and
+    ``.ci/run`` runs exactly those (through ``.ci/readme_command.py``), the
+    first with the quick preset appended."""
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        import readme_command
+    finally:
+        sys.path.pop(0)
+    first, second = readme_command.commands(ROOT / "README.md")
+    assert first.endswith("&& maskalign reproduce") and second.endswith("&& python -m pytest -q")
+    for command in (first, second):  # each makes and activates its venv, torch's CPU wheel first
+        assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
+    run = (ROOT / ".ci" / "run").read_text()
+    assert 'bash -euo pipefail -c "$(python3 .ci/readme_command.py 1) --preset digits-quick' in run
+    assert 'bash -euo pipefail -c "$(python3 .ci/readme_command.py 2)"' in run
+    from maskalign.repro.presets import PRESETS
+
+    assert "digits-quick" in PRESETS

@@ -257,9 +257,8 @@ def test_fake_cifar_preset_end_to_end_through_the_cli(tmp_path: Path, capsys: py
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert (
-        "preset cifar10-resnet20x1" in printed and "sparse_lr = 0.02" in printed and "epochs = 1  (override)" in printed
-    )
+    assert "preset cifar10-resnet20x1 with overrides " in printed and "sparse_lr=0.02" in printed
+    assert "epochs=1 " in printed and "batch_size=16 " in printed and "sparsities=0.2,0.36 " in printed
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "cifar10-resnet20x1"
     assert results["config"]["augment"] is True and results["config"]["lr"] == 0.08

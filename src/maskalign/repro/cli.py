@@ -40,7 +40,7 @@ from ..matching.activation import POINTS, STREAM_POINTS
 from .experiment import plan_stages, reproduce
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
 from .progress import RunProgress
-from .report import markdown_table, render, write_results
+from .report import brief_summary, render, write_results
 
 __all__ = ["main"]
 
@@ -278,9 +278,25 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_settings(name: str, config: ReproduceConfig, overrides: dict[str, Any]) -> None:
+    """Every setting, one per line (``--list-presets``)."""
     print(f"preset {name}" + (f" with overrides {sorted(overrides)}" if overrides else "") + ":")
     for key, value in config.to_dict().items():
         print(f"  {key} = {value}" + ("  (override)" if key in overrides else ""))
+
+
+def _print_run_settings(name: str, config: ReproduceConfig, overrides: dict[str, Any]) -> None:
+    """Every setting of a run in a few lines, the overrides named first."""
+    changed = f" with overrides {', '.join(sorted(overrides))}" if overrides else ""
+    print(f"preset {name}{changed}:")
+    words = (f"{key}={_flag_value(value)}" for key, value in config.to_dict().items())
+    print(
+        textwrap.fill(" ".join(words), width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    )
+
+
+def _flag_value(value: Any) -> str:
+    """A setting's value as one word: a list as ``0,1,2``."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _has_matplotlib() -> bool:
@@ -346,7 +362,7 @@ def _reproduce(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         print(_error_line(exc), file=sys.stderr)
         return 2
     _check_dependencies(config)
-    _print_settings(args.preset, config, overrides)
+    _print_run_settings(args.preset, config, overrides)
     if args.dry_run:
         return _dry_run(config, args)
     folder = Path(args.out)
@@ -371,8 +387,18 @@ def _reproduce(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         log.record(progress.summary())
     results["overrides"] = sorted(overrides)
     paths = write_results(results, args.out)
-    print(markdown_table(results))
-    print(f"\nfinished in {results['timing']['elapsed_s']:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(brief_summary(results))
+    print(
+        f"\nAll tables: {paths['markdown']}. Figures: "
+        + (
+            ", ".join(str(paths[name]) for name in paths if name not in ("json", "markdown"))
+            or "none (matplotlib is not installed)"
+        )
+        + "."
+    )
+    print(
+        f"Finished in {results['timing']['elapsed_s']:.1f} s; results in {paths['json']}, the log in {folder / _LOG}."
+    )
     return 0
 
 
@@ -381,6 +407,9 @@ _LOG = "log.txt"
 
 #: Exit status of an interrupted run (128 + SIGINT, as a shell reports Ctrl-C).
 _INTERRUPTED = 130
+
+#: Exit status when stdout is closed early (128 + SIGPIPE, as a shell reports it).
+_BROKEN_PIPE = 141
 
 
 class _Log:
@@ -486,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with interrupts.installed():
         try:
             return _report(args) if args.command == "report" else _reproduce(args, interrupts)
+        except BrokenPipeError:  # the reader went away (`maskalign ... | head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return _BROKEN_PIPE
         except _USER_ERRORS as exc:
             print(_error_line(exc), file=sys.stderr)
             return 2

@@ -25,6 +25,7 @@ from .._utils.fileio import atomic_write
 from .presets import METHODS
 
 __all__ = [
+    "brief_summary",
     "markdown_table",
     "plot_accuracy",
     "plot_accuracy_vs_rewind",
@@ -169,6 +170,19 @@ def markdown_table(results: dict[str, Any]) -> str:
                 lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(barriers) + " |")
     lines += ["", *_diversity_section(results), *_shared_mask_section(results)]
     return "\n".join(lines)
+
+
+def brief_summary(results: dict[str, Any]) -> str:
+    """What ``maskalign reproduce`` prints at the end of a run: the start of
+    :func:`markdown_table` (heading, settings, dense accuracy and the
+    accuracy table by rewind point, in %) and the dense loss barrier (nats)
+    before and after matching. The IMP, sparse-barrier and diversity tables
+    are in ``results.md`` only."""
+    summary = summarize(results)
+    head = markdown_table(results).split("\n## IMP", 1)[0].rstrip()
+    before = _fmt(summary["barrier"].get(("A-B", None, None)), 4)
+    after = _fmt(summary["barrier"].get(("pi(A)-B", None, None)), 4)
+    return f"{head}\n\nLoss barrier between dense A and B (nats): {before} before matching, {after} after (pi(A)-B)."
 
 
 #: Row order of the ICML paper's Table 1.
