@@ -3,7 +3,9 @@
 Source: Adnan et al., "Sparse Training from Random Initialization: Aligning
 Lottery Ticket Masks using Weight Symmetry" (ICML 2025), Appendix A.1
 "Architectures": a width-scalable CIFAR ResNet20 (He et al., 2016) and the
-modified VGG11 of Jordan et al. (REPAIR, ICLR 2023). A small MLP is added for
+modified VGG11 of Jordan et al. (REPAIR, ICLR 2023); for ImageNet (the ICML
+paper's Figure 7) the standard bottleneck ResNet50 (v1.5, torchvision's layout
+and names, so torchvision checkpoints load by name). A small MLP is added for
 quick demos on the 8x8 digits data set.
 
 Module attribute names are chosen to be readable (``conv1``, ``bn1``,
@@ -15,14 +17,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ArgumentValueError, _did_you_mean
 
-__all__ = ["MLP", "BasicBlock", "ResNet20", "VGG11", "VGG11_CFG", "MODEL_NAMES", "build_model"]
+__all__ = [
+    "MLP",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet20",
+    "ResNet50",
+    "VGG11",
+    "VGG11_CFG",
+    "MODEL_NAMES",
+    "build_model",
+]
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet20", "vgg11")
+MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet20", "resnet50", "vgg11")
 
 #: VGG11 layer configuration: channel counts (before the width multiplier) and
 #: ``"M"`` for a 2x2 max-pool. Source: Simonyan & Zisserman (2015), config "A".
@@ -146,6 +159,117 @@ class ResNet20(nn.Module):
         return self.fc(self.flatten(self.pool(out)))
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block, v1.5 (torchvision's ``Bottleneck``): 1x1 conv
+    (``in_planes -> planes``), 3x3 conv carrying the stride (``planes ->
+    planes``), 1x1 conv (``planes -> 4 * planes``), each followed by BatchNorm;
+    ReLU after the first two and after the residual sum.
+
+    ``downsample`` is ``Sequential(1x1 conv with the stride, BatchNorm)`` (named
+    ``downsample.0`` / ``downsample.1``) when the shape changes, else ``None``
+    (the identity), exactly as torchvision. Unlike torchvision the ReLU is not
+    in place and the residual sum is out of place (same function, same
+    parameter names; no tensor is overwritten under a hook).
+
+    Input ``(N, in_planes, H, W)``; output ``(N, 4 * planes, ceil(H / stride), ...)``.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+            )
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to ``(N, in_planes, H, W)``."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    """ImageNet ResNet50 (He et al., 2016; v1.5 as torchvision; ICML paper Fig. 7).
+
+    ``conv1`` (7x7, stride 2, ``in_channels -> 64w``) + ``bn1`` + ``relu`` +
+    ``maxpool`` (3x3, stride 2), then ``layer1`` .. ``layer4`` of 3, 4, 6, 3
+    :class:`Bottleneck` blocks with ``64w``, ``128w``, ``256w``, ``512w``
+    inner channels (outputs 4x that; stride 2 on ``conv2`` of the first block
+    of ``layer2`` .. ``layer4``), ``avgpool`` (global) and ``fc``
+    (``2048w -> num_classes``). With ``width=1`` every parameter and buffer
+    name and shape is torchvision's ``resnet50()``, so its state_dict (and
+    checkpoints) load with ``strict=True``; 25,557,032 parameters at 1000
+    classes.
+
+    Initialisation as torchvision: convolutions Kaiming normal (fan-out,
+    ReLU gain), BatchNorm weight 1 and bias 0, ``fc`` PyTorch's default.
+    ``zero_init_residual=True`` zeroes every block's ``bn3.weight`` (Goyal et
+    al., 2017), so each block starts as the identity; off by default, as in
+    torchvision.
+
+    Input ``(N, in_channels, H, W)``, any ``H, W >= 1`` (224 for ImageNet; the
+    spatial size is divided by 32); output logits ``(N, num_classes)``.
+
+    Raises:
+        ArgumentValueError: (a ``ValueError``) a size argument is not positive.
+    """
+
+    def __init__(
+        self, num_classes: int = 1000, in_channels: int = 3, width: int = 1, zero_init_residual: bool = False
+    ) -> None:
+        super().__init__()
+        _check_positive(num_classes=num_classes, in_channels=in_channels, width=width)
+        base = 64 * width
+        self.conv1 = nn.Conv2d(in_channels, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self._in_planes = base
+        self.layer1 = self._make_stage(base, 3, stride=1)
+        self.layer2 = self._make_stage(2 * base, 4, stride=2)
+        self.layer3 = self._make_stage(4 * base, 6, stride=2)
+        self.layer4 = self._make_stage(8 * base, 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * base * Bottleneck.expansion, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.bn3.weight)
+
+    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        """``blocks`` bottlenecks of ``planes`` inner channels; the first may downsample."""
+        layers = [Bottleneck(self._in_planes, planes, stride)]
+        self._in_planes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._in_planes, planes, 1) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(N, in_channels, H, W)`` images to ``(N, num_classes)`` logits."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 class VGG11(nn.Module):
     """Modified VGG11 of Jordan et al. (REPAIR, ICLR 2023; paper App. A.1).
 
@@ -225,7 +349,7 @@ def build_model(
 
     For ``"mlp"`` the input size is ``in_channels * image_size**2`` and
     ``width`` multiplies every entry of ``hidden``; ``hidden`` is ignored by the
-    convolutional models.
+    convolutional models, ``image_size`` by all but the MLP and VGG11.
 
     Raises:
         ValueError: for an unknown ``name`` (the message lists the valid
@@ -236,6 +360,8 @@ def build_model(
         return MLP(in_channels * image_size**2, tuple(h * width for h in hidden), num_classes)
     if key == "resnet20":
         return ResNet20(width=width, num_classes=num_classes, in_channels=in_channels)
+    if key == "resnet50":
+        return ResNet50(num_classes=num_classes, in_channels=in_channels, width=width)
     if key == "vgg11":
         return VGG11(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
     raise ArgumentValueError(
