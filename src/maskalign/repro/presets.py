@@ -111,6 +111,10 @@ class ReproduceConfig:
         threads: CPU threads for torch during the run (``torch.set_num_threads``);
             0 keeps torch's default. Small models on a shared CPU run many
             times faster on 1 thread than on several (no oversubscription).
+        sync_bn: under ``torchrun`` (more than one process), train with
+            ``torch.nn.SyncBatchNorm``: BatchNorm statistics over the global
+            batch, as one process computes them; no effect on one process or
+            on models without BatchNorm (see ``docs/how-to/distributed.md``).
     """
 
     dataset: str = "digits"
@@ -141,6 +145,7 @@ class ReproduceConfig:
     device: str = "auto"
     amp: str = "off"
     threads: int = 0
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         """Normalise sequences to sorted tuples and check every value.
@@ -225,6 +230,8 @@ class ReproduceConfig:
                 raise ConfigError(
                     f"{_flag(name)} is {value!r}; pass one of {list(choices)}.{_did_you_mean(str(value), choices)}"
                 )
+        if not isinstance(self.sync_bn, bool):
+            raise ConfigError(f"{_flag('sync_bn')} is {self.sync_bn!r}; pass True or False.")
         if self.threads < 0:
             raise ConfigError(f"{_flag('threads')} is {self.threads}; pass 0 (torch's default) or more.")
         for name in ("batch_size", "width"):
