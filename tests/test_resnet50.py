@@ -119,3 +119,24 @@ def test_resnet50_random_permutation_keeps_the_function_wrong_one_moves_it() -> 
         wrong = ma.apply_permutation(model, perm).eval()
         wrong.layer3[2].conv2.weight.copy_(wrong.layer3[2].conv2.weight.roll(1, 0))
         assert relative_error(wrong(x), expected) > 1e-3
+
+
+def test_imagenet_preset_carries_the_papers_settings_and_says_where_each_comes_from() -> None:
+    import dataclasses
+    import json
+
+    from maskalign.repro.presets import PRESET_SOURCES, ReproduceConfig, get_preset
+
+    config = get_preset("imagenet-resnet50")
+    assert (config.dataset, config.model, config.width) == ("imagenet", "resnet50", 1)
+    assert config.sparsities == (0.8, 0.9, 0.95)  # ICML 2025, Fig. 7
+    assert config.methods == ("lth", "naive", "permuted")
+    assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (90, 256, 0.1, 1e-4)
+    sources = PRESET_SOURCES["imagenet-resnet50"]
+    default = ReproduceConfig()
+    changed = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
+    assert changed - {"data_root"} <= set(sources), changed - set(sources)
+    for key in ("momentum", "image_size", "match_samples", "metric", "label_smoothing"):
+        assert key in sources
+    assert all(v.split(":")[0] in ("paper", "standard", "assumed") for v in sources.values())
+    json.dumps({"config": config.to_dict(), "sources": dict(sources)})  # recordable in results.json
