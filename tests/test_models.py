@@ -141,7 +141,7 @@ def test_build_model_mlp_width_multiplies_hidden() -> None:
 
 def test_build_model_unknown_name_lists_valid_names() -> None:
     with pytest.raises(ValueError) as info:
-        build_model("resnet50", num_classes=10, in_channels=3, image_size=32)
+        build_model("resnet56", num_classes=10, in_channels=3, image_size=32)
     for valid in MODEL_NAMES:
         assert valid in str(info.value)
 
