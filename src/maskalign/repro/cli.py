@@ -17,6 +17,12 @@ console with ``--verbose``). Ctrl-C (SIGINT) or SIGTERM ends it with one line,
 ``maskalign: interrupted during <stage>; rerun the same command to resume (n
 of N stages done)``, and exit status 130; a second one exits at once. The help texts are plain words (no markup): this
 docstring is not shown by ``--help``.
+
+Under ``torchrun`` (``WORLD_SIZE`` above 1) ``maskalign reproduce`` starts the
+process group before the run and ends it after
+(:func:`~maskalign.repro.distributed.process_group`); only rank 0 prints the
+settings, the progress display, the results and the interruption line, and
+writes ``log.txt``. Errors are printed by whichever rank meets them.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from typing import IO, Any, NoReturn
 
 from ..errors import DOCS_URL, MaskAlignError
 from ..matching.activation import POINTS, STREAM_POINTS
-from .experiment import plan_stages, reproduce
+from . import distributed
+from .experiment import plan_stages, reproduce, resolve_device
 from .presets import AMP_MODES, METHODS, PRESETS, ReproduceConfig, get_preset
 from .progress import RunProgress
 from .report import brief_summary, render, write_results
@@ -205,6 +212,12 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--device", default=keep, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     add("--amp", choices=AMP_MODES, default=keep, help="mixed precision (CUDA only)")
     add("--threads", type=int, default=keep, help="CPU threads for torch (0 keeps torch's default)")
+    add(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=keep,
+        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)",
+    )
 
 
 def _version() -> str:
@@ -307,8 +320,9 @@ def _has_matplotlib() -> bool:
     return True
 
 
-def _check_dependencies(config: ReproduceConfig) -> None:
-    """Say what a missing optional dependency means, before any stage runs.
+def _check_dependencies(config: ReproduceConfig, say: bool = True) -> None:
+    """Say what a missing optional dependency means, before any stage runs
+    (the note on matplotlib only when ``say``: rank 0 under torchrun).
 
     Raises:
         ImportError: the data set needs scikit-learn and it is not installed.
@@ -320,7 +334,7 @@ def _check_dependencies(config: ReproduceConfig) -> None:
             raise ImportError(
                 f"The digits data set needs scikit-learn, which is not installed; run {_PIP_DEMO}."
             ) from None
-    if not _has_matplotlib():
+    if say and not _has_matplotlib():
         _say(
             "The plots need matplotlib, which is not installed; the run goes on without them "
             f"(run {_PIP_DEMO}, then maskalign report DIR draws them)."
@@ -361,30 +375,38 @@ def _reproduce(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     except (MaskAlignError, ValueError, TypeError, KeyError) as exc:
         print(_error_line(exc), file=sys.stderr)
         return 2
-    _check_dependencies(config)
-    _print_run_settings(args.preset, config, overrides)
+    main_rank = distributed.env_rank() == 0  # under torchrun, only rank 0 prints and writes the log
+    interrupts.quiet = not main_rank
+    _check_dependencies(config, say=main_rank)
+    if main_rank:
+        _print_run_settings(args.preset, config, overrides)
     if args.dry_run:
-        return _dry_run(config, args)
+        return _dry_run(config, args) if main_rank else 0
     folder = Path(args.out)
-    progress = interrupts.progress = RunProgress(sys.stderr, enabled=not args.quiet)
-    header = f"maskalign {_version()} reproduce --preset {args.preset} --out {args.out}"
-    with _Log(folder / _LOG, header, progress if args.verbose else None) as log:
-        try:
-            results = reproduce(
-                config,
-                out=folder,
-                preset=args.preset,
-                force=args.force,
-                restart=args.restart,
-                log=log,
-                observer=progress,
-            )
-        except KeyboardInterrupt:
-            progress.abandon()
-            log.record(progress.interrupted())
-            raise
-        progress.close()
-        log.record(progress.summary())
+    with distributed.process_group(resolve_device(config.device)):
+        progress = RunProgress(sys.stderr, enabled=not args.quiet and main_rank)
+        if main_rank:
+            interrupts.progress = progress
+        header = f"maskalign {_version()} reproduce --preset {args.preset} --out {args.out}"
+        with _Log(folder / _LOG, header, progress if args.verbose else None, enabled=main_rank) as log:
+            try:
+                results = reproduce(
+                    config,
+                    out=folder,
+                    preset=args.preset,
+                    force=args.force,
+                    restart=args.restart,
+                    log=log,
+                    observer=progress if main_rank else None,
+                )
+            except KeyboardInterrupt:
+                progress.abandon()
+                log.record(progress.interrupted())
+                raise
+            progress.close()
+            log.record(progress.summary())
+    if not main_rank:
+        return 0
     results["overrides"] = sorted(overrides)
     paths = write_results(results, args.out)
     print(brief_summary(results))
@@ -417,10 +439,11 @@ class _Log:
     (flushed, so that a killed run keeps it) and, with ``--verbose``, shown
     on the console above the progress display (``echo``). The file is
     opened at the first line, after ``header``, and only once the run has
-    made its output folder: a run stopped by bad settings leaves nothing."""
+    made its output folder: a run stopped by bad settings leaves nothing.
+    Not ``enabled`` (the ranks other than 0 under torchrun): nothing at all."""
 
-    def __init__(self, path: Path, header: str, echo: RunProgress | None) -> None:
-        self.path, self.header, self.echo = path, header, echo
+    def __init__(self, path: Path, header: str, echo: RunProgress | None, enabled: bool = True) -> None:
+        self.path, self.header, self.echo, self.enabled = path, header, echo, enabled
         self.handle: IO[str] | None = None
 
     def __enter__(self) -> _Log:
@@ -432,6 +455,8 @@ class _Log:
 
     def record(self, line: str) -> None:
         """``line`` in the log file only."""
+        if not self.enabled:
+            return
         if self.handle is None:
             if not self.path.parent.is_dir():
                 return
@@ -442,7 +467,7 @@ class _Log:
 
     def __call__(self, line: str) -> None:
         self.record(line)
-        if self.echo is not None:
+        if self.enabled and self.echo is not None:
             self.echo.write(line)
 
 
@@ -456,6 +481,8 @@ class _Interrupts:
     def __init__(self) -> None:
         #: The run's progress display, once there is one: it knows where the run is.
         self.progress: RunProgress | None = None
+        #: Say nothing (the ranks other than 0 under torchrun).
+        self.quiet = False
         self._signalled = self._said = False
 
     def message(self) -> str:
@@ -465,8 +492,9 @@ class _Interrupts:
         return "interrupted; rerun the same command"
 
     def say(self) -> None:
-        """:meth:`message` as one ``maskalign: ...`` line on stderr, once."""
-        if not self._said:
+        """:meth:`message` as one ``maskalign: ...`` line on stderr, once
+        (never when :attr:`quiet`)."""
+        if not self._said and not self.quiet:
             self._said = True
             _say(self.message() + ".")
 

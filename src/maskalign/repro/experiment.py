@@ -47,6 +47,21 @@ loads finished stages and computes the rest. Each training run is seeded from
 (seed, stage, role or round, k, sparsity, method) only, so a resumed run gives
 the same numbers as an uninterrupted one (on the CPU; CUDA kernels may not be
 bitwise deterministic).
+
+Under ``torchrun`` (an initialised ``torch.distributed`` process group of N
+ranks, :mod:`maskalign.repro.distributed`): every training stage runs
+data-parallel (:func:`~maskalign.repro.training.train` with
+``DistributedDataParallel``; each rank its share of every global batch of
+``batch_size``, so the numbers are one process's up to float reduction
+order); ``match`` matches each rank's share of the matching batches with the
+statistics all-reduced (:func:`~maskalign.match_activations`), and every
+rank checks that it holds rank 0's permutation, as IMP checks its masks;
+``lmc``, ``diversity`` and ``shared-diversity`` (evaluation only) run on
+rank 0 while the others wait. Only rank 0 writes (``config.json``, every
+artifact and manifest); the others load what it wrote
+(:class:`~maskalign.repro.stages.StageStore`). With BatchNorm and without
+``sync_bn``, each rank normalises over its own share: the stages then also
+record ``bn_stats`` (the number of ranks), since the numbers depend on it.
 """
 
 from __future__ import annotations
@@ -76,6 +91,7 @@ from ..permutation import Permutation, apply_permutation, permute_mask
 from ..sparse.imp import SAME_LEVEL_TOL, IMPRound, imp_schedule, iterative_magnitude_pruning
 from ..sparse.masks import random_masks_like, sparsity
 from ..spec.permutation_spec import PermutationSpec, build_spec
+from . import distributed
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
 from .presets import METHODS, PRESETS, ReproduceConfig
 from .progress import StageObserver, percent
@@ -230,8 +246,10 @@ class _Run:
         log: Callable[[str], None],
         on_stage_end: Callable[[str, str], None] | None,
         observer: StageObserver | None = None,
+        world: int = 1,
     ) -> None:
         self.config = config
+        self.world = world
         self.splits = splits
         self.device = device
         self.store = store
@@ -246,9 +264,19 @@ class _Run:
 
     # ------------------------------------------------------------ helpers
     def settings(self, fields: Sequence[str], **instance: object) -> dict[str, Any]:
-        """The values of ``fields`` plus the data fingerprint and ``instance``."""
+        """The values of ``fields`` plus the data fingerprint and ``instance``,
+        and ``bn_stats`` when BatchNorm normalises over per-rank shares
+        (:meth:`per_rank_bn`): absent otherwise, so one process and N
+        processes with ``sync_bn`` share their stages."""
         values = self.config.to_dict()
-        return {**{f: values[f] for f in fields}, "data": self.fingerprint, **instance}
+        per_rank = {"bn_stats": f"per rank of {self.world}"} if self.per_rank_bn() else {}
+        return {**{f: values[f] for f in fields}, "data": self.fingerprint, **per_rank, **instance}
+
+    def per_rank_bn(self) -> bool:
+        """Whether training normalises BatchNorm over each rank's share
+        rather than the global batch: more than one rank, a model with
+        BatchNorm and no ``sync_bn``."""
+        return self.world > 1 and not self.config.sync_bn and self.has_bn()
 
     # One method per stage: the key, settings and words of an instance.
     def ref_dense(self, seed: int, role: str) -> _Ref:
@@ -293,7 +321,7 @@ class _Run:
 
     def train_config(self, epochs: int, lr: float) -> TrainConfig:
         c = self.config
-        return TrainConfig(epochs, lr, c.momentum, c.weight_decay, c.batch_size, c.augment, c.amp)
+        return TrainConfig(epochs, lr, c.momentum, c.weight_decay, c.batch_size, c.augment, c.amp, c.sync_bn)
 
     def build(self) -> nn.Module:
         s = self.splits
@@ -370,6 +398,7 @@ class _Run:
                 self.train_config(self.config.epochs, self.config.lr),
                 generator=_generator(seed, "dense", role, "data"),
                 on_epoch_end=keep,
+                distributed=True,
             )
             self.store.save_tensors("dense", key, "final.pt", _cpu_state(model))
             loss, acc = self.test(model)
@@ -401,6 +430,9 @@ class _Run:
                     self.log(f"[imp {key}] resuming after round {history[-1]['round']}")
 
             def train_fn(m: nn.Module, imp_round: IMPRound) -> None:
+                distributed.assert_same_on_ranks(
+                    distributed.tensor_digest(imp_round.masks), f"The IMP mask of {key} round {imp_round.index}"
+                )
                 config = self.train_config(c.imp_epochs, c.imp_lr)
                 train(
                     m,
@@ -408,6 +440,7 @@ class _Run:
                     config,
                     generator=_generator(seed, "imp", imp_round.index),
                     masks=imp_round.masks,
+                    distributed=True,
                 )
 
             def on_round_end(imp_round: IMPRound, m: nn.Module) -> None:
@@ -452,7 +485,8 @@ class _Run:
                     }
                 )
             record = self.store.finish("imp", key, settings, {"targets": targets, "history": history})
-            checkpoint.unlink(missing_ok=True)
+            if distributed.is_main():
+                checkpoint.unlink(missing_ok=True)
         return record
 
     def match(self, seed: int) -> tuple[dict[str, Any], Permutation]:
@@ -477,7 +511,9 @@ class _Run:
         if record is None:
             with self.stage(ref):
                 model_b = self.load_model("dense", f"seed{seed_b}-B", "final.pt")
-                data = batches(self.splits.train, _MATCH_BATCH, device=self.device)
+                # each rank its share of the batches; match_activations all-reduces the statistics
+                data = list(batches(self.splits.train, _MATCH_BATCH, device=self.device))
+                data = data[distributed.rank() :: distributed.world_size()]
                 c = self.config
                 perm = match_activations(
                     model_a,
@@ -488,7 +524,10 @@ class _Run:
                     stream_points=c.match_stream_points,
                     progress=False,
                 )
-                perm.save(self.store.path(stage, key, "perm.pt"))
+                digest = distributed.tensor_digest({g: perm[g] for g in perm})
+                distributed.assert_same_on_ranks(digest, f"The permutation of {stage}/{key}")
+                if distributed.is_main():
+                    perm.save(self.store.path(stage, key, "perm.pt"))
                 identity = {"seed": seed_b} if seed_a == seed_b else {"seed": seed_b, "seed_a": seed_a}
                 recipe = {
                     "method": perm.report["method"],
@@ -557,6 +596,7 @@ class _Run:
         if record is not None:
             return record
         with self.stage(ref):
+            distributed.assert_same_on_ranks(distributed.tensor_digest(masks), f"The mask of {stage}/{key}")
             model = self.load_model("dense", start, f"rewind_k{k}.pt")
             train(
                 model,
@@ -564,6 +604,7 @@ class _Run:
                 self.train_config(self.config.epochs - k, self.config.sparse_lr),
                 generator=_generator(seed, "sparse", k, _level_key(target), method),
                 masks=masks,
+                distributed=True,
             )
             self.store.save_tensors(stage, key, "model.pt", _cpu_state(model))
             loss, acc = self.test(model)
@@ -591,54 +632,55 @@ class _Run:
         if record is not None:
             return record["curves"]
         with self.stage(ref):
-            c = self.config
-            bn_data = None
-            if self.has_bn():
-                bn_data = list(
-                    itertools.islice(batches(self.splits.train, c.batch_size, device=self.device), c.bn_batches)
-                )
-
-            def curve(pair: str, a: nn.Module, b: nn.Module, k: int | None, target: float | None, **masks: Any) -> dict:
-                result: LMCResult = lmc_barrier(
-                    a, b, self.test_data, num_points=c.barrier_points, bn_data=bn_data, **masks
-                )
-                return {
-                    "seed": seed,
-                    "pair": pair,
-                    "k": k,
-                    "sparsity": target,
-                    "alphas": result.alphas,
-                    "losses": result.losses,
-                    "errors": result.errors,
-                    "barrier": result.barrier,
-                    "error_barrier": result.error_barrier,
-                }
-
-            model_a = self.load_model("dense", f"seed{seed}-A", "final.pt")
-            model_b = self.load_model("dense", f"seed{seed}-B", "final.pt")
-            curves = [
-                curve("A-B", model_a, model_b, None, None),
-                curve("pi(A)-B", apply_permutation(model_a, perm), model_b, None, None),
-            ]
-            for target in c.sparsities:
-                masks = self.method_masks(seed, target, perm)
-                for k in c.rewind_epochs:
-                    models = {m: self.sparse_model(seed, k, target, m) for m in c.methods if m != "random"}
-                    for label, a, b, align in _SPARSE_PAIRS:
-                        if a in models and b in models:
-                            curves.append(
-                                curve(
-                                    label,
-                                    apply_permutation(models[a], perm) if align else models[a],
-                                    models[b],
-                                    k,
-                                    target,
-                                    masks_a=masks["permuted"] if align else masks[a],
-                                    masks_b=masks[b],
-                                )
-                            )
-            record = self.store.finish("lmc", ref.key, ref.settings, {"curves": curves})
+            curves = self._lmc_curves(seed, perm) if distributed.is_main() else None
+            record = self.store.finish("lmc", ref.key, ref.settings, None if curves is None else {"curves": curves})
         return record["curves"]
+
+    def _lmc_curves(self, seed: int, perm: Permutation) -> list[dict[str, Any]]:
+        """The curves of :meth:`lmc` (rank 0 alone computes them)."""
+        c = self.config
+        bn_data = None
+        if self.has_bn():
+            bn_data = list(itertools.islice(batches(self.splits.train, c.batch_size, device=self.device), c.bn_batches))
+
+        def curve(pair: str, a: nn.Module, b: nn.Module, k: int | None, target: float | None, **masks: Any) -> dict:
+            result: LMCResult = lmc_barrier(a, b, self.test_data, num_points=c.barrier_points, bn_data=bn_data, **masks)
+            return {
+                "seed": seed,
+                "pair": pair,
+                "k": k,
+                "sparsity": target,
+                "alphas": result.alphas,
+                "losses": result.losses,
+                "errors": result.errors,
+                "barrier": result.barrier,
+                "error_barrier": result.error_barrier,
+            }
+
+        model_a = self.load_model("dense", f"seed{seed}-A", "final.pt")
+        model_b = self.load_model("dense", f"seed{seed}-B", "final.pt")
+        curves = [
+            curve("A-B", model_a, model_b, None, None),
+            curve("pi(A)-B", apply_permutation(model_a, perm), model_b, None, None),
+        ]
+        for target in c.sparsities:
+            masks = self.method_masks(seed, target, perm)
+            for k in c.rewind_epochs:
+                models = {m: self.sparse_model(seed, k, target, m) for m in c.methods if m != "random"}
+                for label, a, b, align in _SPARSE_PAIRS:
+                    if a in models and b in models:
+                        curves.append(
+                            curve(
+                                label,
+                                apply_permutation(models[a], perm) if align else models[a],
+                                models[b],
+                                k,
+                                target,
+                                masks_a=masks["permuted"] if align else masks[a],
+                                masks_b=masks[b],
+                            )
+                        )
+        return curves
 
     @torch.no_grad()
     def log_probs(self, model: nn.Module) -> Tensor:
@@ -654,20 +696,25 @@ class _Run:
         if record is not None:
             return record["rows"]
         with self.stage(ref):
-            c = self.config
-            seeds = range(c.seeds)
-            dense_a = [self.log_probs(self.load_model("dense", f"seed{s}-A", "final.pt")) for s in seeds]
-            dense_b = [self.log_probs(self.load_model("dense", f"seed{s}-B", "final.pt")) for s in seeds]
-            rows = [*self._diversity_rows("dense", None, None, dense_a, dense_b, dense_a)]
-            for target in c.sparsities:
-                imp = [self.log_probs(self.imp_model(s, target)) for s in seeds]
-                rows += self._diversity_rows("imp", None, target, imp, imp, dense_a)
-                for k in c.rewind_epochs:
-                    for method in c.methods:
-                        members = [self.log_probs(self.sparse_model(s, k, target, method)) for s in seeds]
-                        rows += self._diversity_rows(method, k, target, members, members, dense_a)
-            record = self.store.finish("diversity", "all", ref.settings, {"rows": rows})
+            rows = self._diversity_all() if distributed.is_main() else None
+            record = self.store.finish("diversity", "all", ref.settings, None if rows is None else {"rows": rows})
         return record["rows"]
+
+    def _diversity_all(self) -> list[dict[str, Any]]:
+        """The rows of :meth:`diversity` (rank 0 alone computes them)."""
+        c = self.config
+        seeds = range(c.seeds)
+        dense_a = [self.log_probs(self.load_model("dense", f"seed{s}-A", "final.pt")) for s in seeds]
+        dense_b = [self.log_probs(self.load_model("dense", f"seed{s}-B", "final.pt")) for s in seeds]
+        rows = [*self._diversity_rows("dense", None, None, dense_a, dense_b, dense_a)]
+        for target in c.sparsities:
+            imp = [self.log_probs(self.imp_model(s, target)) for s in seeds]
+            rows += self._diversity_rows("imp", None, target, imp, imp, dense_a)
+            for k in c.rewind_epochs:
+                for method in c.methods:
+                    members = [self.log_probs(self.sparse_model(s, k, target, method)) for s in seeds]
+                    rows += self._diversity_rows(method, k, target, members, members, dense_a)
+        return rows
 
     def imp_model(self, seed: int, target: float) -> nn.Module:
         """The pruned IMP solution of ``seed`` at ``target``."""
@@ -714,22 +761,28 @@ class _Run:
         if record is not None:
             return record["rows"]
         with self.stage(ref):
-            ensembles: list[tuple[str, int | None, float | None, Callable[[int], nn.Module]]] = [
-                ("dense", None, None, lambda s: self.load_model("dense", f"seed{s}-A", "final.pt")),
-                ("imp", None, target, lambda s: self.imp_model(s, target)),
-            ]
-            ensembles += [
-                (m, k, target, functools.partial(self.shared_model, k=k, target=target, method=m)) for m in methods
-            ]
-            rows = []
-            for method, kk, level, load in ensembles:
-                members = [self.log_probs(load(s)) for s in range(self.config.seeds)]
-                report = diversity(members, self.targets).to_dict()
-                accuracies = [ensemble_accuracy([m], self.targets) for m in members]
-                base = {"protocol": SHARED_MASK, "method": method, "k": kk, "sparsity": level}
-                rows.append({**base, **report, "member_accuracies": accuracies})
-            record = self.store.finish("shared-diversity", ref.key, ref.settings, {"rows": rows})
+            rows = self._shared_rows(target, k, methods) if distributed.is_main() else None
+            data = None if rows is None else {"rows": rows}
+            record = self.store.finish("shared-diversity", ref.key, ref.settings, data)
         return record["rows"]
+
+    def _shared_rows(self, target: float, k: int, methods: Sequence[str]) -> list[dict[str, Any]]:
+        """The rows of :meth:`shared_diversity` (rank 0 alone computes them)."""
+        ensembles: list[tuple[str, int | None, float | None, Callable[[int], nn.Module]]] = [
+            ("dense", None, None, lambda s: self.load_model("dense", f"seed{s}-A", "final.pt")),
+            ("imp", None, target, lambda s: self.imp_model(s, target)),
+        ]
+        ensembles += [
+            (m, k, target, functools.partial(self.shared_model, k=k, target=target, method=m)) for m in methods
+        ]
+        rows = []
+        for method, kk, level, load in ensembles:
+            members = [self.log_probs(load(s)) for s in range(self.config.seeds)]
+            report = diversity(members, self.targets).to_dict()
+            accuracies = [ensemble_accuracy([m], self.targets) for m in members]
+            base = {"protocol": SHARED_MASK, "method": method, "k": kk, "sparsity": level}
+            rows.append({**base, **report, "member_accuracies": accuracies})
+        return rows
 
     def _diversity_rows(
         self,
@@ -827,7 +880,7 @@ class _Run:
         for ref in self.plan():
             status, reason = "compute", None
             try:
-                if self.store.finished(ref.stage, ref.key, ref.settings) is not None:
+                if self.store.lookup(ref.stage, ref.key, ref.settings) is not None:
                     status = "reuse"
             except StageMismatchError as exc:
                 status, reason = "changed", exc
@@ -836,8 +889,10 @@ class _Run:
 
 
 def _run_device(config: ReproduceConfig) -> torch.device:
-    """The device of a run (:func:`resolve_device`), checked against ``amp``."""
-    device = resolve_device(config.device)
+    """The device of a run (:func:`resolve_device`; under a process group,
+    this rank's: :func:`~maskalign.repro.distributed.rank_device`), checked
+    against ``amp``."""
+    device = distributed.rank_device(resolve_device(config.device))
     if config.amp != "off" and device.type != "cuda":
         raise ConfigError(
             f"Setting 'amp' (--amp) is {config.amp!r}, which needs CUDA, but the run uses {device}; "
@@ -881,7 +936,7 @@ def reproduce(
             :class:`~maskalign.repro.progress.RunProgress`).
 
     Returns:
-        ``{"config", "preset", "device", "data_fingerprint", "imp_schedule",
+        ``{"config", "preset", "device", "world_size", "data_fingerprint", "imp_schedule",
         "dense", "imp", "imp_history", "matching", "sparse", "lmc",
         "diversity", "shared_mask", "timing"}``; ``shared_mask`` is the
         Table-1 protocol (``_Run.shared_mask``; ``None`` with one seed);
@@ -892,8 +947,17 @@ def reproduce(
         StageMismatchError: a stored stage was computed with other settings.
         ArgumentTypeError: ``config`` is not a :class:`ReproduceConfig`.
         ConfigError: (a ``ValueError``) as :func:`resolve_device`, or
-            ``amp`` without CUDA.
+            ``amp`` without CUDA; under a process group: ``out`` is
+            ``None``, or ``sync_bn`` with BatchNorm off CUDA.
         DataError, ValueError: as :func:`~maskalign.repro.data.load_dataset`.
+
+    Distributed: under an initialised ``torch.distributed`` process group
+    (``torchrun``; see :mod:`maskalign.repro.distributed`), every rank calls
+    :func:`reproduce` with the same arguments and ``out`` a folder they all
+    read; only rank 0 writes there, and every rank returns rank 0's results
+    (``world_size`` says how many ranks trained). ``log``, ``on_stage_end``
+    and ``observer`` are called on the ranks that are given them (the
+    command line gives them to rank 0 only).
     """
     if config is not None and not isinstance(config, ReproduceConfig):
         raise ArgumentTypeError(
@@ -903,6 +967,12 @@ def reproduce(
     began = time.perf_counter()
     config = config or PRESETS["digits"]
     device = _run_device(config)
+    world = distributed.world_size()
+    if world > 1 and out is None:
+        raise ConfigError(
+            "Argument 'out' is None under torch.distributed, which would give each rank its own temporary "
+            "folder; pass a folder that every rank can read."
+        )
     splits = splits or load_dataset(config.dataset, config.data_root)
     fingerprint = splits_fingerprint(splits)
     splits = splits_to_device(splits, device)
@@ -915,9 +985,18 @@ def reproduce(
             store = StageStore(Path(folder), force=force)
             if restart:
                 store.clear()
-            settings = {"preset": preset, "config": config.to_dict(), "device": str(device)}
-            atomic_write(Path(folder) / "config.json", lambda h: json.dump(settings, h, indent=1))
-            run = _Run(config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end, observer)
+            settings = {"preset": preset, "config": config.to_dict(), "device": str(device), "world_size": world}
+            if distributed.is_main():
+                atomic_write(Path(folder) / "config.json", lambda h: json.dump(settings, h, indent=1))
+            run = _Run(
+                config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end, observer, world
+            )
+            if world > 1 and config.sync_bn and device.type != "cuda" and run.has_bn():
+                raise ConfigError(
+                    f"Setting 'sync_bn' (--sync-bn) is on for a model with BatchNorm on {device}, but "
+                    "torch's SyncBatchNorm runs on CUDA only; pass --no-sync-bn (each rank then normalises "
+                    "over its own share of the batch) or run on GPUs."
+                )
             if observer is not None:
                 observer.start(run.plan_status())
             body = run.run()
@@ -928,6 +1007,7 @@ def reproduce(
         "config": config.to_dict(),
         "preset": preset,
         "device": str(device),
+        "world_size": world,
         "data_fingerprint": fingerprint,
         "imp_schedule": imp_schedule(config.sparsities, config.prune_rate),
         **body,
@@ -975,5 +1055,7 @@ def plan_stages(
     _run_device(config)  # the checks of a real run; the plan itself needs no device
     splits = splits or load_dataset(config.dataset, config.data_root)
     store = StageStore(Path(out))
-    run = _Run(config, splits, torch.device("cpu"), store, splits_fingerprint(splits), lambda _: None, None)
+    world = distributed.env_world_size()  # a dry run under torchrun: the stages of a run with that many ranks
+    fingerprint = splits_fingerprint(splits)
+    run = _Run(config, splits, torch.device("cpu"), store, fingerprint, lambda _: None, None, world=world)
     return run.plan_status()

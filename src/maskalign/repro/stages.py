@@ -12,6 +12,17 @@ stage depends on and their hash. On a later run:
   differing setting (old -> new), unless the store was opened with
   ``force=True``, in which case the stage is recomputed and overwritten;
 * no manifest: the stage is computed.
+
+Under ``torch.distributed`` (``maskalign reproduce`` under ``torchrun``) the
+output folder must be one that every rank reads (on several nodes: a shared
+file system). Only rank 0 reads manifests and writes: :meth:`StageStore.finished`
+is rank 0's answer, broadcast (every rank loads or computes the same stages,
+or raises the same :class:`StageMismatchError`); :meth:`StageStore.save_tensors`,
+:meth:`StageStore.finish` and :meth:`StageStore.clear` write on rank 0 and the
+other ranks wait for it, so that they can load what was written once the call
+returns. :meth:`StageStore.finish` returns rank 0's record on every rank.
+Every rank must make these calls in the same order (they are collectives);
+:meth:`StageStore.lookup` is the local, collective-free check.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import torch
 
 from .._utils.fileio import atomic_write
 from ..errors import MaskAlignError
+from . import distributed
 
 __all__ = ["StageMismatchError", "StageStore", "settings_hash"]
 
@@ -80,17 +92,42 @@ class StageStore:
         return self.folder(stage, key) / name
 
     def clear(self) -> None:
-        """Delete every stage (``root/stages``); other files are kept."""
-        shutil.rmtree(self.root / "stages", ignore_errors=True)
+        """Delete every stage (``root/stages``); other files are kept. Rank 0
+        deletes, the others wait."""
+        if distributed.is_main():
+            shutil.rmtree(self.root / "stages", ignore_errors=True)
+        distributed.barrier()
 
     def finished(self, stage: str, key: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
         """The stored record (the ``data`` passed to :meth:`finish`) of a
         finished stage computed with ``settings``, or ``None`` if it has to be
-        computed (not finished, or settings differ and ``force``).
+        computed (not finished, or settings differ and ``force``). Under a
+        process group: rank 0's answer on every rank (a collective).
 
         Raises:
             StageMismatchError: the stage finished with different settings
                 (and not ``force``); the message lists each differing setting.
+                Under a process group, raised on every rank.
+        """
+        if not distributed.is_distributed():
+            return self.lookup(stage, key, settings)
+        outcome: tuple[str, Any] = ("record", None)
+        if distributed.is_main():
+            try:
+                outcome = ("record", self.lookup(stage, key, settings))
+            except StageMismatchError as exc:
+                outcome = ("mismatch", exc.message)
+        kind, value = distributed.broadcast(outcome)
+        if kind == "mismatch":
+            raise StageMismatchError(value)
+        return value
+
+    def lookup(self, stage: str, key: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        """:meth:`finished` as this process reads the folder, without asking
+        the other ranks (:func:`plan_stages`, the progress display's plan).
+
+        Raises:
+            StageMismatchError: as :meth:`finished`.
         """
         manifest_path = self.path(stage, key, _MANIFEST)
         if not manifest_path.is_file():
@@ -114,9 +151,12 @@ class StageStore:
         )
 
     def save_tensors(self, stage: str, key: str, name: str, payload: Any) -> Path:
-        """``torch.save`` ``payload`` atomically as artifact ``name``."""
+        """``torch.save`` ``payload`` atomically as artifact ``name``. Under a
+        process group, rank 0 writes its ``payload`` and the others wait."""
         path = self.path(stage, key, name)
-        atomic_write(path, lambda handle: torch.save(payload, handle), mode="wb")
+        if distributed.is_main():
+            atomic_write(path, lambda handle: torch.save(payload, handle), mode="wb")
+        distributed.barrier()
         return path
 
     def load_tensors(self, stage: str, key: str, name: str) -> Any:
@@ -124,11 +164,18 @@ class StageStore:
         ``weights_only=True``) onto the CPU."""
         return torch.load(self.path(stage, key, name), map_location="cpu", weights_only=True)
 
-    def finish(self, stage: str, key: str, settings: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, stage: str, key: str, settings: Mapping[str, Any], data: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
         """Mark a stage finished: write its manifest (settings, hash, the
         JSON-ready ``data``) atomically, after its artifacts. Returns ``data``
         as stored (JSON round trip), so fresh and resumed runs see identical
-        values."""
+        values. Under a process group, rank 0 writes its ``data`` and every
+        rank returns it (the others' ``data`` is not read: ``None`` will do)."""
+        if not distributed.is_main():
+            return distributed.broadcast({})
+        if data is None:
+            raise RuntimeError(f"Stage '{stage}/{key}' was finished without its record on rank 0.")
         current = _jsonable(settings)
         stored = json.loads(json.dumps(dict(data)))
         manifest = {
@@ -141,4 +188,4 @@ class StageStore:
         }
         os.makedirs(self.folder(stage, key), exist_ok=True)
         atomic_write(self.path(stage, key, _MANIFEST), lambda h: json.dump(manifest, h, indent=1))
-        return stored
+        return distributed.broadcast(stored)
