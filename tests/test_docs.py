@@ -349,7 +349,7 @@ def test_docstring_examples_run() -> None:
 
 # The main entry points carry a runnable ``Example:`` (executed by
 # test_docstring_examples_run, shown in the API reference).
-_ENTRY_POINTS = ("build_spec", "match_activations", "match_weights", "permute_mask", "enforce_masks")
+_ENTRY_POINTS = ("build_spec", "match_activations", "match_weights", "permute_mask", "transfer_mask", "enforce_masks")
 
 
 @pytest.mark.parametrize("name", _ENTRY_POINTS)

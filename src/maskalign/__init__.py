@@ -27,6 +27,7 @@ from .errors import (
 from .evaluation.equivalence import EquivalenceReport, check_equivalence
 from .evaluation.lmc import LMCResult, interpolate, lmc_barrier, repair, reset_bn_stats
 from .matching.activation import match_activations
+from .matching.transfer import transfer_mask
 from .matching.weight import match_weights
 from .permutation import (
     Permutation,
@@ -91,5 +92,6 @@ __all__ = [
     "sparsity",
     "state_dict_from_prune",
     "to_prune",
+    "transfer_mask",
     "validate_masks",
 ]
