@@ -43,6 +43,20 @@ after every ``optimizer.step()``. Four mechanisms cooperate:
    same object. A parameter frozen at enforce time (``requires_grad=False``,
    which cannot carry a gradient hook) gets its hook when it is unfrozen.
 
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) each parameter is a
+DTensor sharded on dim 0. The handle cuts each rank's shard of the full mask
+once (``distribute_tensor(mask, mesh, placements, src_data_rank=None)``: no
+communication; uneven and empty shards as FSDP2 cuts them) and masks every
+DTensor it meets (weights, the sharded ``.grad`` that FSDP2 reduce-scatters,
+optimiser state) on its local shard (``to_local()``), so a step costs no
+collective. FSDP2 runs the sharded parameter's post-accumulate-grad hooks
+after its reduce-scatter, so the sharded gradient is masked before clipping
+and the optimiser (the step pre-hook masks it again). Between its pre-forward
+and its reshard FSDP2 registers unsharded stand-ins on the module: the
+handle leaves them alone and stays bound to the sharded parameters. A
+DTensor has no storage of its own (``data_ptr()`` is 0), so the stamp of 3
+reads its local shard's version and data pointer too.
+
 Remaining gaps (``docs/how-to/sparse-train.md#guarantees``): gradients
 returned by ``torch.autograd.grad`` are never accumulated into ``.grad`` and
 are not masked (an attached optimiser's step still re-zeros the weights made
@@ -73,7 +87,59 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import DOCS_URL, ArgumentTypeError, ArgumentValueError, MaskError
 from .masks import validate_masks
 
+# DTensor (FSDP2's parameters) and FSDP2's module class, where torch has them:
+# not in builds without torch.distributed; public from torch 2.5 / 2.6.
+_DTENSOR: tuple[type, ...] = ()
+_FSDP: tuple[type, ...] = ()
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Partial as _Partial
+    from torch.distributed.tensor import Replicate as _Replicate
+    from torch.distributed.tensor import distribute_tensor as _distribute_tensor
+except ImportError:  # pragma: no cover
+    pass
+else:
+    _DTENSOR = (_DTensor,)
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover
+    pass
+else:
+    _FSDP = (_FSDPModule,)
+
 __all__ = ["MaskHandle", "assert_masked", "enforce_masks"]
+
+
+def _is_dtensor(value: object) -> bool:
+    return bool(_DTENSOR) and isinstance(value, _DTENSOR)
+
+
+def _spec(value: Tensor) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(device_mesh, placements)`` of a DTensor, ``None`` for a plain tensor."""
+    if _is_dtensor(value):
+        return value.device_mesh, tuple(value.placements)  # type: ignore[attr-defined]
+    return None
+
+
+def _local(value: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: in-place ops write through to
+    the DTensor), or ``value`` itself."""
+    if _is_dtensor(value):
+        with torch.no_grad():
+            return value.to_local()  # type: ignore[attr-defined]
+    return value
+
+
+def _shard_like(mask: Tensor, spec: tuple[Any, tuple[Any, ...]], device: torch.device) -> Tensor:
+    """The full (global-shape) ``mask`` as a DTensor laid out like a DTensor
+    of ``spec``: each rank slices its own shard of its own copy (``Shard``:
+    ``torch.chunk``'s uneven shards, as FSDP2 and DTensor cut them;
+    ``Replicate``: the whole mask), without communication. A ``Partial``
+    tensor holds full-shape summands, each masked by the whole mask.
+    ``device`` is where the local shard goes (the parameter's)."""
+    mesh, placements = spec
+    kept = [_Replicate() if isinstance(p, _Partial) else p for p in placements]
+    return _distribute_tensor(mask.to(device), mesh, kept, src_data_rank=None)
 
 
 # Integer dtype of each element size: a tensor viewed as these bits is
@@ -94,17 +160,46 @@ class _BitMask:
     of ``nn.Embedding(sparse=True)``) are masked value by value; other
     tensors that cannot be viewed as same-size integers (16-byte dtypes)
     fall back to ``masked_fill_``.
+
+    For a DTensor parameter (FSDP2's ``fully_shard``), ``mask`` is this
+    rank's shard of the mask and ``spec`` the parameter's mesh and
+    placements: DTensor values of that layout (the parameter, its gradient,
+    optimiser state made with ``zeros_like``) are masked on their local
+    shard, with no communication; a DTensor of another layout gets its own
+    local mask, cut from ``source`` (the full mask) on first use.
     """
 
     def __init__(self, mask: Tensor) -> None:
-        self.mask = mask  # bool, parameter shape and device
+        self.mask = mask  # bool, the shape and device of the (local) values masked
+        self.source = mask  # the full mask
+        self.spec: tuple[Any, tuple[Any, ...]] | None = None
         self._patterns: dict[int, Tensor] = {}
+        self._other: dict[tuple[Any, ...], Tensor] = {}
 
-    def retarget(self, mask: Tensor) -> None:
-        """Use ``mask`` (same values, on the parameter's new device) from now
-        on; the gradient hook, a bound method, stays valid."""
+    def retarget(self, mask: Tensor, spec: tuple[Any, tuple[Any, ...]] | None = None) -> None:
+        """Use ``mask`` (same values, on the parameter's new device; for a
+        DTensor parameter of layout ``spec``, its local shard) from now on;
+        the gradient hook, a bound method, stays valid."""
         self.mask = mask
+        self.spec = spec
         self._patterns.clear()
+        self._other.clear()
+
+    def _local_mask(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        """``value``'s local shard and the mask of that shard (``value``
+        itself and :attr:`mask` for a plain tensor)."""
+        spec = _spec(value)
+        local = _local(value)
+        if spec == self.spec or (spec is None and value.shape == self.mask.shape):
+            return local, self.mask
+        if spec is None:  # a plain tensor of the full shape, for a DTensor parameter
+            return value, self.source
+        key = (*spec, local.device)
+        mask = self._other.get(key)
+        if mask is None:
+            mask = _local(_shard_like(self.source, spec, local.device))
+            self._other[key] = mask
+        return local, mask
 
     def _pattern(self, value: Tensor) -> Tensor | None:
         bits = _BITS_OF_SIZE.get(value.element_size())
@@ -123,7 +218,11 @@ class _BitMask:
 
     def mask_(self, value: Tensor) -> None:
         """Set the pruned entries of ``value`` (the mask's shape, strided or
-        sparse COO) to ``+0.0`` in place."""
+        sparse COO; a DTensor on its local shard) to ``+0.0`` in place."""
+        value, mask = self._local_mask(value)
+        if mask is not self.mask:  # another layout than the parameter's: rare
+            value.masked_fill_(~mask.to(value.device), 0)
+            return
         if value.layout == torch.sparse_coo:
             # _indices()/_values() alias the (possibly uncoalesced) storage;
             # duplicate indices are each zeroed, so their sum is zero too.
@@ -138,14 +237,22 @@ class _BitMask:
 
     def revived(self, value: Tensor) -> int:
         """How many pruned entries of the strided ``value`` are not ``0``
-        (NaN counts); reads only, one device sync."""
-        return int(((value != 0) & ~self.mask.to(value.device)).sum())
+        (NaN counts; of a DTensor, on this rank's shard); reads only, one
+        device sync."""
+        value, mask = self._local_mask(value)
+        return int(((value != 0) & ~mask.to(value.device)).sum())
 
 
 def _stamp(param: Tensor) -> tuple[int, int]:
     """What changes when a tensor's values may have changed: its version
     counter (every in-place op) and its data pointer (``param.data = ...``,
-    ``to_empty``)."""
+    ``to_empty``). A DTensor has no storage of its own (its ``data_ptr()``
+    is 0) and two version counters: its own, bumped by in-place DTensor ops
+    (an optimiser's step), and its local shard's, bumped by writes to
+    ``to_local()``; both only grow, so their sum changes when either does."""
+    if _is_dtensor(param):
+        local = _local(param)
+        return param._version + local._version, local.data_ptr()
     return param._version, param.data_ptr()
 
 
@@ -177,7 +284,20 @@ class _Binding:
     bound to before, to detect an optimiser that still steps one.
     """
 
-    __slots__ = ("name", "path", "leaf", "source", "bitmask", "param", "cdata", "hook", "stamp", "probed", "replaced")
+    __slots__ = (
+        "name",
+        "path",
+        "leaf",
+        "source",
+        "bitmask",
+        "sharded",
+        "param",
+        "cdata",
+        "hook",
+        "stamp",
+        "probed",
+        "replaced",
+    )
 
     def __init__(self, name: str, source: Tensor) -> None:
         prefix, _, leaf = name.rpartition(".")
@@ -186,6 +306,7 @@ class _Binding:
         self.leaf = leaf
         self.source = source  # the user's mask, private copy on its own device
         self.bitmask = _BitMask(source)
+        self.sharded: Tensor | None = None  # the mask as a DTensor laid out like a DTensor parameter
         self.param: nn.Parameter | None = None
         self.cdata = 0
         self.hook: RemovableHandle | None = None
@@ -293,16 +414,21 @@ class MaskHandle:
     @property
     def masks(self) -> Mapping[str, Tensor]:
         """Read-only name -> ``torch.bool`` mask (parameter shape, on the
-        parameter's device), private copies of the masks passed."""
-        return MappingProxyType({b.name: b.bitmask.mask for b in self._bindings})
+        parameter's device), private copies of the masks passed; for a
+        DTensor parameter (FSDP2), a DTensor mask sharded like it."""
+        return MappingProxyType(
+            {b.name: b.sharded if b.sharded is not None else b.bitmask.mask for b in self._bindings}
+        )
 
     @property
     def active(self) -> bool:
         """Whether every mask is enforced: ``False`` after :meth:`remove`, or
         when a masked name no longer holds a Parameter of its mask's shape
         (deleted, reparametrised by ``torch.nn.utils.parametrize`` or
-        ``prune``, flattened by FSDP); the next forward or attached
-        optimiser step then raises :class:`~maskalign.MaskError`. Reading it
+        ``prune``, flattened by FSDP1's FlatParameter); the next forward or
+        attached optimiser step then raises :class:`~maskalign.MaskError`
+        (FSDP2's unsharded stand-ins, between its pre-forward and reshard,
+        do not count: the sharded DTensor stays bound). Reading it
         re-binds Parameter objects replaced since the last forward (masking
         them), as the next forward would."""
         if self._removed:
@@ -431,17 +557,20 @@ class MaskHandle:
         load = self._model.register_load_state_dict_post_hook(_ModelHook(self, "load"))
         self._hook_ids = (forward.id, load.id)
 
-    def _resolve(self, binding: _Binding) -> Tensor | None:
+    def _resolve(self, binding: _Binding) -> tuple[Tensor | None, bool]:
         """What the model holds under ``binding``'s name now: a Parameter, a
         plain tensor standing in for it (``torch.func.functional_call``), or
-        ``None`` if nothing is registered there."""
+        ``None`` if nothing is registered there; and whether a module on the
+        way (the model included) is an FSDP2 ``FSDPModule``."""
         module: Any = self._model
+        fsdp = isinstance(module, _FSDP)
         for part in binding.path:
             module = module._modules.get(part)
             if module is None:
-                return None
+                return None, fsdp
+            fsdp = fsdp or isinstance(module, _FSDP)
         value = module._parameters.get(binding.leaf)
-        return value if isinstance(value, Tensor) else None
+        return (value if isinstance(value, Tensor) else None), fsdp
 
     def _sync(self, *, remask: bool, probe: bool) -> None:
         """Make the hooks match the model as it is now.
@@ -457,16 +586,21 @@ class MaskHandle:
                 holds a tensor, or holds one of another shape than its mask.
         """
         for b in self._bindings:
-            param = self._resolve(b)
+            param, fsdp = self._resolve(b)
             if param is None:
                 raise MaskError(
                     f"Parameter {b.name!r} is no longer a parameter of the model (deleted, reparametrised by "
-                    "torch.nn.utils.parametrize or prune, or flattened by FSDP), so its mask cannot be enforced; "
-                    "call handle.remove() before changing the model's structure and enforce_masks again with "
-                    "masks for its new parameters."
+                    "torch.nn.utils.parametrize or prune, or flattened by FSDP1's FlatParameter), so its mask "
+                    "cannot be enforced; call handle.remove() before changing the model's structure and "
+                    "enforce_masks again with masks for its new parameters."
                 )
             if not isinstance(param, nn.Parameter):
                 continue  # a stand-in for the duration of a functional call: leave it alone
+            if fsdp and param is not b.param and b.bitmask.spec is not None and _spec(param) != b.bitmask.spec:
+                # FSDP2's unsharded parameter (a plain tensor, or a DTensor of
+                # another layout under tensor parallelism), registered from its
+                # pre-forward to its reshard: the sharded one stays bound
+                continue
             if param is not b.param or param._cdata != b.cdata:
                 self._bind(b, param)
                 continue
@@ -485,19 +619,19 @@ class MaskHandle:
                 f"Parameter {b.name!r} was replaced by one of shape {tuple(param.shape)}, but its mask has shape "
                 f"{tuple(b.source.shape)}; call handle.remove() and enforce_masks with masks of the new shape."
             )
-        if type(param.detach()) is not Tensor and param.layout == torch.strided:
+        dtensor = _is_dtensor(param)
+        if not dtensor and type(param.detach()) is not Tensor and param.layout == torch.strided:
             raise MaskError(
-                f"Parameter {b.name!r} is a {type(param.detach()).__name__} (a tensor subclass, such as the DTensor "
-                "of FSDP2's fully_shard), which enforce_masks cannot mask; enforce the masks on a model of plain "
-                "tensors, or apply them with ma.apply_masks after each optimizer step."
+                f"Parameter {b.name!r} is a {type(param.detach()).__name__} (a tensor subclass other than "
+                "DTensor), which enforce_masks cannot mask; enforce the masks on a model of plain tensors or "
+                "DTensors, or apply them with ma.apply_masks after each optimizer step."
             )
         if b.hook is not None:
             b.hook.remove()
             b.hook = None
         if b.param is not None and b.param is not param:
             b.replaced.append(weakref.ref(b.param))
-        if b.bitmask.mask.device != param.device:
-            b.bitmask.retarget(b.source.to(param.device))
+        self._retarget(b, param)
         b.param, b.cdata = param, param._cdata
         with torch.no_grad():
             b.bitmask.mask_(param)
@@ -506,6 +640,22 @@ class MaskHandle:
         if param.requires_grad:
             b.hook = _register_grad_hook(param, b.bitmask)
         b.stamp = _stamp(param)
+
+    @staticmethod
+    def _retarget(b: _Binding, param: nn.Parameter) -> None:
+        """Give ``b``'s bit mask the layout of ``param``: the mask on its
+        device or, for a DTensor, this rank's shard of it, cut without
+        communication (:func:`_shard_like`)."""
+        spec = _spec(param)
+        if spec is None:
+            b.sharded = None
+            if b.bitmask.spec is not None or b.bitmask.mask.device != param.device:
+                b.bitmask.retarget(b.source.to(param.device))
+            return
+        device = _local(param).device
+        if spec != b.bitmask.spec or b.bitmask.mask.device != device:
+            b.sharded = _shard_like(b.source, spec, device)
+            b.bitmask.retarget(_local(b.sharded), spec)
 
     def _remask(self, b: _Binding, param: nn.Parameter, probe: bool) -> None:
         """Re-zero ``param``'s pruned weights, which changed since the handle
@@ -527,8 +677,7 @@ class MaskHandle:
                         stacklevel=2,
                     )
         stamp = _stamp(param)
-        if b.bitmask.mask.device != param.device:  # model.to(device): same object, new memory
-            b.bitmask.retarget(b.source.to(param.device))
+        self._retarget(b, param)  # model.to(device): same object, new memory
         with torch.no_grad():
             b.bitmask.mask_(param)
             if stamp[1] != b.stamp[1] and param.grad is not None:
@@ -537,8 +686,16 @@ class MaskHandle:
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step pre-hook: re-bind, re-zero changed weights, and refuse to let
-        ``optimizer`` step a Parameter object the model no longer uses."""
+        ``optimizer`` step a Parameter object the model no longer uses.
+
+        DTensor gradients are masked once more here: FSDP2 writes the
+        sharded ``.grad`` itself after its reduce-scatter, and runs the
+        parameter's post-accumulate-grad hooks only in recent torch."""
         self._sync(remask=True, probe=True)
+        with torch.no_grad():
+            for b in self._bindings:
+                if b.bitmask.spec is not None and b.param is not None and b.param.grad is not None:
+                    b.bitmask.mask_(b.param.grad)
         stale = [b for b in self._bindings if b.replaced]
         if stale:
             stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -613,6 +770,14 @@ def _rezero(bindings: list[_Binding], optimizer: torch.optim.Optimizer | None) -
                     b.bitmask.mask_(value)
 
 
+def _full(value: Tensor) -> Tensor:
+    """A DTensor gathered to its full (global) tensor on every rank (a
+    collective: every rank must call), or ``value`` itself."""
+    if _is_dtensor(value):
+        return value.full_tensor()  # type: ignore[attr-defined]
+    return value
+
+
 def enforce_masks(
     model: nn.Module,
     masks: Mapping[str, Tensor],
@@ -654,10 +819,32 @@ def enforce_masks(
     ``copy.deepcopy(model)`` gives a copy enforcing the same masks, without
     an optimiser (``MaskHandle.of(copy)[0].attach(copy_optimizer)``).
 
+    FSDP2: call it on every rank *after* ``fully_shard`` and after building
+    the optimiser over the sharded parameters, with the same full
+    (global-shape) masks on every rank::
+
+        fully_shard(model)  # and its blocks before it
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        handle = ma.enforce_masks(model, masks, optimizer)
+
+    Each rank keeps a copy of the full masks and its own shard of each
+    (cut without communication), and masks its local shards of weights,
+    gradients and optimiser state:
+    the promise above holds for the gathered (``full_tensor()``) tensors,
+    with no collective per step. Called *before* ``fully_shard``, the
+    handle re-binds to the sharded DTensor parameters at the next
+    ``attach``, attached step, ``load_state_dict`` or read of
+    :attr:`MaskHandle.active` (``handle.attach(optimizer)`` with the
+    optimiser built after ``fully_shard`` does it at once). An optimiser
+    built before ``fully_shard`` steps parameters FSDP2 has replaced: its
+    next step raises a :class:`~maskalign.MaskError`. :func:`assert_masked`
+    gathers, so it is a collective on FSDP2 models.
+
     Args:
         model: network to mask in place.
         masks: name -> ``torch.bool`` mask of the parameter's shape (any
-            device); not modified (the handle keeps its own copies).
+            device); not modified (the handle keeps its own copies). A
+            DTensor mask is gathered once, here (a collective).
         optimizer: optional optimiser stepping the masked parameters;
             more can be added with :meth:`MaskHandle.attach`.
 
@@ -697,7 +884,7 @@ def enforce_masks(
     validate_masks(model, masks)
     if optimizer is not None:
         _check_optimizer(optimizer)
-    handle = MaskHandle(model, {name: mask.detach().clone() for name, mask in masks.items()})
+    handle = MaskHandle(model, {name: _full(mask).detach().clone() for name, mask in masks.items()})
     handle._install()
     if optimizer is not None:
         handle.attach(optimizer)
@@ -712,10 +899,16 @@ def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0
     :func:`enforce_masks` (mask them yourself, e.g. ``g * mask``, before
     using them).
 
+    DTensor parameters (FSDP2), gradients and masks are gathered
+    (``full_tensor()``) and checked whole, so on such a model it is a
+    collective: call it on every rank; every rank then raises the same
+    error.
+
     Args:
         model: network to check; not modified.
         masks: name -> ``torch.bool`` mask of the parameter's shape (any
-            device).
+            device), or a DTensor mask (``MaskHandle.masks`` of an FSDP2
+            model).
         atol: tolerance on ``|w|`` at pruned entries, ``>= 0``.
         grads: also check ``param.grad`` (dense or sparse) where present.
 
@@ -732,10 +925,11 @@ def assert_masked(model: nn.Module, masks: Mapping[str, Tensor], atol: float = 0
     named = dict(model.named_parameters())
     problems = []
     for name, mask in masks.items():
-        values = [("", named[name].detach())]
+        values = [("", _full(named[name].detach()))]
         grad = named[name].grad
         if grads and grad is not None:
-            values.append((".grad", grad.to_dense() if grad.is_sparse else grad))
+            values.append((".grad", grad.to_dense() if grad.is_sparse else _full(grad)))
+        mask = _full(mask)
         for suffix, value in values:
             pruned = ~mask.to(value.device)
             leaked = pruned & ~(value.abs() <= atol)

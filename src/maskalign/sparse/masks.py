@@ -81,6 +81,14 @@ def _check_mask_set(masks: object, argument: str = "masks") -> Mapping[str, Tens
     )
 
 
+def _reduced(value: Tensor) -> Tensor:
+    """A reduction of a DTensor mask gathered over its shards (``bool()`` of
+    a DTensor reads only this rank's part: a rank with an empty or
+    all-pruned shard would warn for the whole mask), or ``value``."""
+    full = getattr(value, "full_tensor", None)
+    return full() if callable(full) else value
+
+
 def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Check that ``masks`` is a well-formed mask set for ``model``.
 
@@ -88,8 +96,11 @@ def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         model: the network the masks belong to; only its
             ``named_parameters()`` are read.
         masks: parameter name -> mask. Each mask must be a dense (strided)
-            ``torch.bool`` tensor of the parameter's shape (any device).
-            Parameters without a mask are allowed (they count as dense).
+            ``torch.bool`` tensor of the parameter's shape (any device), or
+            a ``torch.bool`` DTensor of that (global) shape, such as
+            ``MaskHandle.masks`` of an FSDP2 model (checking it is then a
+            collective: call it on every rank). Parameters without a mask
+            are allowed (they count as dense).
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module`` (e.g. a
@@ -135,7 +146,7 @@ def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
                 f"Mask for {name!r} has dtype {mask.dtype}, expected torch.bool; "
                 "convert it with `mask.bool()` or `mask != 0`."
             )
-        if mask.numel() > 0 and not bool(mask.any()):
+        if mask.numel() > 0 and not bool(_reduced(mask.any())):
             warnings.warn(
                 f"Mask for {name!r} prunes every entry of the parameter (shape {tuple(param.shape)}). "
                 f"See {DOCS_URL}/troubleshooting/#warning-empty-mask",
