@@ -31,7 +31,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import maskalign as ma
+from maskalign.errors import ConfigError
 from maskalign.repro import distributed
+from maskalign.repro.data import load_dataset
+from maskalign.repro.experiment import _Run, reproduce
+from maskalign.repro.presets import ReproduceConfig
 from maskalign.repro.stages import StageMismatchError, StageStore
 from maskalign.repro.training import InMemoryData, TrainConfig, share_indices, train
 
@@ -165,6 +169,10 @@ def _store_worker(rank: int, init_file: str, root: str, out_file: str) -> None:
         except distributed.RankDivergenceError as exc:
             result["perm_divergence"] = str(exc)
         result["broadcast"] = distributed.broadcast(f"from {rank}")
+        try:  # SyncBatchNorm is CUDA-only: said before any stage runs
+            reproduce(ReproduceConfig(model="resnet20", sync_bn=True, device="cpu"), out=Path(root) / "bn")
+        except ConfigError as exc:
+            result["sync_bn"] = exc.message
         torch.save(result, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -189,6 +197,27 @@ def test_only_rank_0_writes_and_every_rank_sees_what_it_wrote(tmp_path) -> None:
         # negative controls: a different mask or permutation on one rank is caught on every rank
         assert "The test mask differs between ranks" in r["divergence"] and "rank(s) [1]" in r["divergence"]
         assert "The permutation of match/x differs between ranks" in r["perm_divergence"]
+        assert "SyncBatchNorm runs on CUDA only" in r["sync_bn"]
+    assert not (root / "bn").exists()  # stopped before writing anything
+
+
+@pytest.mark.parametrize(
+    ("model", "world", "sync_bn", "recorded"),
+    [
+        ("resnet20", 1, False, False),  # one process: the stages of before
+        ("resnet20", 2, False, True),  # BatchNorm over per-rank shares: depends on the number of ranks
+        ("resnet20", 2, True, False),  # SyncBatchNorm: one process's statistics
+        ("mlp", 2, False, False),  # no BatchNorm: nothing depends on the ranks
+    ],
+)
+def test_per_rank_batchnorm_is_part_of_the_stage_settings(tmp_path, model, world, sync_bn, recorded) -> None:
+    config = ReproduceConfig(model=model, sync_bn=sync_bn)
+    run = _Run(config, load_dataset("digits"), torch.device("cpu"), StageStore(tmp_path), "x", print, None, world=world)
+    refs = [run.ref_dense(0, "A"), run.ref_imp(0), run.ref_match(0), run.ref_sparse(0, 0, 0.9, "lth"), run.ref_lmc(0)]
+    for ref in refs:
+        assert ("bn_stats" in ref.settings) == recorded, ref.key
+        if recorded:
+            assert ref.settings["bn_stats"] == "per rank of 2"
 
 
 def test_one_process_needs_no_group() -> None:

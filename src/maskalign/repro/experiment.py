@@ -983,11 +983,6 @@ def reproduce(
     try:
         with tempfile.TemporaryDirectory(prefix="maskalign-") if out is None else nullcontext(out) as folder:
             store = StageStore(Path(folder), force=force)
-            if restart:
-                store.clear()
-            settings = {"preset": preset, "config": config.to_dict(), "device": str(device), "world_size": world}
-            if distributed.is_main():
-                atomic_write(Path(folder) / "config.json", lambda h: json.dump(settings, h, indent=1))
             run = _Run(
                 config, splits, device, store, fingerprint, log or (lambda _: None), on_stage_end, observer, world
             )
@@ -997,6 +992,11 @@ def reproduce(
                     "torch's SyncBatchNorm runs on CUDA only; pass --no-sync-bn (each rank then normalises "
                     "over its own share of the batch) or run on GPUs."
                 )
+            if restart:
+                store.clear()
+            settings = {"preset": preset, "config": config.to_dict(), "device": str(device), "world_size": world}
+            if distributed.is_main():
+                atomic_write(Path(folder) / "config.json", lambda h: json.dump(settings, h, indent=1))
             if observer is not None:
                 observer.start(run.plan_status())
             body = run.run()
@@ -1024,7 +1024,9 @@ def plan_stages(
     """What :func:`reproduce` would do in ``out``, without doing it: every
     stage instance in run order (:meth:`_Run.plan`) and whether the run
     would reuse or compute it. Reads the output folder and the data (for its
-    fingerprint); writes and trains nothing, and creates no folder.
+    fingerprint); writes and trains nothing, and creates no folder. Under
+    ``torchrun`` (``WORLD_SIZE`` set; no process group is needed), the
+    stages of a run on that many processes.
 
     Args:
         config: as :func:`reproduce`.
