@@ -13,9 +13,10 @@ then maximises the total matched similarity.
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from ..spec.capture import CapturedGraph, capture
 from ..spec.permutation_spec import ActivationPoint, PermutationSpec, build_spec
 from .coordinate_ascent import coordinate_ascent, lap_step, positions_of
 from .lap import block_lap_values, solve_lap
-from .stats import COSTS, ActivationStats
+from .stats import COSTS, ActivationStats, _check_stats_dtype, _Workspace
 
 __all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations", "select_points"]
 
@@ -341,8 +342,12 @@ class _Prober:
         state_b: dict[str, Tensor],
         flat: list[Any],
         visit: Callable[[str, Tensor, Tensor], None],
+        nodes: Collection[str] | None = None,
     ) -> None:
-        self._graph_for(flat).run_pair(state_a, state_b, flat, set(self.nodes), visit)
+        """Run both models on ``flat`` as far as ``nodes`` (default: every
+        node the prober was made for) need, visiting each of them."""
+        visited = set(self.nodes) if nodes is None else set(nodes)
+        self._graph_for(flat).run_pair(state_a, state_b, flat, visited, visit)
 
 
 def _joint(value: Tensor, point: ActivationPoint) -> Tensor:
@@ -558,20 +563,134 @@ class _Plan:
             stacklevel=3,
         )
 
-    def stats(self, spec: PermutationSpec, device: torch.device) -> tuple[_Stats, _JointStats]:
-        clean = {key: ActivationStats(spec.groups[key[0]].size, device) for key in self.clean}
-        joint = {tree: ActivationStats(tree_size(tree), device) for tree in self.joint}
-        return clean, joint
+    def units(self, spec: PermutationSpec) -> list[_Unit]:
+        """The statistics in units solved together, in graph order of their
+        last node: one unit per group pooled on its own (its primary and
+        tie-break statistics), and one per set of groups nested in joint axes
+        that share groups (e.g. one attention layer's heads and head dims, with
+        its joint axes and those groups' own pooled statistics)."""
+        assert spec.captured is not None
+        order = {node.name: i for i, node in enumerate(spec.captured.flat_graph.nodes)}
+        parent: dict[str, str] = {}
+
+        def root(group: str) -> str:
+            while parent.setdefault(group, group) != group:
+                group = parent[group]
+            return group
+
+        for tree in self.joint:
+            first, *others = groups_of(tree)
+            for other in others:
+                parent[root(other)] = root(first)
+        units: dict[str, _Unit] = {}
+
+        def unit_of(group: str) -> _Unit:
+            name = root(group) if group in parent else f"plain:{group}"
+            return units.setdefault(name, _Unit())
+
+        for key, uses in self.clean.items():
+            unit = unit_of(key[0])
+            unit.clean.append(key)
+            unit.sizes.append(spec.groups[key[0]].size)
+            unit.last = max([unit.last, *(order[p.node] for p, _ in uses)])
+        for tree, points in self.joint.items():
+            unit = unit_of(next(groups_of(tree)))
+            unit.joint.append(tree)
+            unit.sizes.append(tree_size(tree))
+            unit.last = max([unit.last, *(order[p.node] for p in points)])
+        for unit in units.values():
+            members = {key[0] for key in unit.clean} | {g for tree in unit.joint for g in groups_of(tree)}
+            unit.groups = [g for g in spec.groups if g in members]
+        return sorted(units.values(), key=lambda unit: unit.last)
+
+    def nested(self, spec: PermutationSpec) -> list[str]:
+        """The groups nested in a joint axis, in the spec's order (the groups
+        coordinate ascent sweeps over, in one random order per sweep)."""
+        return [g for g in spec.groups if any(g in set(groups_of(t)) for t in self.joint)]
 
 
-def _batches(data: Iterable[Any], num_batches: int | None, progress: bool) -> Iterator[Any]:
+@dataclass(eq=False)
+class _Unit:
+    """Statistics whose groups are solved together (see :meth:`_Plan.units`):
+    the pooled statistics ``clean`` and joint axes ``joint``, with the number
+    of units of each in ``sizes``; ``last``: graph position of the last node
+    that feeds them."""
+
+    groups: list[str] = field(default_factory=list)
+    clean: list[_Key] = field(default_factory=list)
+    joint: list[AxisTree] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    last: int = -1
+
+    def describe(self) -> str:
+        """``"Group 'x' needs"`` or ``"Groups 'x', 'y' (matched together) need"``."""
+        if len(self.groups) == 1:
+            return f"Group {self.groups[0]!r} needs"
+        listed = ", ".join(map(repr, self.groups[:4])) + (", ..." if len(self.groups) > 4 else "")
+        return f"Groups {listed} (matched together) need"
+
+
+def planned_bytes(units: Sequence[_Unit]) -> int:
+    """Peak bytes of statistics one pass holds for ``units``: every state
+    (:meth:`ActivationStats.state_bytes`) plus the scratch of the widest one
+    (:meth:`ActivationStats.workspace_bytes`), which the pass shares between
+    its statistics while updating them, and each unit uses in turn to compute
+    its similarities and solve them."""
+    sizes = [n for unit in units for n in unit.sizes]
+    if not sizes:
+        return 0
+    return sum(ActivationStats.state_bytes(n) for n in sizes) + ActivationStats.workspace_bytes(max(sizes))
+
+
+def plan_passes(units: Sequence[_Unit], max_memory: int) -> list[list[_Unit]]:
+    """``units`` (in graph order) packed into consecutive passes whose
+    :func:`planned_bytes` are at most ``max_memory``: one pass when all fit.
+
+    Raises:
+        ArgumentValueError: one unit alone needs more than ``max_memory``
+            (its groups named, with the bytes it needs).
+    """
+    passes: list[list[_Unit]] = [[]]
+    for unit in units:
+        need = planned_bytes([unit])
+        if need > max_memory:
+            raise ArgumentValueError(
+                f"{unit.describe()} {need} bytes of statistics ({_mib(need)}), more than max_memory={max_memory} "
+                f"({_mib(max_memory)}); pass max_memory={need} or more, or leave it out (half the free memory)."
+            )
+        if passes[-1] and planned_bytes([*passes[-1], unit]) > max_memory:
+            passes.append([])
+        passes[-1].append(unit)
+    return passes
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def default_max_memory(device: torch.device) -> int:
+    """Half the memory free now where the statistics live: on CUDA
+    ``torch.cuda.mem_get_info``, on the CPU the available physical pages
+    (``os.sysconf``); no limit where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) // 2
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")) // 2
+    except (AttributeError, ValueError, OSError):  # no sysconf name (e.g. macOS): no limit
+        return 2**62
+
+
+def _batches(
+    data: Iterable[Any], num_batches: int | None, progress: bool, desc: str = "activation matching"
+) -> Iterator[Any]:
     iterator: Iterable[Any] = data
     if progress:
         try:
             from tqdm.auto import tqdm
 
             total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
-            iterator = tqdm(data, total=total, desc="activation matching", leave=False, delay=0.5)
+            iterator = tqdm(data, total=total, desc=desc, leave=False, delay=0.5)
         except ImportError:
             pass
     for index, batch in enumerate(iterator):
@@ -581,13 +700,15 @@ def _batches(data: Iterable[Any], num_batches: int | None, progress: bool) -> It
 
 
 class _Pass:
-    """What one pass over the data needs, set up from the spec: the recipe per
-    group, the plan of statistics, the (empty) statistics and the prober.
+    """What the passes over the data need, set up from the spec: the recipe
+    per group, the plan of statistics, its units packed into passes within
+    ``max_memory``, the prober, and the statistics of the current pass.
 
     Raises:
         SpecMismatchError: a model does not match the spec.
         SpecError: the spec holds no captured graph.
-        ArgumentValueError: ``points`` does not fit the spec's groups.
+        ArgumentValueError: ``points`` does not fit the spec's groups, or a
+            unit of statistics needs more than ``max_memory``.
     """
 
     def __init__(
@@ -599,6 +720,8 @@ class _Pass:
         stream_points: str,
         max_joint: int,
         device: torch.device,
+        max_memory: int,
+        stats_dtype: torch.dtype | None,
     ) -> None:
         check_same_architecture(model_a, spec, "model_a")
         check_same_architecture(model_b, spec, "model_b")
@@ -616,8 +739,91 @@ class _Pass:
             max_joint,
         )
         self.prober = _Prober(spec, model_a, sorted({p.node for p in self.plan.points}))
-        self.clean, self.joint = self.plan.stats(spec, device)
         self.uses = self.plan.uses()
+        self.passes = plan_passes(self.plan.units(spec), max_memory)
+        self.nested = self.plan.nested(spec)
+        self.device, self.stats_dtype = device, stats_dtype
+        self.workspace = _Workspace()
+        self.clean: _Stats = {}
+        self.joint: _JointStats = {}
+        self.indices: dict[str, Tensor] = {}
+        self.reports: dict[str, dict[str, float]] = {}
+
+    def start(self, index: int) -> None:
+        """Set up the (empty) statistics of pass ``index``, and which nodes feed them."""
+        units = self.passes[index]
+        self.clean = {key: self._stats(self.spec.groups[key[0]].size) for u in units for key in u.clean}
+        self.joint = {tree: self._stats(tree_size(tree)) for u in units for tree in u.joint}
+        self.pass_uses = {
+            node: kept
+            for node, uses in self.uses.items()
+            if (
+                kept := [
+                    u for u in uses if (u.key in self.clean if isinstance(u, _PooledUse) else u.tree in self.joint)
+                ]
+            )
+        }
+
+    def _stats(self, n: int) -> ActivationStats:
+        stats = ActivationStats(n, self.device, self.stats_dtype)
+        stats._workspace = self.workspace
+        return stats
+
+    def visit(self, state_a: dict[str, Tensor], state_b: dict[str, Tensor], flat: list[Any], batch: int) -> None:
+        """Run both models on one batch, updating this pass's statistics."""
+        visitor = _Visitor(self.pass_uses, self.clean, self.joint, batch)
+        self.prober(state_a, state_b, flat, visitor, self.pass_uses)
+
+    def finish(self, index: int, cost: str, solve: bool) -> None:
+        """Merge this pass's statistics across ranks, then (where ``solve``)
+        compute each unit's similarities and solve its groups, freeing each
+        statistic once its similarity is computed."""
+        for stats in (*self.clean.values(), *self.joint.values()):
+            stats.sync()
+        self.workspace.clear()
+        clean, joint = self.clean, self.joint
+        self.clean, self.joint = {}, {}
+        if not solve:
+            return
+        for unit in self.passes[index]:
+            similarities: dict[str, Tensor] = {}
+            tiebreaks: dict[str, Tensor] = {}
+            joint_similarities: dict[AxisTree, Tensor] = {}
+            for key in unit.clean:
+                stats = clean.pop(key)
+                if stats.count:
+                    (similarities if key[1] == PRIMARY else tiebreaks)[key[0]] = stats.compute(cost).cpu()
+                del stats
+            for tree in unit.joint:
+                stats = joint.pop(tree)
+                if stats.count:
+                    joint_similarities[tree] = stats.compute(cost).cpu()
+                del stats
+            indices, report = _solve(self.spec, similarities, joint_similarities, tiebreaks, sweep_over=self.nested)
+            self.indices.update(indices)
+            self.reports.update(report)
+            del similarities, tiebreaks, joint_similarities
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Per group, in the order of one solve over every group: the pooled
+        groups in the plan's order, then the other nested groups."""
+        order = [g for g, kind in self.plan.clean if kind == PRIMARY] + self.nested
+        return {g: self.reports[g] for g in dict.fromkeys(order) if g in self.reports}
+
+
+def _agree_on_pass(ok: bool, device: torch.device) -> bool:
+    """Whether every ``torch.distributed`` rank is ``ok`` (one all-reduce)."""
+    flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=device)
+    dist.all_reduce(flag)
+    return not float(flag)
+
+
+def _agree_on_budget(max_memory: int, device: torch.device) -> int:
+    """The smallest ``max_memory`` of all ``torch.distributed`` ranks, so
+    that every rank plans the same passes."""
+    budget = torch.tensor([float(max_memory)], dtype=torch.float64, device=device)
+    dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+    return int(budget)
 
 
 def _agree_on_data(seen: int, has_spec: bool, device: torch.device) -> None:
@@ -664,6 +870,8 @@ def match_activations(
     stream_points: str = DEFAULT_STREAM_POINTS,
     progress: bool = True,
     max_joint: int = 4096,
+    max_memory: int | None = None,
+    stats_dtype: torch.dtype | None = None,
 ) -> Permutation:
     """Find the permutation that aligns ``model_a``'s hidden units to ``model_b``'s.
 
@@ -727,6 +935,35 @@ def match_activations(
     recovers the permutation for every choice, as long as a unit that is
     constant after its nonlinearity varies before it.
 
+    Memory: per pooled statistic of ``n`` units the state is an ``(n, n)``
+    float64 matrix of cross deviations and four ``(n,)`` vectors
+    (:meth:`ActivationStats.state_bytes`: 128 MiB at ``n = 4096``), and a
+    pass shares scratch of three float64 ``(n, n)`` matrices for its widest
+    statistic (:meth:`ActivationStats.workspace_bytes`). Statistics are
+    grouped in units solved together (a group with its tie-break statistic;
+    groups nested in joint axes that share groups, such as one attention
+    layer's heads and head dims, with those axes), packed in graph order into
+    passes whose planned bytes fit ``max_memory``. One pass when everything
+    fits: the result is then bitwise that of a single pass. Otherwise each
+    pass runs both models over the same batches, only as far as its units'
+    graph nodes need, and accumulates only their statistics; a unit is
+    solved, and its statistics freed, when its pass ends. The permutation
+    equals the one-pass permutation exactly (the same statistics, merged in
+    the same order; coordinate ascent over nested groups draws the same
+    sweep orders). ``data`` must then yield the same batches on every
+    iteration: a list or a DataLoader without shuffling. Activation-sized
+    buffers (the forward passes, centred copies of one activation) come on
+    top of the planned bytes.
+
+    Precision: each batch's statistics are computed in ``stats_dtype`` (by
+    default the activations' own: float32 for a float32 model) and merged
+    across batches in float64. On a random ResNet50 with BatchNorm
+    statistics from train-mode passes (64x64 inputs, 2 batches of 8;
+    ``benchmarks/bench_matching_scale.py``), float32 batch statistics gave
+    the permutation of ``stats_dtype=torch.float64`` for 100% of its 11,456
+    units (all 37 groups identical; matched correlations within 7e-9), in
+    a quarter of the time on the CPU.
+
     Source: activation matching of Git Re-Basin (Ainsworth et al., ICLR 2023,
     Sec. 3.1; after Li et al. 2015), the method Adnan et al. (ICML 2025) align
     their masks with.
@@ -765,6 +1002,15 @@ def match_activations(
         max_joint: largest joint axis (e.g. heads x head_dim) whose full
             ``(N, N)`` statistic is kept for nested groups; larger ones are
             skipped with a warning.
+        max_memory: bytes the statistics may hold at once (see *Memory*);
+            ``None`` (default): half the memory free where they live
+            (``torch.cuda.mem_get_info`` on CUDA, the available physical
+            pages on the CPU). Under ``torch.distributed`` the smallest of
+            the ranks' budgets is used, so that all plan the same passes.
+        stats_dtype: ``torch.float32`` or ``torch.float64``: the dtype of
+            each batch's statistics before the float64 merge; ``None``
+            (default): the activations' own precision (float32 for float32,
+            float16 and bfloat16 models, float64 for float64 ones).
 
     Returns:
         A :class:`Permutation` ``pi`` with ``apply_permutation(model_a, pi)``
@@ -787,8 +1033,10 @@ def match_activations(
         under ``"euclidean"`` minus the mean squared distance of matched
         units. Groups matched on post-activations with a pre-activation
         tie-break also have ``"tied"``: the number of matched pairs that
-        lay in a tie class (decided by the tie-break). All of it is
-        JSON-serialisable.
+        lay in a tie class (decided by the tie-break). ``"passes"``: the
+        number of passes over the data; ``"stats_bytes"``: the planned peak
+        bytes of statistics of the largest pass; ``"max_memory"``: the
+        budget planned for. All of it is JSON-serialisable.
 
     Raises:
         ArgumentTypeError: (a ``TypeError``) ``model_a`` or ``model_b`` is
@@ -796,20 +1044,28 @@ def match_activations(
             iterable of batches (a tensor, a single dict, a model), ``spec``
             is not a :class:`~maskalign.spec.PermutationSpec`, ``input_fn`` is
             not callable, ``points`` is neither a str, a mapping nor callable,
-            or ``num_batches`` / ``max_joint`` is not an int.
+            ``num_batches`` / ``max_joint`` / ``max_memory`` is not an int,
+            ``stats_dtype`` is not a dtype, or ``data`` is a one-shot
+            iterator (a generator) while matching within ``max_memory``
+            takes several passes (the message says to pass a list or a
+            DataLoader).
         ArgumentValueError: (a ``ValueError``) an unknown ``cost``,
             ``points`` or ``stream_points`` (close names are suggested), a
             ``points`` mapping that names a group the spec does not have, a
             ``points`` mapping or callable that gives an unknown choice for a
-            group (named), or ``num_batches`` / ``max_joint`` below 1.
+            group (named), ``num_batches`` / ``max_joint`` / ``max_memory``
+            below 1, ``stats_dtype`` another dtype than float32 or float64,
+            or one unit of statistics alone needs more than ``max_memory``
+            (the message names its groups and the bytes they need).
         SpecMismatchError: the models differ in parameter names or shapes, sit
             on different devices, or hold their weights in different dtypes.
         SpecError: ``spec`` was not made by :func:`~maskalign.build_spec`.
         DataError: ``data`` yields no batch (under ``torch.distributed``: on
             no rank, or on a rank without ``spec``), a batch holds no tensor
             (or a list of numbers, a numpy array), a batch's inputs are not
-            those the spec was built from, or an activation is not finite (the
-            message names the graph node and the batch).
+            those the spec was built from, an activation is not finite (the
+            message names the graph node and the batch), or ``data`` yields
+            fewer or more batches in a later pass than in the first.
         TraceError: the model cannot be captured on the first batch; for a
             transformers model with ``config.use_cache=True`` whose forward
             returns a key/value cache, the message says to pass
@@ -857,45 +1113,82 @@ def match_activations(
     _check_choice(stream_points, "stream_points", STREAM_POINTS)
     _check_int(num_batches, "num_batches", 1, allow_none=True)
     _check_int(max_joint, "max_joint", 1)
+    _check_int(max_memory, "max_memory", 1, allow_none=True)
+    _check_stats_dtype(stats_dtype)
     device, dtype = _models_device_dtype(model_a, model_b)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     _check_dtypes(state_a, state_b)
     input_fn = input_fn or _default_input_fn
-    run: _Pass | None = None
-    seen = 0
-    with eval_mode(model_a, model_b), torch.no_grad():
-        for index, batch in enumerate(_batches(data, num_batches, progress)):
-            args, kwargs = pytree.tree_map(lambda x: _to_model(x, device, dtype), _split_inputs(input_fn(batch), index))
-            if run is None:
-                for model, which in ((model_a, "model_a"), (model_b, "model_b")):
-                    _check_no_cache(model, which, args, kwargs)
-                if spec is None:
-                    spec = build_spec(model_a, args, kwargs)
-                run = _Pass(spec, model_a, model_b, points, stream_points, max_joint, device)
-                run.plan.warn_skipped(max_joint)
-            flat = _arrange((args, kwargs), run.prober.reference.input_spec, index)
-            run.prober(state_a, state_b, flat, _Visitor(run.uses, run.clean, run.joint, index))
-            seen += 1
     distributed = dist.is_available() and dist.is_initialized()
-    if distributed:  # before any other collective: a rank without batches must not leave its peers waiting
-        _agree_on_data(seen, spec is not None, device)
-    if run is None:
-        if not distributed or spec is None:  # (distributed without a spec: _agree_on_data raised on every rank)
-            raise DataError(
-                "Argument 'data' yielded no batches (an exhausted iterator?); pass a list or a DataLoader with at "
-                "least one batch."
-            )
-        run = _Pass(spec, model_a, model_b, points, stream_points, max_joint, device)  # zero counts
-        run.plan.warn_skipped(max_joint)
-    for stats in (*run.clean.values(), *run.joint.values()):
-        stats.sync()
-    solved: list[Any] = [None]
-    if not distributed or dist.get_rank() == 0:
-        clean, joint = run.clean, run.joint
-        similarities = {g: st.compute(cost).cpu() for (g, k), st in clean.items() if k == PRIMARY and st.count}
-        tiebreaks = {g: st.compute(cost).cpu() for (g, k), st in clean.items() if k == TIEBREAK and st.count}
-        joint_similarities = {t: st.compute(cost).cpu() for t, st in joint.items() if st.count}
-        solved = [_solve(run.spec, similarities, joint_similarities, tiebreaks)]
+    budget = default_max_memory(device) if max_memory is None else int(max_memory)
+    if distributed:  # every rank reaches it: all plan the same passes
+        budget = _agree_on_budget(budget, device)
+    solve = not distributed or dist.get_rank() == 0
+    one_shot = isinstance(data, Iterator)
+    run: _Pass | None = None
+    first_count = 0
+    index_of_pass, passes = 0, 1
+    with eval_mode(model_a, model_b), torch.no_grad():
+        while index_of_pass < passes:
+            desc = "activation matching" if passes == 1 else f"activation matching, pass {index_of_pass + 1}/{passes}"
+            seen = 0
+            for index, batch in enumerate(_batches(data, num_batches, progress, desc)):
+                inputs = _split_inputs(input_fn(batch), index)
+                args, kwargs = pytree.tree_map(lambda x: _to_model(x, device, dtype), inputs)
+                if run is None:
+                    for model, which in ((model_a, "model_a"), (model_b, "model_b")):
+                        _check_no_cache(model, which, args, kwargs)
+                    if spec is None:
+                        spec = build_spec(model_a, args, kwargs)
+                    run = _Pass(spec, model_a, model_b, points, stream_points, max_joint, device, budget, stats_dtype)
+                    run.plan.warn_skipped(max_joint)
+                    passes = len(run.passes)
+                    _check_passes(data, one_shot and not distributed, passes, budget)
+                    run.start(0)
+                flat = _arrange((args, kwargs), run.prober.reference.input_spec, index)
+                run.visit(state_a, state_b, flat, index)
+                seen += 1
+            if index_of_pass == 0:
+                first_count = seen
+                if distributed:  # before any other collective: a rank without batches must not leave its peers waiting
+                    _agree_on_data(seen, spec is not None, device)
+                if run is None:
+                    if (
+                        not distributed or spec is None
+                    ):  # (distributed without a spec: _agree_on_data raised on every rank)
+                        raise DataError(
+                            "Argument 'data' yielded no batches (an exhausted iterator?); pass a list or a DataLoader "
+                            "with at least one batch."
+                        )
+                    run = _Pass(spec, model_a, model_b, points, stream_points, max_joint, device, budget, stats_dtype)
+                    run.plan.warn_skipped(max_joint)  # zero counts
+                    passes = len(run.passes)
+                    run.start(0)
+                if distributed and not _agree_on_pass(not (one_shot and passes > 1), device):
+                    _check_passes(data, True, passes, budget)
+                    raise ArgumentTypeError(
+                        f"Argument 'data' is a one-shot iterator on another rank but matching within max_memory="
+                        f"{budget} takes {passes} passes over the data; pass lists of batches or DataLoaders on "
+                        "every rank."
+                    )
+            else:
+                same = seen == first_count
+                if distributed:
+                    same = _agree_on_pass(same, device)
+                if not same:
+                    raise DataError(
+                        f"Argument 'data' yielded {first_count} batches in the first pass but {seen} in pass "
+                        f"{index_of_pass + 1} (on this or another rank); matching within max_memory={budget} reads "
+                        "the data once per pass, so pass a list of batches or a DataLoader that yields the same "
+                        "batches every time."
+                    )
+            assert run is not None
+            run.finish(index_of_pass, cost, solve)
+            index_of_pass += 1
+            if index_of_pass < passes:
+                run.start(index_of_pass)
+    assert run is not None
+    solved: list[Any] = [(run.indices, run.report())]
     if distributed:
         dist.broadcast_object_list(solved, src=0)
     indices, report = solved[0]
@@ -909,8 +1202,32 @@ def match_activations(
             "points": recipe,
             "stream_points": stream_points,
             "groups": report,
+            "passes": passes,
+            "stats_bytes": max(planned_bytes(units) for units in run.passes),
+            "max_memory": budget,
         },
     )
+
+
+def _check_passes(data: Any, one_shot: bool, passes: int, budget: int) -> None:
+    """Raise :class:`ArgumentTypeError` when a one-shot iterator would be read
+    ``passes > 1`` times; warn when a shuffling DataLoader would."""
+    if passes <= 1:
+        return
+    if one_shot:
+        raise ArgumentTypeError(
+            f"Argument 'data' is a one-shot iterator ({type(data).__name__}) but matching within max_memory="
+            f"{budget} ({_mib(budget)}) takes {passes} passes over the data; pass a list of batches or a DataLoader "
+            "(or a larger max_memory)."
+        )
+    if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
+        warnings.warn(
+            f"Argument 'data' is a DataLoader that shuffles, and matching within max_memory={budget} takes "
+            f"{passes} passes over it: each pass sees the samples in another order (other samples with "
+            "num_batches or drop_last), so groups of different passes see other batches; pass shuffle=False for "
+            "the one-pass result.",
+            stacklevel=4,
+        )
 
 
 class _Visitor:
@@ -934,7 +1251,7 @@ class _Visitor:
                 where = use.positions.to(value_a.device)
                 stats.update(_units(_joint(value_a, point), where), _units(_joint(value_b, point), where))
             touched.append(stats)
-        if not all(stats.is_finite() for stats in touched):
+        if not all(stats._deviations_finite() for stats in touched):
             for value, which in ((value_a, "model_a"), (value_b, "model_b")):
                 if not torch.isfinite(value).all():
                     raise DataError(
@@ -1013,13 +1330,23 @@ def _solve(
     joint: Mapping[AxisTree, Tensor],
     tiebreak: Mapping[str, Tensor] | None = None,
     max_sweeps: int = 100,
+    sweep_over: Sequence[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:
     """One LAP per group on its pooled statistic, ties broken by the group's
     ``tiebreak`` statistic (:func:`_break_ties`); then, where groups are nested
     in joint axes, block matching to start and coordinate ascent (Git Re-Basin
-    Alg. 1 applied to activations) on the total matched similarity."""
+    Alg. 1 applied to activations) on the total matched similarity.
+
+    ``sweep_over``: the groups each sweep's random order is drawn over
+    (default: the nested groups given). Solving a unit of groups that share
+    no joint axis with others (:meth:`_Plan.units`) with ``sweep_over`` all
+    nested groups of the plan, and skipping the others' steps, gives exactly
+    the assignment of one solve over every unit: a unit's steps see only its
+    own groups, in the same relative order, and once a sweep leaves a unit
+    unchanged, later sweeps leave it unchanged too."""
     perm: dict[str, Tensor] = {g: solve_lap(sim) for g, sim in clean.items()}
     nested = [g for g in spec.groups if any(g in set(groups_of(t)) for t in joint)]
+    here = set(nested)
     tied: dict[str, int] = {}
     for g, secondary in (tiebreak or {}).items():
         if g in perm and g not in nested:
@@ -1034,6 +1361,8 @@ def _solve(
 
     def total(g: str, current: Mapping[str, Tensor]) -> Tensor:
         n = spec.groups[g].size
+        if g in clean and g not in here:  # no joint axis adds to it: read only, no copy
+            return clean[g]
         out = clean[g].clone() if g in clean else torch.zeros(n, n, dtype=torch.float64)
         for tree, sim in joint.items():
             if g in set(groups_of(tree)):
@@ -1041,6 +1370,8 @@ def _solve(
         return out
 
     def step(g: str) -> bool:  # the margin scales with the similarity's largest entry
+        if g not in here:  # another unit's group: its step is taken where that unit is solved
+            return False
         sim = total(g, perm)
         idx = lap_step(sim, perm[g], scale=max(float(sim.abs().max()), 1.0))
         if idx is None:
@@ -1048,7 +1379,8 @@ def _solve(
         perm[g] = idx
         return True
 
-    coordinate_ascent(nested, step, torch.Generator().manual_seed(0), max_sweeps if nested else 0)
+    order = nested if sweep_over is None else list(sweep_over)
+    coordinate_ascent(order, step, torch.Generator().manual_seed(0), max_sweeps if nested else 0)
     identity = {g: torch.arange(spec.groups[g].size) for g in perm}
     report: dict[str, dict[str, float]] = {}
     for g in perm:

@@ -7,6 +7,7 @@ per batch, :meth:`~ActivationStats.merge` of two partial states,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,10 +16,49 @@ from torch import Tensor
 
 from ..errors import ArgumentTypeError, ArgumentValueError, DataError, _check_choice, _check_int, _describe
 
-__all__ = ["COSTS", "ActivationStats"]
+__all__ = ["COSTS", "STATS_DTYPES", "ActivationStats"]
 
 COSTS = ("correlation", "covariance", "euclidean")
 """Choices of :meth:`ActivationStats.compute` (and of ``match_activations(..., cost=...)``)."""
+
+STATS_DTYPES = (torch.float32, torch.float64)
+"""Dtypes a batch's statistics can be computed in (``stats_dtype``); the
+merged state is float64 whatever the choice."""
+
+_SQUARE_ROLES = ("cross", "cross64", "outer")
+"""Scratch buffers of ``(n, n)`` entries (:meth:`ActivationStats.workspace_bytes`
+counts them); the other roles are of the size of one activation."""
+
+
+class _Workspace:
+    """Scratch buffers reused by every update of a set of statistics (one per
+    role, grown to the largest request), so that an update of wide statistics
+    writes into memory that is already mapped instead of allocating (and
+    page-faulting) fresh ``(n, n)`` matrices per batch. Results are those of
+    fresh tensors: the same kernels write into them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        key = (role, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # free the smaller one first
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def nbytes(self, square_only: bool = False) -> int:
+        """Bytes held (``square_only``: of the ``(n, n)`` roles only)."""
+        return sum(
+            b.numel() * b.element_size()
+            for (role, _, _), b in self._buffers.items()
+            if not square_only or role in _SQUARE_ROLES
+        )
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 class ActivationStats:
@@ -35,28 +75,39 @@ class ActivationStats:
     * :meth:`compute` returns the ``(n, n)`` similarity;
     * :meth:`reset` returns to the empty state.
 
-    State, all float64 on ``device``: ``count`` (samples seen, an int),
+    State, all float64 on ``device`` whatever ``stats_dtype``: ``count`` (samples seen, an int),
     ``mean_a`` and ``mean_b`` ``(n,)``, ``m2_a`` and ``m2_b`` ``(n,)`` (sums
     of squared deviations from the mean), ``cross`` ``(n, n)`` (sum of the
     products of A's and B's deviations: ``cross[i, j] = sum_s (a_si - mean_a_i)
     (b_sj - mean_b_j)``). Partial states are combined with the parallel update
     of Chan et al. (1979), so no sum of raw squares is ever formed and large
     activation offsets do not cancel precision away. Memory is O(n^2), never
-    the activations themselves.
+    the activations themselves: :attr:`nbytes` of state
+    (:meth:`state_bytes`), plus, while updating and computing, scratch of at
+    most :meth:`workspace_bytes`.
 
     Args:
         n: the number of units (an int >= 1).
         device: where the state lives (that of the activations).
+        stats_dtype: the dtype each batch's means, deviations and cross
+            products are computed in before the float64 merge:
+            ``torch.float32`` or ``torch.float64``; ``None`` (default): the
+            activations' own precision (float32 for a float32 model, float64
+            for a float64 one, float32 for other dtypes).
 
     Raises:
-        ArgumentTypeError: ``n`` is not an int.
-        ArgumentValueError: ``n < 1``.
+        ArgumentTypeError: ``n`` is not an int, or ``stats_dtype`` is not a
+            ``torch.dtype``.
+        ArgumentValueError: ``n < 1``, or ``stats_dtype`` is another dtype.
     """
 
-    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n: int, device: torch.device | str = "cpu", stats_dtype: torch.dtype | None = None) -> None:
         _check_int(n, "n", 1)
+        _check_stats_dtype(stats_dtype)
         self.n = int(n)
         self.count = 0
+        self.stats_dtype = stats_dtype
+        self._workspace: _Workspace | None = None  # shared scratch (set by match_activations)
         kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
         self.mean_a = torch.zeros(self.n, **kw)
         self.mean_b = torch.zeros(self.n, **kw)
@@ -66,6 +117,45 @@ class ActivationStats:
 
     def __repr__(self) -> str:
         return f"ActivationStats(n={self.n}, count={self.count}, device={self.mean_a.device})"
+
+    @staticmethod
+    def state_bytes(n: int) -> int:
+        """Bytes of the state of ``n`` units: ``(n, n)`` cross deviations and
+        four ``(n,)`` vectors, all float64 (what :attr:`nbytes` counts)."""
+        return 8 * (n * n + 4 * n)
+
+    @staticmethod
+    def workspace_bytes(n: int) -> int:
+        """Bound on the scratch of ``n`` units beyond the state: three float64
+        ``(n, n)`` matrices. An update holds the batch's cross products (in
+        ``stats_dtype``), their float64 copy and the merge term; computing
+        the similarity holds it, the denominator and a mask (17 bytes per
+        entry); the assignment solver copies the similarity once or twice.
+        Scratch of the size of one activation (centred copies) comes on top."""
+        return 24 * n * n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state tensors (``numel * element_size``) as allocated."""
+        return sum(t.numel() * t.element_size() for t in (self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.cross))
+
+    def _scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self._workspace is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return self._workspace.take(role, shape, dtype, device)
+
+    def _centred(self, x: Tensor, mean: Tensor, role: str) -> Tensor:
+        """``x - mean``; into scratch when ``x`` is contiguous (a strided ``x``
+        keeps the layout ``x - mean`` gives it, and with it the order of the
+        sums over it)."""
+        if not x.is_contiguous():
+            return x - mean
+        return torch.sub(x, mean, out=self._scratch(role, tuple(x.shape), x.dtype, x.device))
+
+    def _work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.stats_dtype is not None:
+            return self.stats_dtype
+        return dtype if dtype in STATS_DTYPES else torch.float32
 
     def update(self, a: Tensor, b: Tensor) -> None:
         """Add samples of A's and B's activations.
@@ -78,9 +168,9 @@ class ActivationStats:
             b: B's activations, of the same shape.
 
         The batch's means, variances and centred cross products are computed
-        in the activations' own precision (float32 for a float32 model,
-        float64 for a float64 one; float32 for other dtypes) and merged into
-        the float64 statistics.
+        in ``stats_dtype`` (by default the activations' own precision: float32
+        for a float32 model, float64 for a float64 one; float32 for other
+        dtypes) and merged into the float64 statistics.
 
         Raises:
             ArgumentTypeError: ``a`` or ``b`` is not a tensor.
@@ -92,23 +182,32 @@ class ActivationStats:
             a, b = a[:, :, 0], b[:, :, 0]
         elif a.dim() == 3 and a.shape[0] == 1:
             a, b = a[0].T, b[0].T
-        work = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        work = self._work_dtype(a.dtype)
         a, b = a.to(work), b.to(work)
         dims = (0,) if a.dim() == 2 else (0, 2)
         m = a.numel() // a.shape[1]
+        n, device = self.n, a.device
         mean_a, mean_b = a.mean(dims), b.mean(dims)  # (torch.var_mean is ~10x slower on CPU here)
         if a.dim() == 3 and a.shape[1] <= a.shape[2]:  # units <= positions: batched products are cheap
-            centred_a, centred_b = a - mean_a[:, None], b - mean_b[:, None]
-            cross = torch.bmm(centred_a, centred_b.transpose(1, 2)).sum(0)
+            centred_a, centred_b = (
+                self._centred(a, mean_a[:, None], "centred_a"),
+                self._centred(b, mean_b[:, None], "centred_b"),
+            )
+            products = self._scratch("products", (a.shape[0], n, n), work, device)
+            torch.bmm(centred_a, centred_b.transpose(1, 2), out=products)
+            cross = torch.sum(products, 0, out=self._scratch("cross", (n, n), work, device))
         elif a.dim() == 3:  # many units, few positions: centre straight into a (n, P * Q) layout
-            centred_a, centred_b = _centred_rows(a, mean_a), _centred_rows(b, mean_b)
-            cross, dims = centred_a @ centred_b.T, (1,)
+            centred_a = _centred_rows(a, mean_a, self._scratch("centred_a", (n, m), work, device))
+            centred_b = _centred_rows(b, mean_b, self._scratch("centred_b", (n, m), work, device))
+            cross, dims = torch.matmul(centred_a, centred_b.T, out=self._scratch("cross", (n, n), work, device)), (1,)
         else:
-            centred_a, centred_b = a - mean_a, b - mean_b
-            cross = centred_a.T @ centred_b
+            centred_a, centred_b = self._centred(a, mean_a, "centred_a"), self._centred(b, mean_b, "centred_b")
+            cross = torch.matmul(centred_a.T, centred_b, out=self._scratch("cross", (n, n), work, device))
         m2_a = centred_a.square_().sum(dims).double()  # in place: the centred copies are done with
         m2_b = centred_b.square_().sum(dims).double()
-        self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross.double())
+        if cross.dtype != torch.float64:
+            cross = self._scratch("cross64", (n, n), torch.float64, device).copy_(cross)
+        self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross)
 
     def _check_batch(self, a: Any, b: Any) -> None:
         for value, argument in ((a, "a"), (b, "b")):
@@ -137,7 +236,9 @@ class ActivationStats:
         weight = self.count * m / total
         self.m2_a += m2_a + weight * da**2
         self.m2_b += m2_b + weight * db**2
-        self.cross += cross + weight * torch.outer(da, db)
+        # self.cross += cross + weight * outer(da, db), the same roundings, in one scratch matrix
+        term = torch.outer(da, db, out=self._scratch("outer", (self.n, self.n), torch.float64, da.device))
+        self.cross += term.mul_(weight).add_(cross)
         self.mean_a += da * (m / total)
         self.mean_b += db * (m / total)
         self.count = total
@@ -214,6 +315,14 @@ class ActivationStats:
         """Whether the cross-deviations and A's deviation sums are all finite."""
         return bool(torch.isfinite(self.cross).all() and torch.isfinite(self.m2_a).all())
 
+    def _deviations_finite(self) -> bool:
+        """Whether A's and B's deviation sums are finite: O(n) where
+        :meth:`is_finite` reads all ``n^2`` cross deviations. It implies them
+        finite: ``|cross[i, j]| <= sqrt(m2_a[i] * m2_b[j])`` (Cauchy-Schwarz),
+        and a non-finite activation or mean makes its unit's deviation sum
+        non-finite."""
+        return bool(torch.isfinite(self.m2_a).all() and torch.isfinite(self.m2_b).all())
+
     def compute(self, cost: str = "correlation") -> Tensor:
         """``(n, n)`` float64 similarity of A's unit i (rows) and B's unit j (columns).
 
@@ -234,11 +343,15 @@ class ActivationStats:
             return cov
         var_a, var_b = self.m2_a / self.count, self.m2_b / self.count
         if cost == "euclidean":  # E(a_i - b_j)^2 = var_i + var_j - 2 cov_ij + (mean_i - mean_j)^2
-            gap = self.mean_a[:, None] - self.mean_b[None, :]
-            return -(var_a[:, None] + var_b[None, :] - 2 * cov + gap**2)
+            out = var_a[:, None] + var_b[None, :]
+            out -= cov.mul_(2)
+            gap = torch.sub(self.mean_a[:, None], self.mean_b[None, :], out=cov)  # reuses cov's memory
+            out += gap.square_()
+            return out.neg_()
         denom = torch.outer(var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt())
         tiny = torch.finfo(torch.float64).eps * max(float(denom.max()), 1.0)
-        corr = torch.where(denom > tiny, cov / denom.clamp_min(tiny), torch.zeros_like(cov))
+        degenerate = (denom > tiny).logical_not_()  # where(denom > tiny, cov / denom, 0), in place
+        corr = cov.div_(denom.clamp_min_(tiny)).masked_fill_(degenerate, 0.0)
         return corr.clamp_(-1.0, 1.0)
 
     def similarity(self, cost: str = "correlation") -> Tensor:
@@ -246,9 +359,24 @@ class ActivationStats:
         return self.compute(cost)
 
 
-def _centred_rows(x: Tensor, mean: Tensor) -> Tensor:
+def _centred_rows(x: Tensor, mean: Tensor, out: Tensor | None = None) -> Tensor:
     """``(P, n, Q)`` activations minus their unit means, as ``(n, P * Q)`` rows,
-    written in one pass."""
-    out = torch.empty((x.shape[1], x.shape[0], x.shape[2]), dtype=x.dtype, device=x.device)
-    torch.sub(x.transpose(0, 1), mean[:, None, None], out=out)
-    return out.view(x.shape[1], -1)
+    written in one pass (into ``out``, of ``n * P * Q`` entries, if given)."""
+    shape = (x.shape[1], x.shape[0], x.shape[2])
+    target = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out.view(shape)
+    torch.sub(x.transpose(0, 1), mean[:, None, None], out=target)
+    return target.view(x.shape[1], -1)
+
+
+def _check_stats_dtype(stats_dtype: Any) -> None:
+    """Raise unless ``stats_dtype`` is ``None``, ``torch.float32`` or ``torch.float64``."""
+    if stats_dtype is None or stats_dtype in STATS_DTYPES:
+        return
+    if not isinstance(stats_dtype, torch.dtype):
+        raise ArgumentTypeError(
+            f"Argument 'stats_dtype' is {_describe(stats_dtype)}; pass torch.float32, torch.float64 or None."
+        )
+    raise ArgumentValueError(
+        f"Argument 'stats_dtype' is {stats_dtype}; pass torch.float32 or torch.float64 (or None: the "
+        "activations' own precision)."
+    )
