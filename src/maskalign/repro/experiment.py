@@ -145,6 +145,14 @@ _SPARSE = (*_IMP, "sparse_lr")
 _LMC = (*_SPARSE, *_RECIPE, "methods", "barrier_points", "bn_batches")
 _DIVERSITY = (*_SPARSE, *_RECIPE, "methods", "seeds")
 
+#: How training batches are drawn (recorded in every stage's settings): since
+#: maskalign 0.2 one global order per epoch with rank shares
+#: (:class:`~maskalign.repro.training.InMemoryData`), where 0.1 shuffled
+#: with the run's generator directly. A folder of 0.1 stages is then told
+#: apart (a StageMismatchError naming ``data_order``) instead of being
+#: resumed with stages trained in the other order.
+_DATA_ORDER = "global-epoch-order/rank-shares"
+
 _EVAL_BATCH = 512
 _MATCH_BATCH = 256
 
@@ -270,7 +278,8 @@ class _Run:
         processes with ``sync_bn`` share their stages."""
         values = self.config.to_dict()
         per_rank = {"bn_stats": f"per rank of {self.world}"} if self.per_rank_bn() else {}
-        return {**{f: values[f] for f in fields}, "data": self.fingerprint, **per_rank, **instance}
+        base = {f: values[f] for f in fields}
+        return {**base, "data": self.fingerprint, "data_order": _DATA_ORDER, **per_rank, **instance}
 
     def per_rank_bn(self) -> bool:
         """Whether training normalises BatchNorm over each rank's share
