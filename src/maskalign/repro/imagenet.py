@@ -1,9 +1,11 @@
 """The ImageNet (ILSVRC 2012) data path: an ImageFolder on disk, read by
 torchvision, streamed through ``DataLoader`` workers.
 
-Independent of the experiment (``maskalign reproduce`` does not use it yet):
-the CIFAR and digits data sets are in-memory tensors
-(:mod:`maskalign.repro.data`), which 1.28 million JPEGs are not. Needs
+``maskalign reproduce`` reads ``dataset="imagenet"`` through this module
+(:class:`ImageFolderTrainData` for training, the loaders below for the rest;
+see :mod:`maskalign.repro.experiment`): the CIFAR and digits data sets are
+in-memory tensors (:mod:`maskalign.repro.data`), which 1.28 million JPEGs are
+not. Needs
 torchvision (``pip install 'maskalign[imagenet]'``); the module imports
 without it and raises :class:`MissingDependencyError` when a function needs it.
 
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -79,6 +82,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import ArgumentValueError, DataError, MaskAlignError, MissingFileError
+from .training import Share
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -86,6 +90,7 @@ __all__ = [
     "PIP_IMAGENET",
     "EpochShuffleSampler",
     "ImageFolderData",
+    "ImageFolderTrainData",
     "MissingDependencyError",
     "ShardSampler",
     "check_layout",
@@ -351,6 +356,119 @@ def train_loader(
         generator=generator,
         **_loader_options(workers, device),
     )
+
+
+#: Training seeds drawn by :func:`maskalign.repro.training.train` are 62-bit;
+#: :class:`ImageFolderTrainData` reduces them modulo this before
+#: :func:`train_loader` multiplies by :data:`_SEED_STRIDE` (the samplers'
+#: generators take seeds below 2**63).
+_SEED_MODULUS = 2**40
+
+
+class ImageFolderTrainData:
+    """:class:`~maskalign.repro.training.TrainData` over an ImageFolder split:
+    what :func:`maskalign.repro.training.train` reads for ``dataset="imagenet"``.
+
+    Each call of :meth:`epoch` reads rank ``rank``'s loader of
+    :func:`train_loader` (per-rank batch ``batch_size / world``, the
+    transform of ``dataset``, e.g. :func:`train_transform`) through
+    :func:`epoch_batches`. Global batch ``i`` of an epoch is positions
+    ``i * batch_size .. (i + 1) * batch_size - 1`` of the epoch's seeded
+    permutation whatever ``world`` is (``DistributedSampler`` deals position
+    ``p`` to rank ``p % world``: the shares of
+    :func:`~maskalign.repro.training.share_indices`), so N ranks train on
+    one process's global batches.
+
+    The last incomplete batch: the loaders drop it, so an epoch is the
+    ``len(dataset) // batch_size`` full global batches, and ``len()`` is the
+    number of samples used, ``steps * batch_size`` (the ``TrainData``
+    contract, ``ceil(len / batch_size)`` shares per rank, then holds; the
+    padding of ``DistributedSampler`` is never reached). ``batch_size`` and
+    ``world`` are therefore fixed when the object is made, and
+    :meth:`epoch` checks them.
+
+    Augmentation randomness: with ``workers > 0`` the workers are seeded from
+    the loader's generator (the epoch seed and the rank); with ``workers ==
+    0`` the transforms draw from torch's global generator, so each batch is
+    loaded under :func:`torch.random.fork_rng` with a private state seeded
+    the same way: the run's own global random state is neither read nor
+    changed, and a resumed stage draws what an uninterrupted one does.
+
+    Raises:
+        ArgumentValueError: ``batch_size`` is not a positive multiple of
+            ``world``, or the data set holds fewer than ``batch_size`` samples.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        batch_size: int,
+        world: int = 1,
+        *,
+        workers: int = 8,
+        channels_last: bool = False,
+    ) -> None:
+        if world < 1 or batch_size < 1 or batch_size % world:
+            raise ArgumentValueError(
+                f"Argument 'batch_size' is {batch_size} for {world} rank(s); pass a positive multiple of the "
+                "number of ranks (each rank loads batch_size / world images per step)."
+            )
+        n = len(dataset)  # type: ignore[arg-type]
+        if n < batch_size:
+            raise ArgumentValueError(
+                f"Argument 'dataset' holds {n} training images, fewer than one batch of {batch_size}; "
+                "pass a smaller batch size."
+            )
+        self.dataset, self.batch_size, self.world = dataset, batch_size, world
+        self.workers, self.channels_last = workers, channels_last
+        self.steps = n // batch_size
+        self._loader: tuple[tuple[int, int, str], DataLoader[Any]] | None = None
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def _get_loader(self, seed: int, rank: int, device: torch.device) -> DataLoader[Any]:
+        key = (seed, rank, str(device))
+        if self._loader is None or self._loader[0] != key:  # one loader (persistent workers) per training run
+            self._loader = None
+            loader = train_loader(
+                self.dataset,
+                self.batch_size // self.world,
+                seed=seed,
+                rank=rank,
+                world=self.world,
+                workers=self.workers,
+                device=device,
+            )
+            self._loader = (key, loader)
+        return self._loader[1]
+
+    def epoch(
+        self, epoch: int, seed: int, batch_size: int, rank: int, world: int, device: torch.device
+    ) -> Iterator[Share]:
+        """Rank ``rank``'s :class:`~maskalign.repro.training.Share` of each
+        global batch of ``epoch``, on ``device`` (``channels_last`` when set)."""
+        if (batch_size, world) != (self.batch_size, self.world):
+            raise ArgumentValueError(
+                f"Arguments 'batch_size' and 'world' are {batch_size} and {world}, but this ImageFolderTrainData "
+                f"was made for {self.batch_size} and {self.world}; make one for these."
+            )
+        seed = seed % _SEED_MODULUS
+        loader = self._get_loader(seed, rank, device)
+        batches = itertools.islice(epoch_batches(loader, epoch), self.steps)
+        state = torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch * 7919 + rank).get_state()
+        while True:
+            if self.workers == 0:  # the transforms draw from the global generator: give them their own
+                with torch.random.fork_rng(devices=[]):
+                    torch.set_rng_state(state)
+                    batch = next(batches, None)
+                    state = torch.get_rng_state()
+            else:
+                batch = next(batches, None)
+            if batch is None:
+                return
+            images, labels = to_device(batch[0], batch[1], device, channels_last=self.channels_last)
+            yield Share(images, labels, self.batch_size)
 
 
 def epoch_batches(loader: DataLoader[Any], epoch: int) -> Iterator[Any]:

@@ -1,0 +1,121 @@
+"""``maskalign reproduce --preset imagenet-resnet50`` end to end on a tiny
+fake ImageFolder of real JPEGs (vision tier: needs torchvision; skipped
+cleanly without it). The crop side is set to 32 through
+``experiment.IMAGENET_IMAGE_SIZE`` (224 in a real run; not yet a setting)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+
+from maskalign.repro import experiment, imagenet  # noqa: E402
+from maskalign.repro.cli import main  # noqa: E402
+from maskalign.repro.presets import PRESETS  # noqa: E402
+
+CLASSES, PER_CLASS, VAL_PER_CLASS, SIZE = 3, 4, 2, 32
+TINY = [
+    "--epochs", "1", "-k", "0", "--sparsities", "0.2", "--imp-epochs", "1", "--seeds", "1",
+    "--batch-size", "4", "--barrier-points", "2", "--bn-batches", "1",
+    "--lr", "0.01", "--sparse-lr", "0.01", "--imp-lr", "0.001",  # the preset's 0.1 diverges at batch 4
+    "--device", "cpu", "--threads", "1", "--amp", "off", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _small_crop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(experiment, "IMAGENET_IMAGE_SIZE", SIZE)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("imagenet")
+    return imagenet.write_fake_imagefolder(folder, classes=CLASSES, per_class=PER_CLASS, size=SIZE, val_per_class=2)
+
+
+def _argv(root: Path, out: Path, *flags: str) -> list[str]:
+    return ["reproduce", "--preset", "imagenet-resnet50", "--data-root", str(root), *TINY, "--out", str(out), *flags]
+
+
+def _listed(out: str) -> dict[str, str]:
+    rows = [line.split() for line in out.splitlines() if line.startswith(("  reuse ", "  compute "))]
+    return {row[1]: row[0] for row in rows}
+
+
+def _manifests(out: Path) -> dict[str, bytes]:
+    stages = out / "stages"
+    return {str(p.parent.relative_to(stages)): p.read_bytes() for p in sorted(stages.rglob("manifest.json"))}
+
+
+def test_the_dry_run_lists_every_stage_and_reads_no_image(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(_argv(root, out, "--dry-run")) == 0
+    listed = _listed(capsys.readouterr().out)
+    methods = PRESETS["imagenet-resnet50"].methods
+    expected = ["dense/seed0-A", "dense/seed0-B", "imp/seed0", "match/seed0"]
+    expected += [f"sparse/seed0/k0/s0.2/{m}" for m in methods] + ["lmc/seed0", "diversity/all"]
+    assert list(listed) == expected and set(listed.values()) == {"compute"}
+    assert not out.exists()
+
+
+def test_the_preset_runs_end_to_end_and_a_rerun_reuses_every_stage(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(_argv(root, out)) == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    data = imagenet.load_imagefolder(root, image_size=SIZE)
+    assert results["preset"] == "imagenet-resnet50"
+    assert results["data_fingerprint"] == imagenet.fingerprint(data)
+    assert results["config"]["dataset"] == "imagenet" and results["config"]["model"] == "resnet50"
+    assert [(r["seed"], r["model"]) for r in results["dense"]] == [(0, "A"), (0, "B")]
+    for record in results["dense"] + results["sparse"]:
+        assert 0.0 <= record["test_acc"] <= record["test_top5"] <= 1.0  # 3 classes: top-5 is every class
+        assert record["test_top5"] == 1.0 and record["test_loss"] > 0
+    assert sorted(r["method"] for r in results["sparse"]) == sorted(PRESETS["imagenet-resnet50"].methods)
+    assert [r["sparsity"] for r in results["imp"]] == [0.2]
+    assert results["matching"][0]["recipe"]["samples"] == CLASSES * PER_CLASS  # all of them (< 10,000)
+    assert {c["pair"] for c in results["lmc"]} >= {"A-B", "pi(A)-B"}
+    assert results["diversity"] and results["shared_mask"] is None  # one seed
+    manifests = _manifests(out)
+    assert len(manifests) == 9  # dense A and B, imp, match, 3 sparse, lmc, diversity
+    for manifest in manifests.values():
+        settings = json.loads(manifest)["settings"]
+        assert settings["data"] == results["data_fingerprint"] and settings["loader_workers"] == 0
+    # a second run computes nothing: every stage is reused, byte for byte
+    assert main(_argv(root, out)) == 0
+    assert _manifests(out) == manifests
+    assert main(_argv(root, out, "--dry-run")) == 0
+    listed = _listed(capsys.readouterr().out)
+    assert set(listed) == set(manifests) and set(listed.values()) == {"reuse"}
+
+
+def test_the_training_data_gives_each_rank_its_share_of_one_global_order(root: Path) -> None:
+    """Every rank's shares of a global batch are disjoint and together are
+    the one-process batch; the last incomplete batch is dropped."""
+    data = imagenet.load_imagefolder(root, image_size=SIZE)
+    one = imagenet.ImageFolderTrainData(data.train_eval, 5, 1, workers=0)
+    assert len(one) == 10 and one.steps == 2  # 12 images, batches of 5
+    cpu = torch.device("cpu")
+    whole = [s for s in one.epoch(1, 7, 5, 0, 1, cpu)]
+    two = imagenet.ImageFolderTrainData(data.train_eval, 6, 2, workers=0)
+    single = imagenet.ImageFolderTrainData(data.train_eval, 6, 1, workers=0)
+    for epoch in (1, 2):
+        ref = list(single.epoch(epoch, 7, 6, 0, 1, cpu))
+        shares = [list(two.epoch(epoch, 7, 6, r, 2, cpu)) for r in range(2)]
+        assert len(ref) == len(shares[0]) == len(shares[1]) == 2
+        for i, batch in enumerate(ref):
+            a, b = shares[0][i], shares[1][i]
+            assert a.global_count == b.global_count == batch.global_count == 6
+            assert torch.equal(batch.inputs[0::2], a.inputs) and torch.equal(batch.inputs[1::2], b.inputs)
+            assert torch.equal(batch.targets[0::2], a.targets) and torch.equal(batch.targets[1::2], b.targets)
+    assert [s.inputs.shape[0] for s in whole] == [5, 5]
+    with pytest.raises(ValueError, match="multiple"):
+        imagenet.ImageFolderTrainData(data.train, 5, 2)
