@@ -119,3 +119,21 @@ def test_the_training_data_gives_each_rank_its_share_of_one_global_order(root: P
     assert [s.inputs.shape[0] for s in whole] == [5, 5]
     with pytest.raises(ValueError, match="multiple"):
         imagenet.ImageFolderTrainData(data.train, 5, 2)
+
+
+def test_usual_mistakes_are_one_line_before_anything_is_written(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    no_root = [a for a in _argv(root, out, "--dry-run") if a not in ("--data-root", str(root))]
+    assert main(no_root) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Data set imagenet" in err and "--data-root" in err, err
+    assert main(_argv(tmp_path / "missing", out, "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing" in err and "does not exist" in err, err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # a dry run under torchrun with 3 ranks: batch 4 does not split
+    assert main(_argv(root, out, "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Setting 'batch_size' (--batch-size) is 4 for 3 ranks" in err, err
+    assert not out.exists()
