@@ -52,8 +52,7 @@ def test_each_data_set_names_its_package_and_pip_command(
     dataset: str, module: str, words: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)
-    config = ReproduceConfig()
-    object.__setattr__(config, "dataset", dataset)  # mnist5k is not a ReproduceConfig data set (yet)
+    config = ReproduceConfig(dataset=dataset)
     with pytest.raises(ImportError, match="^The " + dataset) as caught:
         cli._check_dependencies(config, say=False)
     assert words in str(caught.value) and "\n" not in str(caught.value)

@@ -36,7 +36,16 @@ from typing import Any
 from ..errors import ArgumentTypeError, ConfigError, UnknownPresetError, _did_you_mean
 from ..matching.activation import DEFAULT_POINTS, DEFAULT_STREAM_POINTS, POINTS, STREAM_POINTS
 
-__all__ = ["AMP_MODES", "METHODS", "PRESETS", "PRESET_SOURCES", "ReproduceConfig", "get_preset", "preset_names"]
+__all__ = [
+    "AMP_MODES",
+    "DATASETS",
+    "METHODS",
+    "PRESETS",
+    "PRESET_SOURCES",
+    "ReproduceConfig",
+    "get_preset",
+    "preset_names",
+]
 
 #: Sparse-training methods: LTH (A_k, m_A), naive (B_k, m_A), permuted
 #: (B_k, pi(m_A)) and random (B_k, a random mask with m_A's per-layer density).
@@ -48,7 +57,9 @@ _TABLE1_SPARSITY = 0.9
 #: Mixed-precision modes of ``ReproduceConfig.amp`` (CUDA only).
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 
-_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagenet")
+#: The data sets a run can use (``--dataset``); see :mod:`maskalign.repro.data`
+#: and :mod:`maskalign.repro.imagenet`.
+DATASETS: tuple[str, ...] = ("digits", "mnist5k", "cifar10", "cifar100", "imagenet")
 _MODELS: tuple[str, ...] = ("mlp", "resnet20", "resnet50", "vgg11")
 
 
@@ -187,10 +198,10 @@ class ReproduceConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ConfigError(f"{_flag(name)} is {value!r}; pass a finite number.")
-        if self.dataset not in _DATASETS:
+        if self.dataset not in DATASETS:
             raise ConfigError(
-                f"{_flag('dataset')} is {self.dataset!r}; pass one of {list(_DATASETS)}."
-                f"{_did_you_mean(self.dataset, _DATASETS)}"
+                f"{_flag('dataset')} is {self.dataset!r}; pass one of {list(DATASETS)}."
+                f"{_did_you_mean(self.dataset, DATASETS)}"
             )
         if self.model not in _MODELS:
             raise ConfigError(
