@@ -17,11 +17,11 @@ Then, on the same matrix in one run:
 * ``maskalign.matching.lap.solve_lap(C)`` (solver="auto": what the library
   does by default, choice and checks included).
 
-Times are the best of ``--repeats`` (1 repeat for n >= 8192). Columns: each
+Times are the best of ``--repeats`` (1 call for n >= ``--single-from``, 16384). Columns: each
 time, scipy / lapjv, scipy / solve_lap, whether lapjv's assignment is the same
 as scipy's, and lapjv's objective (the sum of the chosen similarities, summed
 exactly with ``math.fsum``) minus scipy's. ``mutual`` is the fraction of
-columns whose best row has that column as its best column, the statistic
+rows that are the best row of their own best column, the statistic
 ``solve_lap`` uses to choose.
 
 Run: ``python benchmarks/bench_lap.py`` (``--sizes 1024,2048 --signals 0.6`` for a short run).
@@ -118,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1024,2048,4096,8192,16384", help="comma-separated n (default %(default)s)")
     parser.add_argument("--signals", default="0.6,0", help="comma-separated s of B = A[:, perm] * s + noise")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many calls (1 for n >= 8192)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many calls (default %(default)s)")
+    parser.add_argument("--single-from", type=int, default=16384, help="one call for n >= this (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -135,7 +136,10 @@ def main() -> None:
         f"lapx {lap.__version__}, maskalign {maskalign.__version__}; {datetime.date.today().isoformat()}; "
         f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"dense float64 correlation matrices, 2n samples, seed {args.seed}; best of {args.repeats} (1 for n >= 8192)")
+    print(
+        f"dense float64 correlation matrices, 2n samples, seed {args.seed}; "
+        f"best of {args.repeats} (1 for n >= {args.single_from})"
+    )
     print()
     print(
         "| n | signal | mutual | scipy s | lapjv s | solve_lap s (chose) | scipy/lapjv | scipy/solve_lap "
@@ -144,7 +148,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         for signal in signals:
-            print(measure(n, signal, args.seed + n, 1 if n >= 8192 else args.repeats), flush=True)
+            print(measure(n, signal, args.seed + n, 1 if n >= args.single_from else args.repeats), flush=True)
 
 
 def measure(n: int, signal: float, seed: int, repeats: int) -> str:

@@ -22,9 +22,9 @@ SOLVERS: tuple[str, ...] = ("auto", "scipy", "lapjv")
 _LAPJV_MIN_SIZE = 64
 # ... and only when at least this fraction of the rows' best columns have that
 # row as their best row too (a matching is visible in the matrix). There LAPJV's
-# reductions settle most rows at once and it was 3-7x faster than scipy; on
+# reductions settle most rows at once and it was 2.5-7x faster than scipy; on
 # matrices without one (mutual fraction ~0.5 for noise, ~0.05 for low-rank) it
-# was 1.1-10x slower (benchmarks/bench_lap.py and its notes in benchmarks/README.md).
+# was 1.5-10x slower (benchmarks/bench_lap.py; "LAP solvers" in benchmarks/README.md).
 _LAPJV_MIN_MUTUAL = 0.7
 # Entries sampled to detect quantised (tie-prone) matrices.
 _SAMPLE = 4096
@@ -47,11 +47,14 @@ def solve_lap(similarity: Tensor | np.ndarray, solver: Solver = "auto") -> Tenso
 
     * LAPJV needs lapx installed, ``n >= 64``, and a visible matching: at least
       70% of the rows are the best row of their own best column. On dense
-      correlation matrices with a planted matching (``benchmarks/bench_lap.py``,
-      2 cores) LAPJV was 3-7x faster than scipy for n = 1024-16384 (see the
-      "LAP solvers" tables); on matrices without such structure (pure noise
-      correlations, Gaussian or low-rank matrices) it was 1.1-10x slower, and
-      those stay with scipy.
+      float64 correlation matrices with a planted matching
+      (``benchmarks/bench_lap.py``, 2 shared cores, best of 3) LAPJV was
+      2.5-3.4x faster than scipy for n = 1024-8192, and ``solve_lap`` with its
+      checks 1.5-2.7x; at n = 16384 (one call each, heavy load) ``solve_lap``
+      was 3.0x faster, while the timings of the 2 GiB copies varied by up
+      to 5x (the "LAP solvers" tables in docs/benchmarks.md). On matrices
+      without such structure (noise correlations, Gaussian or low-rank
+      matrices) LAPJV was 1.5-10x slower, and those stay with scipy.
     * Tie-prone matrices stay with scipy: two identical rows or columns (dead
       units), a symmetric matrix, integer-valued or quantised entries (many
       repeats among 4096 sampled entries).
