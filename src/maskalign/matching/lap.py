@@ -171,12 +171,14 @@ def _solve_scipy(matrix: np.ndarray) -> np.ndarray:
 
 
 def _solve_lapjv(matrix: np.ndarray) -> np.ndarray | None:
-    """LAPJV's ``idx``, or None when its answer is not a permutation."""
+    """LAPJV's ``idx``, or None (the caller then uses scipy) when its answer
+    is not a permutation or lapx is not importable."""
     n = matrix.shape[0]
     if n <= 1:
         return np.zeros(n, dtype=np.int64)
     lap = _lapx()
-    assert lap is not None
+    if lap is None:
+        return None
     _, _, rows = lap.lapjv(np.negative(matrix), extend_cost=False)
     idx = np.asarray(rows, dtype=np.int64)
     if idx.shape != (n,) or idx.min() < 0 or np.bincount(idx, minlength=n).max() != 1:
