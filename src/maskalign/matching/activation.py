@@ -642,23 +642,47 @@ def planned_bytes(units: Sequence[_Unit]) -> int:
     return sum(ActivationStats.state_bytes(n) for n in sizes) + ActivationStats.workspace_bytes(max(sizes))
 
 
+RESERVE = 8
+"""Statistics are planned within ``max_memory - max_memory // RESERVE``: an
+eighth of the budget is left for what the plan does not count (the forward
+passes' values, scratch of the size of one activation, allocator slack)."""
+
+
+def usable_bytes(max_memory: int) -> int:
+    """The part of ``max_memory`` the planned statistics may fill."""
+    return max_memory - max_memory // RESERVE
+
+
+def needed_budget(planned: int) -> int:
+    """The smallest ``max_memory`` whose :func:`usable_bytes` hold ``planned``."""
+    budget = planned + planned // (RESERVE - 1)
+    while usable_bytes(budget) < planned:
+        budget += 1
+    while budget > 1 and usable_bytes(budget - 1) >= planned:
+        budget -= 1
+    return budget
+
+
 def plan_passes(units: Sequence[_Unit], max_memory: int) -> list[list[_Unit]]:
     """``units`` (in graph order) packed into consecutive passes whose
-    :func:`planned_bytes` are at most ``max_memory``: one pass when all fit.
+    :func:`planned_bytes` are at most :func:`usable_bytes` of ``max_memory``:
+    one pass when all fit.
 
     Raises:
-        ArgumentValueError: one unit alone needs more than ``max_memory``
-            (its groups named, with the bytes it needs).
+        ArgumentValueError: one unit alone needs more (its groups named,
+            with the bytes it needs and the ``max_memory`` that holds them).
     """
+    usable = usable_bytes(max_memory)
     passes: list[list[_Unit]] = [[]]
     for unit in units:
         need = planned_bytes([unit])
-        if need > max_memory:
+        if need > usable:
             raise ArgumentValueError(
                 f"{unit.describe()} {need} bytes of statistics ({_mib(need)}), more than max_memory={max_memory} "
-                f"({_mib(max_memory)}); pass max_memory={need} or more, or leave it out (half the free memory)."
+                f"({_mib(max_memory)}) leaves them (7/8 of it); pass max_memory={needed_budget(need)} or more, or "
+                "leave it out (half the free memory)."
             )
-        if passes[-1] and planned_bytes([*passes[-1], unit]) > max_memory:
+        if passes[-1] and planned_bytes([*passes[-1], unit]) > usable:
             passes.append([])
         passes[-1].append(unit)
     return passes
@@ -943,8 +967,9 @@ def match_activations(
     grouped in units solved together (a group with its tie-break statistic;
     groups nested in joint axes that share groups, such as one attention
     layer's heads and head dims, with those axes), packed in graph order into
-    passes whose planned bytes fit ``max_memory``. One pass when everything
-    fits: the result is then bitwise that of a single pass. Otherwise each
+    passes whose planned bytes fit 7/8 of ``max_memory`` (the rest is left
+    for the forward passes and scratch of the size of one activation). One
+    pass when everything fits: the result is then bitwise that of a single pass. Otherwise each
     pass runs both models over the same batches, only as far as its units'
     graph nodes need, and accumulates only their statistics; a unit is
     solved, and its statistics freed, when its pass ends. The permutation
@@ -1286,9 +1311,18 @@ def _block_relaxation(tree: AxisTree, similarity: Tensor, group: str, max_block:
 
 def _tie_classes(similarity: Tensor) -> list[Tensor]:
     """Indices of the rows of ``similarity`` that are exactly equal, per class
-    of more than one row (``-0.0`` and ``0.0`` count as equal)."""
-    _, inverse, counts = torch.unique(similarity + 0.0, dim=0, return_inverse=True, return_counts=True)
-    return [torch.nonzero(inverse == c).flatten() for c in torch.nonzero(counts > 1).flatten().tolist()]
+    of more than one row, each in ascending order (``-0.0`` and ``0.0`` count
+    as equal). Rows are first told apart by their (exact) maximum and
+    minimum; only rows that share both are compared in full, so that no copy
+    of the whole matrix is made unless most rows look alike."""
+    signature = torch.stack([similarity.amax(1) + 0.0, similarity.amin(1) + 0.0], 1)
+    _, family, sizes = torch.unique(signature, dim=0, return_inverse=True, return_counts=True)
+    classes: list[Tensor] = []
+    for f in torch.nonzero(sizes > 1).flatten().tolist():
+        rows = torch.nonzero(family == f).flatten()
+        _, inverse, counts = torch.unique(similarity[rows] + 0.0, dim=0, return_inverse=True, return_counts=True)
+        classes += [rows[inverse == c] for c in torch.nonzero(counts > 1).flatten().tolist()]
+    return classes
 
 
 def _break_ties(primary: Tensor, secondary: Tensor, idx: Tensor) -> tuple[Tensor, int]:
