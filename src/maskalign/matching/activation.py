@@ -983,11 +983,11 @@ def match_activations(
     Precision: each batch's statistics are computed in ``stats_dtype`` (by
     default the activations' own: float32 for a float32 model) and merged
     across batches in float64. On a random ResNet50 with BatchNorm
-    statistics from train-mode passes (64x64 inputs, 2 batches of 8;
+    statistics from train-mode passes (64x64 inputs, 4 batches of 32;
     ``benchmarks/bench_matching_scale.py``), float32 batch statistics gave
     the permutation of ``stats_dtype=torch.float64`` for 100% of its 11,456
-    units (all 37 groups identical; matched correlations within 7e-9), in
-    a quarter of the time on the CPU.
+    units (all 37 groups identical; matched correlations within 4e-9), in
+    a seventh of the time on the CPU.
 
     Source: activation matching of Git Re-Basin (Ainsworth et al., ICLR 2023,
     Sec. 3.1; after Li et al. 2015), the method Adnan et al. (ICML 2025) align
