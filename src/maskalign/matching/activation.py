@@ -569,8 +569,8 @@ class _Plan:
         tie-break statistics), and one per set of groups nested in joint axes
         that share groups (e.g. one attention layer's heads and head dims, with
         its joint axes and those groups' own pooled statistics)."""
-        assert spec.captured is not None
-        order = {node.name: i for i, node in enumerate(spec.captured.flat_graph.nodes)}
+        nodes: Iterable[Any] = spec.captured.flat_graph.nodes if spec.captured else ()
+        order = {node.name: i for i, node in enumerate(nodes)}
         parent: dict[str, str] = {}
 
         def root(group: str) -> str:
@@ -592,12 +592,12 @@ class _Plan:
             unit = unit_of(key[0])
             unit.clean.append(key)
             unit.sizes.append(spec.groups[key[0]].size)
-            unit.last = max([unit.last, *(order[p.node] for p, _ in uses)])
+            unit.last = max([unit.last, *(order.get(p.node, -1) for p, _ in uses)])
         for tree, points in self.joint.items():
             unit = unit_of(next(groups_of(tree)))
             unit.joint.append(tree)
             unit.sizes.append(tree_size(tree))
-            unit.last = max([unit.last, *(order[p.node] for p in points)])
+            unit.last = max([unit.last, *(order.get(p.node, -1) for p in points)])
         for unit in units.values():
             members = {key[0] for key in unit.clean} | {g for tree in unit.joint for g in groups_of(tree)}
             unit.groups = [g for g in spec.groups if g in members]
@@ -1207,12 +1207,14 @@ def match_activations(
                         "the data once per pass, so pass a list of batches or a DataLoader that yields the same "
                         "batches every time."
                     )
-            assert run is not None
+            if run is None:  # (unreachable: the first pass set it up or raised)
+                raise DataError("Argument 'data' yielded no batches; pass a list or a DataLoader with batches.")
             run.finish(index_of_pass, cost, solve)
             index_of_pass += 1
             if index_of_pass < passes:
                 run.start(index_of_pass)
-    assert run is not None
+    if run is None:  # (unreachable, as above)
+        raise DataError("Argument 'data' yielded no batches; pass a list or a DataLoader with batches.")
     solved: list[Any] = [(run.indices, run.report())]
     if distributed:
         dist.broadcast_object_list(solved, src=0)
