@@ -18,7 +18,7 @@ recipe, so the standard ImageNet recipe fills the rest; every value's source
 is in :data:`PRESET_SOURCES`. Its data path is :mod:`maskalign.repro.imagenet`.
 
 The ``digits`` preset (the default) runs the same protocol at small scale on
-scikit-learn's bundled 8x8 digits with an MLP, in about a minute and a half
+scikit-learn's bundled 8x8 digits with an MLP, in about 90 seconds
 on 2 CPU cores. ``digits-quick`` runs every stage of it in a few seconds
 (2 seeds, 4 epochs, two sparsities, a narrow MLP): a check that the
 pipeline works on a machine, whose numbers mean little.
