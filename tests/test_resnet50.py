@@ -98,6 +98,7 @@ def test_build_model_resnet50() -> None:
         ResNet50(width=0)
 
 
+@pytest.mark.slow  # ResNet50 in float64, eval and train mode
 def test_resnet50_random_permutation_keeps_the_function_wrong_one_moves_it() -> None:
     model = randomize(ResNet50(num_classes=10), seed=3)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

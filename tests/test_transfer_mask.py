@@ -40,6 +40,7 @@ def test_a_planted_relabelling_is_undone(method: str) -> None:
         assert torch.equal(kept_a, kept_b)
 
 
+@pytest.mark.slow  # five matchings of a ResNet20
 def test_equals_the_three_steps_on_a_trained_like_resnet() -> None:
     torch.manual_seed(1)
     model_a, model_b = randomize(ResNet20(width=1), seed=1), randomize(ResNet20(width=1), seed=2)
