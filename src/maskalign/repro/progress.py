@@ -141,10 +141,10 @@ class RunProgress:
         self.reused_count = len(reused)
         self._next_line = self._step(self.finished)
         head = f"{self.total} stages: {self.total - self.reused_count} to compute, {self.reused_count} reused"
+        self._write(head)
         if self.interactive:
             from tqdm.auto import tqdm
 
-            self._write(head)
             self._bar = tqdm(
                 total=self.total,
                 initial=self.finished,
@@ -153,8 +153,6 @@ class RunProgress:
                 dynamic_ncols=True,
                 bar_format="{n}/{total} stages |{bar:16}| {elapsed}<{remaining}  {desc}",
             )
-        else:
-            self._write(head)
 
     def reused(self, stage: str, key: str, words: str) -> None:
         """A stage loaded from the output folder: counted once, as reused."""

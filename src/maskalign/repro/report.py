@@ -115,15 +115,11 @@ def _recipe_words(config: dict[str, Any]) -> str:
     return f"Permutation: activation matching (correlation) of {where}; residual streams on {streams}."
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    """The whole ``results.md``: accuracy by rewind point (Tables 3-5 of the
-    workshop paper), IMP accuracy, LMC barriers, ensemble diversity over seeds
-    at the largest rewind point, and the shared-mask protocol's diversity laid
-    out like the ICML paper's Table 1."""
+def _accuracy_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """The opening of ``results.md``: heading, settings, dense accuracy and
+    the test-accuracy table by rewind point (``summary``: :func:`summarize`)."""
     config = results["config"]
-    summary = summarize(results)
     ks = config["rewind_epochs"]
-    seeds = config["seeds"]
     preset = results.get("preset") or "custom settings"
     width = f"x{config['width']}" if config["model"] != "mlp" else f" {config['hidden']}"
     lines = [
@@ -133,7 +129,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         f"Dense test accuracy (A and B, all seeds): {_fmt(summary['dense'])} %.",
         "",
-        f"## Test accuracy (%) by rewind point k, mean +- std over {seeds} seed(s)",
+        f"## Test accuracy (%) by rewind point k, mean +- std over {config['seeds']} seed(s)",
         "",
         "LTH: A_k with m_A; naive: B_k with m_A; perm.: B_k with pi(m_A); random: B_k with a random mask "
         "of m_A's per-layer density; each trained for T - k epochs.",
@@ -145,6 +141,26 @@ def markdown_table(results: dict[str, Any]) -> str:
         for i, (method, row) in enumerate(methods.items()):
             cells = " | ".join(_fmt(row.get(k)) for k in ks)
             lines.append(f"| {f'{100 * target:g}%' if i == 0 else ''} | {_LABELS[method]} | {cells} |")
+    return lines
+
+
+def _dense_barriers(summary: dict[str, Any]) -> tuple[str, str]:
+    """The dense A-B loss barrier before and after matching, formatted (nats)."""
+    return _fmt(summary["barrier"].get(("A-B", None, None)), 4), _fmt(
+        summary["barrier"].get(("pi(A)-B", None, None)), 4
+    )
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The whole ``results.md``: accuracy by rewind point (Tables 3-5 of the
+    workshop paper), IMP accuracy, LMC barriers, ensemble diversity over seeds
+    at the largest rewind point, and the shared-mask protocol's diversity laid
+    out like the ICML paper's Table 1."""
+    config = results["config"]
+    summary = summarize(results)
+    ks = config["rewind_epochs"]
+    before, after = _dense_barriers(summary)
+    lines = _accuracy_section(results, summary)
     lines += [
         "",
         "## IMP (the pruned solution w_A^T * m_A), test accuracy (%)",
@@ -155,8 +171,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         "## Linear mode connectivity: test-loss barrier (nats), mean +- std over seeds",
         "",
-        f"Dense A-B before matching: {_fmt(summary['barrier'].get(('A-B', None, None)), 4)}; "
-        f"after activation matching, pi(A)-B: {_fmt(summary['barrier'].get(('pi(A)-B', None, None)), 4)}.",
+        f"Dense A-B before matching: {before}; after activation matching, pi(A)-B: {after}.",
         "",
         "Between sparse solutions (effective weights w * m interpolated; LTH mapped to B's units by pi):",
         "",
@@ -173,15 +188,14 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def brief_summary(results: dict[str, Any]) -> str:
-    """What ``maskalign reproduce`` prints at the end of a run: the start of
-    :func:`markdown_table` (heading, settings, dense accuracy and the
+    """What ``maskalign reproduce`` prints at the end of a run: the opening
+    of :func:`markdown_table` (heading, settings, dense accuracy and the
     accuracy table by rewind point, in %) and the dense loss barrier (nats)
     before and after matching. The IMP, sparse-barrier and diversity tables
     are in ``results.md`` only."""
     summary = summarize(results)
-    head = markdown_table(results).split("\n## IMP", 1)[0].rstrip()
-    before = _fmt(summary["barrier"].get(("A-B", None, None)), 4)
-    after = _fmt(summary["barrier"].get(("pi(A)-B", None, None)), 4)
+    before, after = _dense_barriers(summary)
+    head = "\n".join(_accuracy_section(results, summary))
     return f"{head}\n\nLoss barrier between dense A and B (nats): {before} before matching, {after} after (pi(A)-B)."
 
 
