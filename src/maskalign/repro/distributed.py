@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MaskAlignError
 
 __all__ = [
     "RankDivergenceError",
@@ -56,9 +56,13 @@ T = TypeVar("T")
 TIMEOUT = timedelta(hours=6)
 
 
-class RankDivergenceError(RuntimeError):
+class RankDivergenceError(MaskAlignError, RuntimeError):
     """Ranks that must hold the same value (a mask, a permutation) do not:
-    a bug, never a user error. Raised on every rank, naming the ranks."""
+    a bug, never a user error. Raised on every rank, naming the ranks; the
+    link points to how a distributed run is laid out. Also a
+    :class:`RuntimeError`."""
+
+    docs_page = "how-to/distributed/"
 
 
 def env_world_size() -> int:
