@@ -1,7 +1,7 @@
 """``maskalign reproduce --preset imagenet-resnet50`` end to end on a tiny
 fake ImageFolder of real JPEGs (vision tier: needs torchvision; skipped
 cleanly without it). The crop side is set to 32 through
-``experiment.IMAGENET_IMAGE_SIZE`` (224 in a real run; not yet a setting)."""
+``rundata.IMAGENET_IMAGE_SIZE`` (224 in a real run; not yet a setting)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("torchvision")
 
-from maskalign.repro import experiment, imagenet  # noqa: E402
+from maskalign.repro import imagenet, rundata  # noqa: E402
 from maskalign.repro.cli import main  # noqa: E402
 from maskalign.repro.presets import PRESETS  # noqa: E402
 
@@ -28,7 +28,7 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _small_crop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experiment, "IMAGENET_IMAGE_SIZE", SIZE)
+    monkeypatch.setattr(rundata, "IMAGENET_IMAGE_SIZE", SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,242 @@
+"""The data of a reproduce run, as its stages read it.
+
+One small interface, :class:`RunData`, with two implementations: the
+in-memory data sets of :mod:`maskalign.repro.data` held on the device
+(:class:`MemoryData`), and an ImageFolder streamed by
+:mod:`maskalign.repro.imagenet` (:class:`ImageFolderRunData`,
+``dataset="imagenet"``). :func:`load_run_data` picks one for a config.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from ..errors import ConfigError, DataError
+from ..evaluation.lmc import evaluate
+from . import distributed, imagenet
+from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
+from .presets import ReproduceConfig
+from .training import TrainData, batches
+
+__all__ = [
+    "EVAL_BATCH",
+    "IMAGENET_IMAGE_SIZE",
+    "MATCH_BATCH",
+    "ImageFolderRunData",
+    "MemoryData",
+    "RunData",
+    "load_run_data",
+]
+
+EVAL_BATCH = 512
+MATCH_BATCH = 256
+
+#: The crop side of ``dataset="imagenet"`` (the standard 224; not yet a
+#: :class:`ReproduceConfig` setting, see ``PRESET_SOURCES``). It is part of
+#: the data fingerprint (:func:`~maskalign.repro.imagenet.fingerprint`), so
+#: stages at another size are not reused; the tests set it smaller.
+IMAGENET_IMAGE_SIZE = 224
+
+#: Training samples of the matching subset of ``dataset="imagenet"``
+#: (:func:`~maskalign.repro.imagenet.match_subset`, seed 0; all of them when
+#: there are fewer): "a small subset of the training dataset" (paper), 10,000
+#: assumed (``PRESET_SOURCES["imagenet-resnet50"]["match_samples"]``).
+IMAGENET_MATCH_SAMPLES = 10_000
+
+#: ``DataLoader`` workers of ``dataset="imagenet"`` on CUDA (on the CPU the
+#: images load in the main process: the CPU is busy training).
+IMAGENET_WORKERS = 8
+
+
+class RunData(Protocol):
+    """The data of a run as the stages read it (:class:`MemoryData`,
+    :class:`ImageFolderRunData`).
+
+    ``train`` goes to :func:`~maskalign.repro.training.train` (a
+    ``TensorDataset`` or a :class:`~maskalign.repro.training.TrainData`);
+    ``targets``: the test labels (CPU, in :meth:`test_batches` order);
+    ``match_samples``: how many samples :meth:`match_batches` holds over all
+    ranks; ``channels_last``: models and batches in ``channels_last``;
+    :meth:`settings`: what every stage's settings record besides the config
+    and the fingerprint (nothing for in-memory data)."""
+
+    train: TensorDataset | TrainData
+    fingerprint: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    channels_last: bool
+    targets: Tensor
+    match_samples: int
+
+    def example_inputs(self) -> Tensor:
+        """Two training inputs on the device (for :func:`build_spec`)."""
+        ...
+
+    def test_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """The test set as ``(inputs, targets)`` batches on the device, re-iterable, in a fixed order."""
+        ...
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        """``test_loss`` (mean nats), ``test_acc`` (fraction) and any other test metric."""
+        ...
+
+    def match_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """This rank's share of the activation-matching batches, re-iterable."""
+        ...
+
+    def bn_batches(self, n: int, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+        """``n`` training batches of ``batch_size`` (fixed, without
+        augmentation) to re-estimate BatchNorm statistics, re-iterable."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """Settings every stage records besides the config and the fingerprint."""
+        ...
+
+
+class MemoryData:
+    """:class:`RunData` of in-memory :class:`DatasetSplits` (already on the
+    device): the test set held as a list of batches, matching on the
+    training set in order (batches of ``MATCH_BATCH``, every
+    ``world``-th batch from ``rank`` on each rank), BatchNorm on the first
+    training batches."""
+
+    channels_last = False
+
+    def __init__(self, splits: DatasetSplits, device: torch.device, fingerprint: str) -> None:
+        self.splits, self.device, self.fingerprint = splits, device, fingerprint
+        self.train: TensorDataset | TrainData = splits.train
+        self.num_classes, self.in_channels, self.image_size = splits.num_classes, splits.in_channels, splits.image_size
+        self.test_data = list(batches(splits.test, EVAL_BATCH, device=device))
+        self.targets = splits.test.tensors[1].cpu()
+        self.match_samples = len(splits.train)
+
+    def example_inputs(self) -> Tensor:
+        return self.splits.train.tensors[0][:2].to(self.device)
+
+    def test_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        return self.test_data
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        loss, acc = evaluate(model, self.test_data)
+        return {"test_loss": loss, "test_acc": acc}
+
+    def match_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        data = list(batches(self.splits.train, MATCH_BATCH, device=self.device))
+        return data[distributed.rank() :: distributed.world_size()]
+
+    def bn_batches(self, n: int, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+        return list(itertools.islice(batches(self.splits.train, batch_size, device=self.device), n))
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+
+class LoaderBatches:
+    """A re-iterable view of a ``DataLoader``: each pass moves the batches
+    to the device (:func:`~maskalign.repro.imagenet.to_device`), at most
+    ``limit`` of them."""
+
+    def __init__(self, loader: Any, device: torch.device, channels_last: bool, limit: int | None = None) -> None:
+        self.loader, self.device, self.channels_last, self.limit = loader, device, channels_last, limit
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for inputs, targets in itertools.islice(self.loader, self.limit):
+            yield imagenet.to_device(inputs, targets, self.device, channels_last=self.channels_last)
+
+
+class ImageFolderRunData:
+    """:class:`RunData` of an ImageFolder (``dataset="imagenet"``,
+    :mod:`maskalign.repro.imagenet`), streamed: training through
+    :class:`~maskalign.repro.imagenet.ImageFolderTrainData` (the last
+    incomplete global batch of an epoch dropped), the ``val`` split through
+    :func:`~maskalign.repro.imagenet.eval_loader` at every evaluation
+    (never held; every rank evaluates the whole split), matching and
+    BatchNorm re-estimation on :func:`~maskalign.repro.imagenet.match_subset`
+    (eval transform; for matching each rank reads every ``world``-th sample
+    of it); on CUDA the models and batches are ``channels_last``. Test
+    metrics add ``test_top5`` (the paper's Figure 7 metric). Images are read
+    only when a stage needs them (a dry run reads the file list and sizes)."""
+
+    def __init__(self, config: ReproduceConfig, device: torch.device, world: int) -> None:
+        if config.data_root is None:
+            raise DataError(
+                "Data set imagenet is read from a local folder and cannot be downloaded at run time; pass its "
+                "location with --data-root (the folder holding train/<class>/ and val/<class>/)."
+            )
+        if config.batch_size % world:
+            raise ConfigError(
+                f"Setting 'batch_size' (--batch-size) is {config.batch_size} for {world} ranks; pass a multiple "
+                "of the number of ranks (each loads batch_size / ranks images per step)."
+            )
+        self.device = device
+        self.data = imagenet.load_imagefolder(config.data_root, image_size=IMAGENET_IMAGE_SIZE, name=config.dataset)
+        self.fingerprint = imagenet.fingerprint(self.data)
+        self.num_classes, self.in_channels = self.data.num_classes, self.data.in_channels
+        self.image_size = self.data.image_size
+        self.channels_last = device.type == "cuda"
+        self.workers = IMAGENET_WORKERS if device.type == "cuda" else 0
+        self.train: TensorDataset | TrainData = imagenet.ImageFolderTrainData(
+            self.data.train, config.batch_size, world, workers=self.workers, channels_last=self.channels_last
+        )
+        self.targets = torch.tensor(self.data.test.targets, dtype=torch.long)  # type: ignore[attr-defined]
+        self.match_samples = min(IMAGENET_MATCH_SAMPLES, len(self.data.train_eval))  # type: ignore[arg-type]
+        self._test: LoaderBatches | None = None
+
+    def _loader(self, dataset: Any, batch_size: int, rank: int = 0, world: int = 1) -> Any:
+        return imagenet.eval_loader(
+            dataset, batch_size, rank=rank, world=world, workers=self.workers, device=self.device
+        )
+
+    def example_inputs(self) -> Tensor:
+        return torch.stack([self.data.train_eval[i][0] for i in range(2)]).to(self.device)
+
+    def test_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        if self._test is None:  # one loader (persistent workers) for every evaluation
+            self._test = LoaderBatches(self._loader(self.data.test, EVAL_BATCH), self.device, self.channels_last)
+        return self._test
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        loss, top1, top5, count = 0.0, 0, 0, 0
+        for inputs, targets in self.test_batches():
+            out = model(inputs)
+            loss += float(torch.nn.functional.cross_entropy(out.float(), targets, reduction="sum"))
+            hits = imagenet.topk_correct(out, targets, (1, 5))
+            top1, top5, count = top1 + hits[0], top5 + hits[1], count + targets.shape[0]
+        model.train(was_training)
+        return {"test_loss": loss / count, "test_acc": top1 / count, "test_top5": top5 / count}
+
+    def match_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        subset = imagenet.match_subset(self.data, self.match_samples, seed=0)
+        loader = self._loader(subset, MATCH_BATCH, distributed.rank(), distributed.world_size())
+        return LoaderBatches(loader, self.device, self.channels_last)
+
+    def bn_batches(self, n: int, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+        subset = imagenet.match_subset(self.data, self.match_samples, seed=0)
+        return LoaderBatches(self._loader(subset, batch_size), self.device, self.channels_last, limit=n)
+
+    def settings(self) -> dict[str, Any]:
+        # the loader workers seed the random crops (reproducible with the same number of workers)
+        return {"match_samples": self.match_samples, "loader_workers": self.workers}
+
+
+def load_run_data(
+    config: ReproduceConfig, splits: DatasetSplits | None, device: torch.device, world: int
+) -> MemoryData | ImageFolderRunData:
+    """The data of a run: ``splits`` (or ``config.dataset``'s in-memory
+    splits) on ``device``, or the ImageFolder of ``dataset="imagenet"``."""
+    if splits is None and config.dataset == "imagenet":
+        return ImageFolderRunData(config, device, world)
+    splits = splits or load_dataset(config.dataset, config.data_root)
+    fingerprint = splits_fingerprint(splits)
+    return MemoryData(splits_to_device(splits, device), device, fingerprint)
