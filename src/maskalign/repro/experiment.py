@@ -78,14 +78,12 @@ sparse records). Its stages also record ``match_samples`` and
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +104,21 @@ from . import distributed
 from .data import DatasetSplits
 from .presets import METHODS, PRESETS, ReproduceConfig
 from .progress import StageObserver, percent
+from .refs import (
+    DATA_ORDER,
+    DENSE,
+    DIVERSITY,
+    IMP,
+    LMC,
+    MATCH,
+    StageRef,
+    cpu_state,
+    derive_seed,
+    level_key,
+    seeded_generator,
+    sparse_fields,
+    sparse_key,
+)
 from .rundata import MATCH_BATCH, MemoryData, RunData, load_run_data
 from .stages import StageMismatchError, StageStore, settings_hash
 from .training import TrainConfig, train
@@ -131,39 +144,6 @@ SHARED_MASK = "shared-mask"
 
 #: The methods of the shared-mask protocol (those of ``config.methods`` are run).
 SHARED_MASK_METHODS: tuple[str, ...] = ("lth", "naive", "permuted")
-
-# The settings each stage depends on (besides the data fingerprint and the
-# instance's seed / k / sparsity / method). Device and output folder are not
-# among them: they do not change what is computed.
-_DENSE = (
-    "dataset",
-    "model",
-    "width",
-    "hidden",
-    "epochs",
-    "rewind_epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "augment",
-    "amp",
-)
-_IMP = (*_DENSE, "sparsities", "prune_rate", "imp_epochs", "imp_lr")
-# The matching recipe: what the permutation (and so every stage that uses it) depends on.
-_RECIPE = ("match_points", "match_stream_points")
-_MATCH = (*_DENSE, *_RECIPE)
-_SPARSE = (*_IMP, "sparse_lr")
-_LMC = (*_SPARSE, *_RECIPE, "methods", "barrier_points", "bn_batches")
-_DIVERSITY = (*_SPARSE, *_RECIPE, "methods", "seeds")
-
-#: How training batches are drawn (recorded in every stage's settings): since
-#: maskalign 0.2 one global order per epoch with rank shares
-#: (:class:`~maskalign.repro.training.InMemoryData`), where 0.1 shuffled
-#: with the run's generator directly. A folder of 0.1 stages is then told
-#: apart (a StageMismatchError naming ``data_order``) instead of being
-#: resumed with stages trained in the other order.
-_DATA_ORDER = "global-epoch-order/rank-shares"
 
 #: The reference model of the ``reference`` diversity mode.
 _REFERENCE = "dense A_T of the same seed"
@@ -207,49 +187,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _derive_seed(*parts: object) -> int:
-    """A 63-bit seed from the repr of ``parts`` (stable across processes)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-def _generator(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(_derive_seed(*parts))
-
-
-def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _level_key(value: float) -> str:
-    return f"{value:g}"
-
-
-def _sparse_fields(method: str) -> tuple[str, ...]:
-    """The settings a sparse run of ``method`` depends on: the permuted mask
-    also on the matching recipe."""
-    return (*_SPARSE, *_RECIPE) if method == "permuted" else _SPARSE
-
-
-def _sparse_key(seed: int, k: int, target: float, method: str) -> str:
-    """Key of a sparse-training stage instance, e.g. ``seed0/k1/s0.9/lth``."""
-    return f"seed{seed}/k{k}/s{_level_key(target)}/{method}"
-
-
-@dataclass(frozen=True)
-class _Ref:
-    """One stage instance: its stage (one of :data:`STAGES`), its key (its
-    folder under ``OUT/stages/<stage>``), the settings it depends on (what
-    :meth:`StageStore.finished` compares) and its name in words for the
-    progress display, e.g. ``sparse seed 2 / k=5 / 99% / permuted``. Made by
-    the ``_Run.ref_*`` methods only, which both the stages and
-    :meth:`_Run.plan` use."""
-
-    stage: str
-    key: str
-    settings: dict[str, Any]
-    words: str
-
-
 class _Run:
     """One execution of :func:`reproduce`: the stages, loaded or computed."""
 
@@ -289,7 +226,7 @@ class _Run:
         per_rank = {"bn_stats": f"per rank of {self.world}"} if self.per_rank_bn() else {}
         base = {f: values[f] for f in fields}
         extra = self.data.settings()
-        return {**base, "data": self.fingerprint, "data_order": _DATA_ORDER, **extra, **per_rank, **instance}
+        return {**base, "data": self.fingerprint, "data_order": DATA_ORDER, **extra, **per_rank, **instance}
 
     def per_rank_bn(self) -> bool:
         """Whether training normalises BatchNorm over each rank's share
@@ -298,39 +235,39 @@ class _Run:
         return self.world > 1 and not self.config.sync_bn and self.has_bn()
 
     # One method per stage: the key, settings and words of an instance.
-    def ref_dense(self, seed: int, role: str) -> _Ref:
-        settings = self.settings(_DENSE, seed=seed, role=role)
-        return _Ref("dense", f"seed{seed}-{role}", settings, f"dense seed {seed} / {role}")
+    def ref_dense(self, seed: int, role: str) -> StageRef:
+        settings = self.settings(DENSE, seed=seed, role=role)
+        return StageRef("dense", f"seed{seed}-{role}", settings, f"dense seed {seed} / {role}")
 
-    def ref_imp(self, seed: int) -> _Ref:
-        return _Ref("imp", f"seed{seed}", self.settings(_IMP, seed=seed), f"imp seed {seed}")
+    def ref_imp(self, seed: int) -> StageRef:
+        return StageRef("imp", f"seed{seed}", self.settings(IMP, seed=seed), f"imp seed {seed}")
 
-    def ref_match(self, seed: int) -> _Ref:
-        return _Ref("match", f"seed{seed}", self.settings(_MATCH, seed=seed), f"match seed {seed}")
+    def ref_match(self, seed: int) -> StageRef:
+        return StageRef("match", f"seed{seed}", self.settings(MATCH, seed=seed), f"match seed {seed}")
 
-    def ref_shared_match(self, seed: int) -> _Ref:
-        settings = self.settings(_MATCH, seed=seed, mask_seed=0)
-        return _Ref("shared-match", f"A0-B{seed}", settings, f"shared-match A seed 0 / B seed {seed}")
+    def ref_shared_match(self, seed: int) -> StageRef:
+        settings = self.settings(MATCH, seed=seed, mask_seed=0)
+        return StageRef("shared-match", f"A0-B{seed}", settings, f"shared-match A seed 0 / B seed {seed}")
 
-    def ref_sparse(self, seed: int, k: int, target: float, method: str, *, shared: bool = False) -> _Ref:
+    def ref_sparse(self, seed: int, k: int, target: float, method: str, *, shared: bool = False) -> StageRef:
         instance: dict[str, object] = {"seed": seed, "k": k, "sparsity": target, "method": method}
         stage = "shared-sparse" if shared else "sparse"
-        settings = self.settings(_sparse_fields(method), **instance, **({"mask_seed": 0} if shared else {}))
+        settings = self.settings(sparse_fields(method), **instance, **({"mask_seed": 0} if shared else {}))
         words = f"{stage} seed {seed} / k={k} / {percent(target)} / {method}"
-        return _Ref(stage, _sparse_key(seed, k, target, method), settings, words)
+        return StageRef(stage, sparse_key(seed, k, target, method), settings, words)
 
-    def ref_lmc(self, seed: int) -> _Ref:
-        return _Ref("lmc", f"seed{seed}", self.settings(_LMC, seed=seed), f"lmc seed {seed}")
+    def ref_lmc(self, seed: int) -> StageRef:
+        return StageRef("lmc", f"seed{seed}", self.settings(LMC, seed=seed), f"lmc seed {seed}")
 
-    def ref_diversity(self) -> _Ref:
-        return _Ref("diversity", "all", self.settings(_DIVERSITY), "diversity")
+    def ref_diversity(self) -> StageRef:
+        return StageRef("diversity", "all", self.settings(DIVERSITY), "diversity")
 
-    def ref_shared_diversity(self, target: float, k: int) -> _Ref:
-        settings = self.settings(_DIVERSITY, k=k, sparsity=target)
+    def ref_shared_diversity(self, target: float, k: int) -> StageRef:
+        settings = self.settings(DIVERSITY, k=k, sparsity=target)
         words = f"shared-diversity k={k} / {percent(target)}"
-        return _Ref("shared-diversity", f"k{k}/s{_level_key(target)}", settings, words)
+        return StageRef("shared-diversity", f"k{k}/s{level_key(target)}", settings, words)
 
-    def finished(self, ref: _Ref) -> dict[str, Any] | None:
+    def finished(self, ref: StageRef) -> dict[str, Any] | None:
         """The stored record of ``ref`` (told to the observer as reused), or
         ``None`` when it is to be computed."""
         record = self.store.finished(ref.stage, ref.key, ref.settings)
@@ -384,7 +321,7 @@ class _Run:
         return self._has_bn
 
     @contextmanager
-    def stage(self, ref: _Ref) -> Iterator[None]:
+    def stage(self, ref: StageRef) -> Iterator[None]:
         """Time, log and tell the observer about a computed stage; then call
         ``on_stage_end``."""
         began = time.perf_counter()
@@ -408,24 +345,24 @@ class _Run:
         if record is not None:
             return record
         with self.stage(ref):
-            torch.manual_seed(_derive_seed(seed, "dense", role, "init"))
+            torch.manual_seed(derive_seed(seed, "dense", role, "init"))
             model = self.to_device(self.build())
             rewinds = set(self.config.rewind_epochs)
 
             def keep(epoch: int, m: nn.Module) -> None:
                 if epoch in rewinds:
-                    self.store.save_tensors("dense", key, f"rewind_k{epoch}.pt", _cpu_state(m))
+                    self.store.save_tensors("dense", key, f"rewind_k{epoch}.pt", cpu_state(m))
 
             keep(0, model)
             train(
                 model,
                 self.data.train,
                 self.train_config(self.config.epochs, self.config.lr),
-                generator=_generator(seed, "dense", role, "data"),
+                generator=seeded_generator(seed, "dense", role, "data"),
                 on_epoch_end=keep,
                 distributed=True,
             )
-            self.store.save_tensors("dense", key, "final.pt", _cpu_state(model))
+            self.store.save_tensors("dense", key, "final.pt", cpu_state(model))
             scores = self.data.scores(model)
             record = self.store.finish("dense", key, settings, {"seed": seed, "model": role, **scores})
         return record
@@ -461,7 +398,7 @@ class _Run:
                     m,
                     self.data.train,
                     config,
-                    generator=_generator(seed, "imp", imp_round.index),
+                    generator=seeded_generator(seed, "imp", imp_round.index),
                     masks=imp_round.masks,
                     distributed=True,
                 )
@@ -474,9 +411,9 @@ class _Run:
                 cpu_masks = {k: v.cpu() for k, v in imp_round.masks.items()}
                 for target in c.sparsities:
                     if abs(target - imp_round.sparsity) <= SAME_LEVEL_TOL:
-                        payload = {"state": _cpu_state(m), "masks": cpu_masks, "test_loss": loss, "test_acc": acc}
-                        self.store.save_tensors("imp", key, f"target_{_level_key(target)}.pt", payload)
-                state = {"settings": settings_hash(settings), "state": _cpu_state(m), "masks": cpu_masks}
+                        payload = {"state": cpu_state(m), "masks": cpu_masks, "test_loss": loss, "test_acc": acc}
+                        self.store.save_tensors("imp", key, f"target_{level_key(target)}.pt", payload)
+                state = {"settings": settings_hash(settings), "state": cpu_state(m), "masks": cpu_masks}
                 self.store.save_tensors("imp", key, "last_round.pt", {**state, "history": history})
                 self.log(f"[imp {key}] round {imp_round.index}: sparsity {imp_round.sparsity:.4f}, test acc {acc:.4f}")
                 if self.observer is not None:
@@ -496,7 +433,7 @@ class _Run:
             )
             targets = []
             for target in c.sparsities:
-                saved = self.store.load_tensors("imp", key, f"target_{_level_key(target)}.pt")
+                saved = self.store.load_tensors("imp", key, f"target_{level_key(target)}.pt")
                 targets.append(
                     {
                         "seed": seed,
@@ -524,7 +461,7 @@ class _Run:
             return self.match(0)
         return self._match(self.ref_shared_match(seed), 0, seed)
 
-    def _match(self, ref: _Ref, seed_a: int, seed_b: int) -> tuple[dict[str, Any], Permutation]:
+    def _match(self, ref: StageRef, seed_a: int, seed_b: int) -> tuple[dict[str, Any], Permutation]:
         """Activation matching A_T of ``seed_a`` -> B_T of ``seed_b`` as
         stage instance ``ref`` (the permutation in ``perm.pt``)."""
         stage, key = ref.stage, ref.key
@@ -566,12 +503,12 @@ class _Run:
 
     def method_masks(self, seed: int, target: float, perm: Permutation) -> dict[str, dict[str, Tensor]]:
         """The mask of each method at ``target`` (on the device)."""
-        m_a = self.store.load_tensors("imp", f"seed{seed}", f"target_{_level_key(target)}.pt")["masks"]
+        m_a = self.store.load_tensors("imp", f"seed{seed}", f"target_{level_key(target)}.pt")["masks"]
         candidates = {
             "lth": m_a,
             "naive": m_a,
             "permuted": permute_mask(m_a, perm),
-            "random": random_masks_like(m_a, _generator(seed, "random-mask", _level_key(target))),
+            "random": random_masks_like(m_a, seeded_generator(seed, "random-mask", level_key(target))),
         }
         return {m: {k: v.to(self.device) for k, v in candidates[m].items()} for m in self.config.methods}
 
@@ -601,7 +538,7 @@ class _Run:
 
     def _train_sparse(
         self,
-        ref: _Ref,
+        ref: StageRef,
         start: str,
         seed: int,
         k: int,
@@ -624,11 +561,11 @@ class _Run:
                 model,
                 self.data.train,
                 self.train_config(self.config.epochs - k, self.config.sparse_lr),
-                generator=_generator(seed, "sparse", k, _level_key(target), method),
+                generator=seeded_generator(seed, "sparse", k, level_key(target), method),
                 masks=masks,
                 distributed=True,
             )
-            self.store.save_tensors(stage, key, "model.pt", _cpu_state(model))
+            self.store.save_tensors(stage, key, "model.pt", cpu_state(model))
             data = {
                 "seed": seed,
                 "k": k,
@@ -642,7 +579,7 @@ class _Run:
 
     def sparse_model(self, seed: int, k: int, target: float, method: str, stage: str = "sparse") -> nn.Module:
         """The trained sparse model of a ``sparse`` (or ``shared-sparse``) stage."""
-        return self.load_model(stage, _sparse_key(seed, k, target, method), "model.pt")
+        return self.load_model(stage, sparse_key(seed, k, target, method), "model.pt")
 
     def lmc(self, seed: int, perm: Permutation) -> list[dict[str, Any]]:
         """LMC curves of ``seed``: A-B before and after matching, and between
@@ -740,7 +677,7 @@ class _Run:
 
     def imp_model(self, seed: int, target: float) -> nn.Module:
         """The pruned IMP solution of ``seed`` at ``target``."""
-        saved = self.store.load_tensors("imp", f"seed{seed}", f"target_{_level_key(target)}.pt")
+        saved = self.store.load_tensors("imp", f"seed{seed}", f"target_{level_key(target)}.pt")
         return self.from_state(saved["state"])
 
     def shared_mask(self) -> dict[str, Any] | None:
@@ -869,7 +806,7 @@ class _Run:
         results["shared_mask"] = self.shared_mask()
         return results
 
-    def plan(self) -> Iterator[_Ref]:
+    def plan(self) -> Iterator[StageRef]:
         """Every stage instance of :meth:`run`, in the order :meth:`run`
         reaches them, each once, computing and loading nothing (the seed-0
         members of the shared-mask protocol are the ``sparse`` stages

@@ -176,6 +176,7 @@ def train(
     masks: Mapping[str, Tensor] | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     distributed: bool = False,
+    stop_after: int | None = None,
 ) -> list[float]:
     """Train ``model`` in place; returns the mean training loss of each epoch
     (over the global batches, the same on every rank).
@@ -198,6 +199,10 @@ def train(
             weights, config and generator state, reads its share of each
             global batch, and ends with the same weights. Without a group,
             one process as usual.
+        stop_after: train only epochs ``1 .. stop_after`` of the
+            ``config.epochs``-epoch schedule (same learning rates and data
+            order): the state a full run has after epoch ``stop_after``,
+            bitwise on the CPU; ``None``: every epoch.
 
     Raises:
         ValueError: ``config.amp`` is not ``"off"`` on a non-CUDA model, or unknown.
@@ -223,7 +228,8 @@ def train(
         prefix = "module." if parallel else ""
         handle = enforce_masks(net, {prefix + k: v for k, v in masks.items()}, optimizer) if masks is not None else None
         try:
-            for epoch in range(1, config.epochs + 1):
+            last = config.epochs if stop_after is None else min(stop_after, config.epochs)
+            for epoch in range(1, last + 1):
                 total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count: no sync per step
                 for inputs, targets, global_count in data.epoch(epoch, seed, config.batch_size, rank, world, device):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
