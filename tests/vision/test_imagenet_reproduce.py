@@ -1,7 +1,7 @@
 """``maskalign reproduce --preset imagenet-resnet50`` end to end on a tiny
 fake ImageFolder of real JPEGs (vision tier: needs torchvision; skipped
-cleanly without it). The crop side is set to 32 through
-``rundata.IMAGENET_IMAGE_SIZE`` (224 in a real run; not yet a setting)."""
+cleanly without it). The crop side is set to 32 with ``--image-size``
+(``ReproduceConfig.image_size``; 224 in a real run)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,19 @@ import torch
 
 pytest.importorskip("torchvision")
 
-from maskalign.repro import imagenet, rundata  # noqa: E402
+from maskalign.errors import ArgumentValueError, ConfigError  # noqa: E402
+from maskalign.repro import imagenet  # noqa: E402
 from maskalign.repro.cli import main  # noqa: E402
-from maskalign.repro.presets import PRESETS  # noqa: E402
+from maskalign.repro.presets import PRESETS, get_preset  # noqa: E402
+from maskalign.repro.rundata import ImageFolderRunData  # noqa: E402
 
 CLASSES, PER_CLASS, VAL_PER_CLASS, SIZE = 3, 4, 2, 32
 TINY = [
     "--epochs", "1", "-k", "0", "--sparsities", "0.2", "--imp-epochs", "1", "--seeds", "1",
     "--batch-size", "4", "--barrier-points", "2", "--bn-batches", "1",
     "--lr", "0.01", "--sparse-lr", "0.01", "--imp-lr", "0.001",  # the preset's 0.1 diverges at batch 4
-    "--device", "cpu", "--threads", "1", "--amp", "off", "--quiet",
+    "--device", "cpu", "--threads", "1", "--amp", "off", "--quiet", "--image-size", str(SIZE),
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _small_crop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rundata, "IMAGENET_IMAGE_SIZE", SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +86,7 @@ def test_the_preset_runs_end_to_end_and_a_rerun_reuses_every_stage(
     for manifest in manifests.values():
         settings = json.loads(manifest)["settings"]
         assert settings["data"] == results["data_fingerprint"] and settings["loader_workers"] == 0
+        assert settings["image_size"] == SIZE and settings["match_samples"] == CLASSES * PER_CLASS
     # a second run computes nothing: every stage is reused, byte for byte
     assert main(_argv(root, out)) == 0
     assert _manifests(out) == manifests
@@ -137,3 +135,22 @@ def test_usual_mistakes_are_one_line_before_anything_is_written(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Setting 'batch_size' (--batch-size) is 4 for 3 ranks" in err, err
     assert not out.exists()
+
+
+def test_the_matching_subset_follows_match_samples_and_the_argument(root: Path) -> None:
+    """``match_samples`` picks :func:`imagenet.match_subset` (seed 0) of that
+    size; ``match_batches(samples=n)`` another size; too many are refused."""
+    config = get_preset("imagenet-resnet50", data_root=str(root), image_size=SIZE, batch_size=4, match_samples=6)
+    data = ImageFolderRunData(config, torch.device("cpu"), 1)
+    subset = imagenet.match_subset(data.data, 6, seed=0)
+    expected = torch.stack([subset[i][0] for i in range(6)])
+    assert torch.equal(torch.cat([x for x, _ in data.match_batches()]), expected)
+    assert data.match_samples == 6 and data.settings()["match_samples"] == 6
+    assert sum(x.shape[0] for x, _ in data.match_batches(samples=9)) == 9
+    with pytest.raises(ArgumentValueError, match="Argument 'samples' is 13, but the training set holds 12"):
+        data.match_batches(samples=13)
+    with pytest.raises(ConfigError, match=r"'match_samples' \(--match-samples\) is 13, but the training set holds 12"):
+        ImageFolderRunData(config.replace(match_samples=13), torch.device("cpu"), 1)
+    default = ImageFolderRunData(config.replace(match_samples=None, image_size=None), torch.device("cpu"), 1)
+    assert (default.image_size, default.match_samples) == (224, 12)  # 224 and all 12 (fewer than 10,000)
+    assert "image_size" not in default.settings()  # 224, the standard, is not recorded

@@ -203,6 +203,21 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         default=keep,
         help="residual streams: match every point of a stage (all) or only its last one",
     )
+    add(
+        "--image-size",
+        type=int,
+        default=keep,
+        metavar="PIXELS",
+        help="imagenet only: side of the square crop the images are cut to (default 224)",
+    )
+    add(
+        "--match-samples",
+        type=int,
+        default=keep,
+        metavar="N",
+        help="training images used to match the hidden units of A and B, a fixed random subset "
+        "(default: all of them; 10000 for imagenet)",
+    )
     add("--barrier-points", type=int, default=keep, help="interpolation points per loss-barrier curve")
     add(
         "--bn-batches",

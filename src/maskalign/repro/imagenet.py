@@ -100,6 +100,7 @@ __all__ = [
     "load_imagefolder",
     "match_subset",
     "eval_loader",
+    "subset_indices",
     "to_device",
     "topk_correct",
     "train_loader",
@@ -501,20 +502,33 @@ def eval_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **_loader_options(workers, device))
 
 
+def subset_indices(total: int, n: int, seed: int = 0) -> list[int]:
+    """The indices of a fixed subset of ``n`` of ``total`` samples, in
+    increasing order: the first ``n`` of ``torch.randperm(total)`` drawn with
+    a generator seeded ``seed``, sorted. The same for the same ``(total, n,
+    seed)`` on every rank and machine; ``n == total`` gives ``0 .. total - 1``.
+    The matching subsets of ``maskalign reproduce`` (:func:`match_subset`,
+    and the in-memory data sets' ``match_samples``).
+
+    Raises:
+        ArgumentValueError: ``n`` is not in ``[1, total]``.
+    """
+    if not 1 <= n <= total:
+        raise ArgumentValueError(f"Argument 'n' is {n}; pass 1 .. {total} (the training samples).")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:n].sort().values.tolist()
+
+
 def match_subset(data: ImageFolderData, n: int, seed: int = 0) -> Subset[Any]:
     """``n`` training samples under the eval transform, the same for the same
-    ``(n, seed)`` everywhere (the first ``n`` of a seeded permutation, in
-    file order); see the module docstring, item (c).
+    ``(n, seed)`` everywhere (:func:`subset_indices`: the first ``n`` of a
+    seeded permutation, in file order); see the module docstring, item (c).
 
     Raises:
         ArgumentValueError: ``n`` is not in ``[1, number of training samples]``.
     """
     total = len(data.train_eval)  # type: ignore[arg-type]
-    if not 1 <= n <= total:
-        raise ArgumentValueError(f"Argument 'n' is {n}; pass 1 .. {total} (the training samples).")
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(total, generator=generator)[:n].sort().values.tolist()
-    return Subset(data.train_eval, indices)
+    return Subset(data.train_eval, subset_indices(total, n, seed))
 
 
 def fingerprint(data: ImageFolderData) -> str:

@@ -133,6 +133,20 @@ class ReproduceConfig:
             ``torch.nn.SyncBatchNorm``: BatchNorm statistics over the global
             batch, as one process computes them; no effect on one process or
             on models without BatchNorm (see ``docs/how-to/distributed.md``).
+        image_size: the crop side in pixels of ``dataset="imagenet"``
+            (training ``RandomResizedCrop``, evaluation ``CenterCrop``;
+            :mod:`maskalign.repro.imagenet`); ``None``: 224, the standard.
+            Applies to ImageNet only: the in-memory data sets have a fixed
+            size, so another value raises a :class:`ConfigError`.
+        match_samples: training samples used for activation matching (the
+            ``match`` and ``shared-match`` stages; for ImageNet also the
+            BatchNorm re-estimation of the loss barriers): a fixed subset
+            drawn with seed 0 (the first ``match_samples`` of a seeded
+            permutation, kept in file order:
+            :func:`~maskalign.repro.imagenet.subset_indices`); ``None``:
+            all of them for the in-memory data sets, 10,000 (or all, when
+            there are fewer) for ImageNet. At least 2, at most the number
+            of training samples (checked when the data is loaded).
     """
 
     dataset: str = "digits"
@@ -164,6 +178,8 @@ class ReproduceConfig:
     amp: str = "off"
     threads: int = 0
     sync_bn: bool = False
+    image_size: int | None = None
+    match_samples: int | None = None
 
     def __post_init__(self) -> None:
         """Normalise sequences to sorted tuples and check every value.
@@ -252,6 +268,22 @@ class ReproduceConfig:
             raise ConfigError(f"{_flag('sync_bn')} is {self.sync_bn!r}; pass True or False.")
         if self.threads < 0:
             raise ConfigError(f"{_flag('threads')} is {self.threads}; pass 0 (torch's default) or more.")
+        for name in ("image_size", "match_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(f"{_flag(name)} is {value!r}; pass an int, or leave it unset.")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"{_flag('image_size')} is {self.image_size}; pass a positive crop side such as 224.")
+        if self.image_size is not None and self.dataset != "imagenet":
+            raise ConfigError(
+                f"{_flag('image_size')} is {self.image_size} for dataset {self.dataset!r}, but it applies to "
+                "dataset imagenet only (the in-memory data sets have a fixed image size); leave it unset."
+            )
+        if self.match_samples is not None and self.match_samples < 2:
+            raise ConfigError(
+                f"{_flag('match_samples')} is {self.match_samples}; pass at least 2 (a correlation needs two "
+                "samples), or leave it unset for the default."
+            )
         for name in ("batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} is {getattr(self, name)}; pass at least 1.")
@@ -341,12 +373,13 @@ _VGG_REWINDS = (0, 5, 10, 15, 20, 25, 50)  # workshop Table 5
 #: seeds          1 pair                     assumed (cost)
 #: imp_epochs     10 per round at lr 0.01    assumed (cost)
 #: amp            bf16                       assumed (speed)
+#: image_size     224 (None: the default)    standard
+#: match_samples  10,000 (None: the default) paper / assumed (the size)
 #: ============== ========================== ========
 #:
-#: Gaps (no ReproduceConfig field yet; for the integrator): the crop size
-#: 224 (standard), the matching subset ("a small subset of the training
-#: dataset", paper; 10,000 samples assumed), top-5 accuracy (the paper's
-#: metric), no label smoothing and no warm-up (standard at batch 256).
+#: Not settings: top-5 accuracy (the paper's metric) is recorded as
+#: ``test_top5`` and tabled by the report; no label smoothing and no warm-up
+#: (standard at batch 256).
 _IMAGENET_RESNET50 = ReproduceConfig(
     dataset="imagenet",
     model="resnet50",
@@ -370,9 +403,8 @@ _IMAGENET_RESNET50 = ReproduceConfig(
 
 #: Where each setting of a preset comes from, for presets whose sources are
 #: mixed (JSON-ready: record it next to the settings in ``results.json``).
-#: Keys are ReproduceConfig settings, plus settings that have no field yet
-#: (``image_size``, ``match_samples``, ``metric``, ``label_smoothing``,
-#: ``warmup_epochs``, ``lr_schedule``).
+#: Keys are ReproduceConfig settings, plus what has no field
+#: (``metric``, ``label_smoothing``, ``warmup_epochs``, ``lr_schedule``).
 PRESET_SOURCES: Mapping[str, Mapping[str, str]] = {
     "imagenet-resnet50": {
         "dataset": "paper: ILSVRC 2012, 1.28 million training images, 1000 classes (ICML 2025, Sec. 4)",
@@ -398,9 +430,10 @@ PRESET_SOURCES: Mapping[str, Mapping[str, str]] = {
         "imp_epochs": "assumed: 10 epochs per IMP round (CIFAR: 50 of 200); 14 rounds reach 0.95",
         "imp_lr": "assumed: 0.01, the CIFAR value (workshop App. A.1)",
         "amp": "assumed: bf16 autocast on CUDA (speed)",
-        "image_size": "standard: 224 (crop side); no field yet",
-        "match_samples": "paper: 'a small subset of the training dataset' (Sec. 4); assumed 10,000; no field yet",
-        "metric": "paper: top-5 test accuracy (Fig. 7); no field yet (the report gives top-1)",
+        "image_size": "standard: 224, the crop side (image_size=None, the default for imagenet)",
+        "match_samples": "paper: 'a small subset of the training dataset' (Sec. 4); assumed 10,000 "
+        "(match_samples=None, the default for imagenet)",
+        "metric": "paper: top-5 test accuracy (Fig. 7); test_top5 in the records, a top-5 table in the report",
     },
 }
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ArgumentValueError, ConfigError, DataError
 from ..evaluation.lmc import evaluate
 from . import distributed, imagenet
 from .data import DatasetSplits, load_dataset, splits_fingerprint, splits_to_device
@@ -26,7 +26,6 @@ from .training import TrainData, batches
 
 __all__ = [
     "EVAL_BATCH",
-    "IMAGENET_IMAGE_SIZE",
     "MATCH_BATCH",
     "ImageFolderRunData",
     "MemoryData",
@@ -37,17 +36,21 @@ __all__ = [
 EVAL_BATCH = 512
 MATCH_BATCH = 256
 
-#: The crop side of ``dataset="imagenet"`` (the standard 224; not yet a
-#: :class:`ReproduceConfig` setting, see ``PRESET_SOURCES``). It is part of
-#: the data fingerprint (:func:`~maskalign.repro.imagenet.fingerprint`), so
-#: stages at another size are not reused; the tests set it smaller.
-IMAGENET_IMAGE_SIZE = 224
+#: The crop side of ``dataset="imagenet"`` when ``ReproduceConfig.image_size``
+#: is ``None`` (the standard 224). The size is part of the data fingerprint
+#: (:func:`~maskalign.repro.imagenet.fingerprint`), so stages at another size
+#: are not reused.
+_IMAGENET_IMAGE_SIZE = 224
 
-#: Training samples of the matching subset of ``dataset="imagenet"``
+#: Training samples of the matching subset of ``dataset="imagenet"`` when
+#: ``ReproduceConfig.match_samples`` is ``None``
 #: (:func:`~maskalign.repro.imagenet.match_subset`, seed 0; all of them when
 #: there are fewer): "a small subset of the training dataset" (paper), 10,000
 #: assumed (``PRESET_SOURCES["imagenet-resnet50"]["match_samples"]``).
-IMAGENET_MATCH_SAMPLES = 10_000
+_IMAGENET_MATCH_SAMPLES = 10_000
+
+#: The seed of every matching subset (:func:`~maskalign.repro.imagenet.subset_indices`).
+_SUBSET_SEED = 0
 
 #: ``DataLoader`` workers of ``dataset="imagenet"`` on CUDA (on the CPU the
 #: images load in the main process: the CPU is busy training).
@@ -62,9 +65,10 @@ class RunData(Protocol):
     ``TensorDataset`` or a :class:`~maskalign.repro.training.TrainData`);
     ``targets``: the test labels (CPU, in :meth:`test_batches` order);
     ``match_samples``: how many samples :meth:`match_batches` holds over all
-    ranks; ``channels_last``: models and batches in ``channels_last``;
-    :meth:`settings`: what every stage's settings record besides the config
-    and the fingerprint (nothing for in-memory data)."""
+    ranks (``ReproduceConfig.match_samples`` resolved); ``channels_last``:
+    models and batches in ``channels_last``; :meth:`settings`: what every
+    stage's settings record besides the config and the fingerprint (for
+    in-memory data nothing, unless matching uses a subset)."""
 
     train: TensorDataset | TrainData
     fingerprint: str
@@ -87,8 +91,10 @@ class RunData(Protocol):
         """``test_loss`` (mean nats), ``test_acc`` (fraction) and any other test metric."""
         ...
 
-    def match_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
-        """This rank's share of the activation-matching batches, re-iterable."""
+    def match_batches(self, samples: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+        """This rank's share of the activation-matching batches, re-iterable:
+        ``match_samples`` training samples, or ``samples`` when given (the
+        fixed subset of :func:`~maskalign.repro.imagenet.subset_indices`, seed 0)."""
         ...
 
     def bn_batches(self, n: int, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
@@ -101,22 +107,56 @@ class RunData(Protocol):
         ...
 
 
+def _subset_size(samples: int, total: int, what: str) -> int:
+    """``samples``, checked against the ``total`` training samples (``what``
+    names the value in the error: a setting or an argument).
+
+    Raises:
+        ConfigError: (``what`` is a setting) or ArgumentValueError: outside ``[2, total]``.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 2 <= samples <= total:
+        error = ConfigError if what.startswith("Setting") else ArgumentValueError
+        raise error(
+            f"{what} is {samples!r}, but the training set holds {total} samples; pass 2 .. {total} "
+            "(a correlation needs two samples)."
+        )
+    return samples
+
+
 class MemoryData:
     """:class:`RunData` of in-memory :class:`DatasetSplits` (already on the
     device): the test set held as a list of batches, matching on the
     training set in order (batches of ``MATCH_BATCH``, every
     ``world``-th batch from ``rank`` on each rank), BatchNorm on the first
-    training batches."""
+    training batches.
+
+    ``match_samples`` (``ReproduceConfig.match_samples``; ``None``: every
+    training sample): matching on a fixed subset of that many training
+    samples, the seeded random subset of
+    :func:`~maskalign.repro.imagenet.subset_indices` (seed 0, not
+    stratified: the first ``match_samples`` of a seeded permutation), kept in
+    training-set order. The whole set is the training set in its own order,
+    so ``None`` and the number of training samples match exactly as before
+    the setting existed, and then :meth:`settings` records nothing; a
+    smaller subset is recorded as ``match_samples``.
+
+    Raises:
+        ConfigError: ``match_samples`` is not in ``[2, training samples]``.
+    """
 
     channels_last = False
 
-    def __init__(self, splits: DatasetSplits, device: torch.device, fingerprint: str) -> None:
+    def __init__(
+        self, splits: DatasetSplits, device: torch.device, fingerprint: str, match_samples: int | None = None
+    ) -> None:
         self.splits, self.device, self.fingerprint = splits, device, fingerprint
         self.train: TensorDataset | TrainData = splits.train
         self.num_classes, self.in_channels, self.image_size = splits.num_classes, splits.in_channels, splits.image_size
         self.test_data = list(batches(splits.test, EVAL_BATCH, device=device))
         self.targets = splits.test.tensors[1].cpu()
-        self.match_samples = len(splits.train)
+        total = len(splits.train)
+        what = "Setting 'match_samples' (--match-samples)"
+        self.match_samples = total if match_samples is None else _subset_size(match_samples, total, what)
 
     def example_inputs(self) -> Tensor:
         return self.splits.train.tensors[0][:2].to(self.device)
@@ -128,15 +168,28 @@ class MemoryData:
         loss, acc = evaluate(model, self.test_data)
         return {"test_loss": loss, "test_acc": acc}
 
-    def match_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
-        data = list(batches(self.splits.train, MATCH_BATCH, device=self.device))
+    def match_batches(self, samples: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+        """This rank's share (every ``world``-th batch of ``MATCH_BATCH``
+        from ``rank``) of the matching subset: ``match_samples`` samples, or
+        ``samples`` when given (the same kind of subset: seeded, seed 0, in
+        training-set order; all of them: the whole set in order).
+
+        Raises:
+            ArgumentValueError: ``samples`` is not in ``[2, training samples]``.
+        """
+        train, total = self.splits.train, len(self.splits.train)
+        n = self.match_samples if samples is None else _subset_size(samples, total, "Argument 'samples'")
+        if n < total:
+            index = torch.tensor(imagenet.subset_indices(total, n, _SUBSET_SEED), device=train.tensors[0].device)
+            train = TensorDataset(*(t[index] for t in train.tensors))
+        data = list(batches(train, MATCH_BATCH, device=self.device))
         return data[distributed.rank() :: distributed.world_size()]
 
     def bn_batches(self, n: int, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
         return list(itertools.islice(batches(self.splits.train, batch_size, device=self.device), n))
 
     def settings(self) -> dict[str, Any]:
-        return {}
+        return {"match_samples": self.match_samples} if self.match_samples < len(self.splits.train) else {}
 
 
 class LoaderBatches:
@@ -163,7 +216,19 @@ class ImageFolderRunData:
     (eval transform; for matching each rank reads every ``world``-th sample
     of it); on CUDA the models and batches are ``channels_last``. Test
     metrics add ``test_top5`` (the paper's Figure 7 metric). Images are read
-    only when a stage needs them (a dry run reads the file list and sizes)."""
+    only when a stage needs them (a dry run reads the file list and sizes).
+
+    Settings: ``image_size`` (``None``: 224) and ``match_samples``
+    (``None``: 10,000, or every training image when there are fewer; an
+    explicit value must not exceed them). Every stage records
+    ``match_samples`` and the loader workers, and ``image_size`` when it is
+    not 224 (the size is also part of the fingerprint).
+
+    Raises:
+        DataError: no ``data_root``.
+        ConfigError: ``batch_size`` is not a multiple of ``world``, or
+            ``match_samples`` exceeds the training images.
+    """
 
     def __init__(self, config: ReproduceConfig, device: torch.device, world: int) -> None:
         if config.data_root is None:
@@ -177,7 +242,8 @@ class ImageFolderRunData:
                 "of the number of ranks (each loads batch_size / ranks images per step)."
             )
         self.device = device
-        self.data = imagenet.load_imagefolder(config.data_root, image_size=IMAGENET_IMAGE_SIZE, name=config.dataset)
+        size = _IMAGENET_IMAGE_SIZE if config.image_size is None else config.image_size
+        self.data = imagenet.load_imagefolder(config.data_root, image_size=size, name=config.dataset)
         self.fingerprint = imagenet.fingerprint(self.data)
         self.num_classes, self.in_channels = self.data.num_classes, self.data.in_channels
         self.image_size = self.data.image_size
@@ -187,7 +253,11 @@ class ImageFolderRunData:
             self.data.train, config.batch_size, world, workers=self.workers, channels_last=self.channels_last
         )
         self.targets = torch.tensor(self.data.test.targets, dtype=torch.long)  # type: ignore[attr-defined]
-        self.match_samples = min(IMAGENET_MATCH_SAMPLES, len(self.data.train_eval))  # type: ignore[arg-type]
+        total = len(self.data.train_eval)  # type: ignore[arg-type]
+        if config.match_samples is None:
+            self.match_samples = min(_IMAGENET_MATCH_SAMPLES, total)
+        else:
+            self.match_samples = _subset_size(config.match_samples, total, "Setting 'match_samples' (--match-samples)")
         self._test: LoaderBatches | None = None
 
     def _loader(self, dataset: Any, batch_size: int, rank: int = 0, world: int = 1) -> Any:
@@ -216,27 +286,45 @@ class ImageFolderRunData:
         model.train(was_training)
         return {"test_loss": loss / count, "test_acc": top1 / count, "test_top5": top5 / count}
 
-    def match_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
-        subset = imagenet.match_subset(self.data, self.match_samples, seed=0)
+    def match_batches(self, samples: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+        """This rank's share (every ``world``-th sample) of
+        :func:`~maskalign.repro.imagenet.match_subset` (seed 0) of
+        ``match_samples`` training images, or ``samples`` when given.
+
+        Raises:
+            ArgumentValueError: ``samples`` is not in ``[2, training images]``.
+        """
+        total = len(self.data.train_eval)  # type: ignore[arg-type]
+        n = self.match_samples if samples is None else _subset_size(samples, total, "Argument 'samples'")
+        subset = imagenet.match_subset(self.data, n, seed=_SUBSET_SEED)
         loader = self._loader(subset, MATCH_BATCH, distributed.rank(), distributed.world_size())
         return LoaderBatches(loader, self.device, self.channels_last)
 
     def bn_batches(self, n: int, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
-        subset = imagenet.match_subset(self.data, self.match_samples, seed=0)
+        subset = imagenet.match_subset(self.data, self.match_samples, seed=_SUBSET_SEED)
         return LoaderBatches(self._loader(subset, batch_size), self.device, self.channels_last, limit=n)
 
     def settings(self) -> dict[str, Any]:
         # the loader workers seed the random crops (reproducible with the same number of workers)
-        return {"match_samples": self.match_samples, "loader_workers": self.workers}
+        size = {"image_size": self.image_size} if self.image_size != _IMAGENET_IMAGE_SIZE else {}
+        return {"match_samples": self.match_samples, "loader_workers": self.workers, **size}
 
 
 def load_run_data(
     config: ReproduceConfig, splits: DatasetSplits | None, device: torch.device, world: int
 ) -> MemoryData | ImageFolderRunData:
     """The data of a run: ``splits`` (or ``config.dataset``'s in-memory
-    splits) on ``device``, or the ImageFolder of ``dataset="imagenet"``."""
+    splits) on ``device``, or the ImageFolder of ``dataset="imagenet"``;
+    matching on ``config.match_samples`` training samples.
+
+    Raises:
+        ConfigError: ``match_samples`` exceeds the training samples (and as
+            :class:`ImageFolderRunData`).
+        DataError, ValueError: as :func:`~maskalign.repro.data.load_dataset`
+            or :class:`ImageFolderRunData`.
+    """
     if splits is None and config.dataset == "imagenet":
         return ImageFolderRunData(config, device, world)
     splits = splits or load_dataset(config.dataset, config.data_root)
     fingerprint = splits_fingerprint(splits)
-    return MemoryData(splits_to_device(splits, device), device, fingerprint)
+    return MemoryData(splits_to_device(splits, device), device, fingerprint, config.match_samples)
