@@ -35,6 +35,8 @@ from maskalign.repro.imagenet import (  # noqa: E402
     train_loader,
     write_fake_imagefolder,
 )
+from maskalign.repro.presets import get_preset  # noqa: E402
+from maskalign.repro.rundata import ImageFolderRunData  # noqa: E402
 
 CLASSES, PER_CLASS, SIZE, CROP = 3, 4, 32, 24
 
@@ -250,3 +252,66 @@ def test_short_resnet50_training_on_the_fake_data_is_finite(root: Path) -> None:
         images, labels = next(iter(eval_loader(data.test, 6, workers=0)))
         top1, top3 = topk_correct(model(images), labels, ks=(1, 3))
     assert 0 <= top1 <= top3 == 6  # 3 classes: the top 3 hold every label
+
+
+# ------------------------------------------- ImageNet evaluation sharded over ranks
+VAL_ODD = 3  # 3 classes x 3 validation images: 9, which 2 ranks split 5 + 4
+
+
+def _eval_model() -> nn.Module:
+    """A small conv net with BatchNorm (eval mode: its running statistics),
+    seeded: the same weights on every rank."""
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, CLASSES),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _run_data(root: str) -> ImageFolderRunData:
+    config = get_preset("imagenet-resnet50", data_root=root, image_size=CROP, batch_size=2)
+    return ImageFolderRunData(config, torch.device("cpu"), 2)
+
+
+def _scores_worker(rank: int, init_file: str, root: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        data, model = _run_data(root), _eval_model()
+        seen: list[int] = []
+        hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        sharded = data.scores(model)  # a collective: each rank its share, the sums all-reduced
+        hook.remove()
+        alone = data.scores(model, shard=False)  # this rank alone, the whole split (no collective)
+        share = list(data._test_batches_of_rank(rank, 2).loader.sampler)
+        torch.save({"sharded": sharded, "alone": alone, "share": share, "seen": sum(seen)}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_evaluate_their_shares_and_return_one_process_scores(tmp_path: Path) -> None:
+    """Sharded ImageNet scores (2 gloo ranks, 9 validation images: an uneven
+    split) equal one process's to 1e-12 (float summation order), on both
+    ranks alike, and every image is evaluated once."""
+    from conftest import run_workers
+
+    root = write_fake_imagefolder(tmp_path / "data", classes=CLASSES, per_class=2, size=SIZE, val_per_class=VAL_ODD)
+    one = _run_data(str(root)).scores(_eval_model())  # no process group: one process, the whole split
+    run_workers(_scores_worker, (str(tmp_path / "init"), str(root), str(tmp_path / "out")), 2)
+    got = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    assert got[0]["sharded"] == got[1]["sharded"]  # the all-reduced sums: the same on every rank
+    assert set(one) == {"test_loss", "test_acc", "test_top5"}
+    for r in range(2):
+        assert got[r]["alone"] == one  # the unsharded path on one rank is the one-process evaluation
+        for key, value in one.items():
+            assert got[r]["sharded"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    shares = [got[r]["share"] for r in range(2)]
+    assert shares == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]  # every image once: 5 + 4 of 9
+    assert [got[r]["seen"] for r in range(2)] == [5, 4]  # each rank evaluated its share only
+    assert one["test_top5"] == 1.0 and one["test_acc"] * 9 == round(one["test_acc"] * 9)  # counts over 9 images

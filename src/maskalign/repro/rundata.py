@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -88,7 +89,10 @@ class RunData(Protocol):
         ...
 
     def scores(self, model: nn.Module) -> dict[str, float]:
-        """``test_loss`` (mean nats), ``test_acc`` (fraction) and any other test metric."""
+        """``test_loss`` (mean nats), ``test_acc`` (fraction) and any other
+        test metric. Under a process group it may be a collective (every rank
+        calls it: :meth:`ImageFolderRunData.scores`); the evaluation-only
+        stages that run on rank 0 alone read :meth:`test_batches` instead."""
         ...
 
     def match_batches(self, samples: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
@@ -211,7 +215,8 @@ class ImageFolderRunData:
     :class:`~maskalign.repro.imagenet.ImageFolderTrainData` (the last
     incomplete global batch of an epoch dropped), the ``val`` split through
     :func:`~maskalign.repro.imagenet.eval_loader` at every evaluation
-    (never held; every rank evaluates the whole split), matching and
+    (never held; :meth:`scores` shards it over the ranks, :meth:`test_batches`
+    is the whole split), matching and
     BatchNorm re-estimation on :func:`~maskalign.repro.imagenet.match_subset`
     (eval transform; for matching each rank reads every ``world``-th sample
     of it); on CUDA the models and batches are ``channels_last``. Test
@@ -259,6 +264,7 @@ class ImageFolderRunData:
         else:
             self.match_samples = _subset_size(config.match_samples, total, "Setting 'match_samples' (--match-samples)")
         self._test: LoaderBatches | None = None
+        self._test_share: tuple[tuple[int, int], LoaderBatches] | None = None
 
     def _loader(self, dataset: Any, batch_size: int, rank: int = 0, world: int = 1) -> Any:
         return imagenet.eval_loader(
@@ -273,17 +279,48 @@ class ImageFolderRunData:
             self._test = LoaderBatches(self._loader(self.data.test, EVAL_BATCH), self.device, self.channels_last)
         return self._test
 
+    def _test_batches_of_rank(self, rank: int, world: int) -> LoaderBatches:
+        """Rank ``rank``'s share of the ``val`` split: samples ``rank, rank + world, ...``."""
+        if self._test_share is None or self._test_share[0] != (rank, world):
+            self._test_share = None  # one loader (persistent workers) for every sharded evaluation
+            loader = self._loader(self.data.test, EVAL_BATCH, rank, world)
+            self._test_share = ((rank, world), LoaderBatches(loader, self.device, self.channels_last))
+        return self._test_share[1]
+
     @torch.no_grad()
-    def scores(self, model: nn.Module) -> dict[str, float]:
+    def scores(self, model: nn.Module, *, shard: bool = True) -> dict[str, float]:
+        """``test_loss`` (mean cross-entropy, nats), ``test_acc`` and
+        ``test_top5`` (fractions) over the ``val`` split, in eval mode (the
+        model's mode is restored).
+
+        Under a process group of N > 1 ranks (and ``shard``), each rank
+        evaluates its share (every N-th image:
+        :func:`~maskalign.repro.imagenet.eval_loader` with ``rank`` and
+        ``world``, so every image once, also when N does not divide the
+        split) and the sums of loss, top-1 and top-5 hits and images are
+        all-reduced in float64: a collective, which every rank must call
+        (the training stages do), and every rank returns the same scores,
+        those of one process up to the order of the float additions. The
+        losses are summed in float64 from float64 cross-entropies.
+        ``shard=False``, or one process: this process evaluates the whole
+        split alone (no collective).
+        """
+        world = distributed.world_size() if shard else 1
+        data = self.test_batches() if world == 1 else self._test_batches_of_rank(distributed.rank(), world)
         was_training = model.training
         model.eval()
         loss, top1, top5, count = 0.0, 0, 0, 0
-        for inputs, targets in self.test_batches():
+        for inputs, targets in data:
             out = model(inputs)
-            loss += float(torch.nn.functional.cross_entropy(out.float(), targets, reduction="sum"))
+            loss += float(torch.nn.functional.cross_entropy(out.double(), targets, reduction="sum"))
             hits = imagenet.topk_correct(out, targets, (1, 5))
             top1, top5, count = top1 + hits[0], top5 + hits[1], count + targets.shape[0]
         model.train(was_training)
+        if world > 1:  # NCCL reduces CUDA tensors, gloo CPU ones
+            where = self.device if self.device.type == "cuda" else torch.device("cpu")
+            sums = torch.tensor([loss, top1, top5, count], dtype=torch.float64, device=where)
+            dist.all_reduce(sums)
+            loss, top1, top5, count = sums.tolist()
         return {"test_loss": loss / count, "test_acc": top1 / count, "test_top5": top5 / count}
 
     def match_batches(self, samples: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
