@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import ArgumentTypeError, ArgumentValueError, DataError, _did_you_mean
+from ..errors import ArgumentTypeError, ArgumentValueError, DataError, _describe, _did_you_mean
 from ..permutation import permute_mask
 from ..spec.permutation_spec import PermutationSpec, build_spec
 from .activation import _default_input_fn, _split_inputs, match_activations
@@ -28,6 +28,7 @@ def transfer_mask(
     *,
     method: str = "activation",
     spec: PermutationSpec | None = None,
+    mask_aware: bool = False,
     **options: Any,
 ) -> dict[str, Tensor]:
     """A's pruning mask moved into B's hidden units: the permuted mask of
@@ -63,6 +64,14 @@ def transfer_mask(
             (or ``example_inputs=``) is not given.
         method: ``"activation"`` (default; the paper's) or ``"weight"``.
         spec: the permutation spec of ``model_a``; built when omitted.
+        mask_aware: match with ``mask=mask_a`` (opt-in; default ``False``,
+            the paper's dense matching): activation matching then weights
+            each of A's units by the surviving mass of ``mask_a`` it
+            carries, weight matching matches A's masked weights against
+            B's dense ones (see the ``mask`` argument of
+            :func:`~maskalign.match_activations` and
+            :func:`~maskalign.match_weights`, and what it was measured to
+            do there).
         **options: passed to the matcher: e.g. ``points``,
             ``stream_points``, ``num_batches``, ``cost``, ``progress`` for
             activation matching; ``max_iter``, ``restarts``, ``seed``,
@@ -81,7 +90,9 @@ def transfer_mask(
         TraceError: as :func:`~maskalign.build_spec` (a model it cannot trace).
         SpecError: as :func:`~maskalign.build_spec`.
         ArgumentTypeError: an option the matcher does not have (close names
-            are suggested), or as the matcher (an option of the wrong type).
+            are suggested), ``mask=`` among the options (``mask_aware=True``
+            passes ``mask_a``), ``mask_aware`` is not a bool, or as the
+            matcher (an option of the wrong type).
         SpecMismatchError: as the matcher (e.g. models of different architectures).
 
     Example:
@@ -104,6 +115,15 @@ def transfer_mask(
             f"Argument 'method' is {method!r}; pass one of {', '.join(map(repr, METHODS))}."
             f"{_did_you_mean(method, METHODS) if isinstance(method, str) else ''}"
         )
+    if not isinstance(mask_aware, bool):
+        raise ArgumentTypeError(f"Argument 'mask_aware' is {_describe(mask_aware)}; pass True or False.")
+    if "mask" in options:
+        raise ArgumentTypeError(
+            "Option 'mask' is not taken by transfer_mask, which matches with mask_a itself when asked; pass "
+            "mask_aware=True instead."
+        )
+    if mask_aware:
+        options = {**options, "mask": mask_a}
     matcher = match_activations if method == "activation" else match_weights
     accepted = [n for n, p in inspect.signature(matcher).parameters.items() if p.kind is p.KEYWORD_ONLY]
     for name in options:

@@ -37,6 +37,7 @@ from ..spec.axes import AxisTree, Leaf, co_groups, groups_of, index_vector
 from ..spec.permutation_spec import PermutationSpec, build_spec
 from .coordinate_ascent import coordinate_ascent, lap_step, positions_of
 from .lap import block_lap_values, solve_lap
+from .mask_aware import check_mask, check_mask_type
 
 __all__ = ["match_weights"]
 
@@ -146,6 +147,7 @@ def match_weights(
     init: Permutation | None = None,
     seed: int | None = None,
     progress: bool = True,
+    mask: Mapping[str, Tensor] | None = None,
 ) -> Permutation:
     """Find the permutation aligning ``model_a`` to ``model_b`` by weight matching.
 
@@ -212,6 +214,23 @@ def match_weights(
         progress: show a tqdm progress bar of the sweeps (when tqdm is
             installed; it appears only if matching takes more than half a
             second); ``False`` is silent.
+        mask: mask-aware matching (opt-in; issue 17): model A's pruning
+            mask, parameter name -> ``torch.bool`` tensor or tensor of 0s
+            and 1s of the parameter's shape (the format of
+            :func:`~maskalign.permute_mask`, e.g. IMP's mask of A); not
+            modified. A's masked weights ``W_A[t] * m_A[t]`` are matched
+            against B's dense weights, ``J(pi) = sum_t c_t <pi(W_A[t] *
+            m_A[t]), W_B[t]>`` (parameters without a mask stay dense): only
+            the weights that survive in A's sparse network decide where its
+            units go, which is what the permuted mask carries over to B.
+            ``None`` (default): dense A, the result of earlier versions
+            bitwise. Measured (``benchmarks/bench_mask_aware.py``, see
+            :func:`~maskalign.match_activations`' ``mask``) at sparsity 0.98 and k = 0
+            the permuted B_0 gained +1.86 +- 1.70 points of test accuracy
+            (paired t = 3.1 over 8 seeds, 1.4 times the seed noise of plain
+            weight matching), at k = 10 +0.14 +- 0.81 and at 0.9 +0.19 /
+            -0.06, within the noise; the dense barrier rose from 0.014 to
+            0.019 (0.9) / 0.052 (0.98); opt-in.
 
     Returns:
         A :class:`Permutation` ``pi`` with ``apply_permutation(model_a, pi)``
@@ -224,7 +243,8 @@ def match_weights(
         ``"converged"``, whether it stopped before ``max_iter`` (no group
         changed, or the improvement fell to ``tol``); ``"include_buffers"``,
         the buffer weight as a float; ``"tol"``; and ``"restarts"``, the
-        final objective of every run.
+        final objective of every run; ``"mask_aware"``, whether ``mask`` was
+        given (the objective is then that of A's masked weights).
 
     Raises:
         ArgumentTypeError: (a ``TypeError``) ``model_a`` or ``model_b`` is
@@ -232,7 +252,8 @@ def match_weights(
             ``spec`` is not a :class:`~maskalign.spec.PermutationSpec`,
             ``init`` is not a permutation, ``max_iter`` / ``restarts`` /
             ``seed`` is not an int, ``include_buffers`` is not a bool or a
-            real number, or ``tol`` is not a real number (or is a bool).
+            real number, ``tol`` is not a real number (or is a bool), or
+            ``mask`` is not a mapping (or is a permutation).
         ArgumentValueError: (a ``ValueError``) ``restarts < 1``,
             ``max_iter < 0``, or ``include_buffers`` / ``tol`` is negative,
             NaN or infinite.
@@ -241,6 +262,9 @@ def match_weights(
             different dtypes, or ``init`` was made for another spec.
         DataError: (a ``ValueError``) a weight the matching reads is NaN or
             infinite (the message names the model and the tensor).
+        MaskError: (a ``ValueError``) ``mask`` names a key that is not a
+            parameter of the spec, or holds a value that is not a dense
+            tensor of the parameter's shape and of 0s and 1s (the key named).
 
     Example:
         >>> import torch, maskalign as ma
@@ -277,6 +301,8 @@ def match_weights(
             f"Argument 'init' is {_describe(init)}, not a Permutation; pass the result of a matcher, e.g. "
             "init=ma.match_activations(model_a, model_b, data, spec)."
         )
+    if mask is not None:
+        check_mask_type(mask)
     if spec is None:
         if example_inputs is None:
             raise SpecError(
@@ -299,6 +325,10 @@ def match_weights(
     ]
     _check_weights(state_a, state_b, carrying)
     tensors_a = {t: _working(state_a[t]) for t in carrying}
+    if mask is not None:  # A's masked weights w * m against B's dense ones
+        for t, keep in check_mask(mask, spec).items():
+            if t in tensors_a:
+                tensors_a[t] = tensors_a[t] * keep.to(tensors_a[t].device, tensors_a[t].dtype)
     tensors_b = {t: _working(state_b[t]) for t in carrying}
     weights = {t: 1.0 if t in spec.parameters else buffer_weight for t in carrying}
     target = _Objective(
@@ -361,6 +391,7 @@ def match_weights(
         "include_buffers": buffer_weight,
         "tol": tolerance,
         "restarts": finals,
+        "mask_aware": mask is not None,
     }
     return Permutation(spec, best.perm, report=report)
 
