@@ -104,7 +104,8 @@ def test_a_subset_is_a_fixed_seeded_choice_in_training_set_order() -> None:
 
 
 def test_too_many_samples_are_refused_naming_the_training_set_size() -> None:
-    with pytest.raises(ConfigError, match=r"'match_samples' \(--match-samples\) is 601, but the training set holds 600"):
+    too_many = r"'match_samples' \(--match-samples\) is 601, but the training set holds 600"
+    with pytest.raises(ConfigError, match=too_many):
         _data(601)
     config = ReproduceConfig(match_samples=601)
     with pytest.raises(ConfigError, match="holds 600 samples; pass 2 .. 600"):

@@ -51,6 +51,8 @@ def test_every_seed_k_sparsity_method_is_trained(tiny: tuple[dict, Path]) -> Non
         assert r["mask_sparsity"] == pytest.approx(r["sparsity"], abs=1e-3)
         assert 0.0 <= r["test_acc"] <= 1.0
     assert [r["sparsity"] for r in results["imp"]] == [0.5, 0.8, 0.5, 0.8]
+    assert list(results["imp"][0]) == ["seed", "sparsity", "method", "test_loss", "test_acc", "mask_sparsity"]
+    assert list(results["imp_history"][0]) == ["seed", "round", "sparsity", "test_loss", "test_acc"]
     assert results["imp_schedule"] == imp_schedule([0.5, 0.8])
     assert len(results["imp_history"]) == 2 * len(imp_schedule([0.5, 0.8]))
     assert {(r["seed"], r["model"]) for r in results["dense"]} == {(0, "A"), (0, "B"), (1, "A"), (1, "B")}

@@ -78,6 +78,10 @@ def test_the_preset_runs_end_to_end_and_a_rerun_reuses_every_stage(
         assert record["test_top5"] == 1.0 and record["test_loss"] > 0
     assert sorted(r["method"] for r in results["sparse"]) == sorted(PRESETS["imagenet-resnet50"].methods)
     assert [r["sparsity"] for r in results["imp"]] == [0.2]
+    for record in results["imp"] + results["imp_history"]:  # IMP records carry top-5 too
+        assert 0.0 <= record["test_acc"] <= record["test_top5"] == 1.0
+    assert "## Top-5 test accuracy (%) by rewind point k" in (out / "results.md").read_text()
+    assert "| S | IMP | IMP top-5 |" in (out / "results.md").read_text()
     assert results["matching"][0]["recipe"]["samples"] == CLASSES * PER_CLASS  # all of them (< 10,000)
     assert {c["pair"] for c in results["lmc"]} >= {"A-B", "pi(A)-B"}
     assert results["diversity"] and results["shared_mask"] is None  # one seed

@@ -404,14 +404,13 @@ class _Run:
                 )
 
             def on_round_end(imp_round: IMPRound, m: nn.Module) -> None:
-                loss, acc = self.test(m)
-                history.append(
-                    {"round": imp_round.index, "sparsity": imp_round.sparsity, "test_loss": loss, "test_acc": acc}
-                )
+                scores = self.data.scores(m)  # test_loss, test_acc and any other metric (ImageNet: test_top5)
+                acc = scores["test_acc"]
+                history.append({"round": imp_round.index, "sparsity": imp_round.sparsity, **scores})
                 cpu_masks = {k: v.cpu() for k, v in imp_round.masks.items()}
                 for target in c.sparsities:
                     if abs(target - imp_round.sparsity) <= SAME_LEVEL_TOL:
-                        payload = {"state": cpu_state(m), "masks": cpu_masks, "test_loss": loss, "test_acc": acc}
+                        payload = {"state": cpu_state(m), "masks": cpu_masks, **scores}
                         self.store.save_tensors("imp", key, f"target_{level_key(target)}.pt", payload)
                 state = {"settings": settings_hash(settings), "state": cpu_state(m), "masks": cpu_masks}
                 self.store.save_tensors("imp", key, "last_round.pt", {**state, "history": history})
@@ -439,8 +438,7 @@ class _Run:
                         "seed": seed,
                         "sparsity": target,
                         "method": "imp",
-                        "test_loss": saved["test_loss"],
-                        "test_acc": saved["test_acc"],
+                        **{name: value for name, value in saved.items() if name.startswith("test_")},
                         "mask_sparsity": sparsity(saved["masks"]).global_,
                     }
                 )

@@ -94,6 +94,28 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _top5(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Top-5 test accuracy (%) laid out like :func:`summarize`'s ``dense``,
+    ``accuracy`` and ``imp`` (``imp`` holds only the sparsities whose records
+    carry it), from the records' ``test_top5`` (ImageNet's); ``None`` when
+    the dense records carry none (the other data sets)."""
+    if not any("test_top5" in r for r in results["dense"]):
+        return None
+    config = results["config"]
+
+    def top5(rows: Iterable[dict[str, Any]], **match: Any) -> list[float]:
+        return [100 * r["test_top5"] for r in rows if "test_top5" in r and all(r.get(k) == v for k, v in match.items())]
+
+    accuracy: dict[float, dict[str, dict[int, MeanStd]]] = {}
+    for target in config["sparsities"]:
+        accuracy[target] = {}
+        for method in config["methods"]:
+            found = {k: top5(results["sparse"], sparsity=target, method=method, k=k) for k in config["rewind_epochs"]}
+            accuracy[target][method] = {k: _mean_std(v) for k, v in found.items() if v}
+    imp = {t: _mean_std(v) for t in config["sparsities"] if (v := top5(results["imp"], sparsity=t))}
+    return {"dense": _mean_std(top5(results["dense"])), "accuracy": accuracy, "imp": imp}
+
+
 def _settings_line(config: dict[str, Any]) -> str:
     return (
         f"T={config['epochs']} epochs, rewind points k={config['rewind_epochs']}, "
@@ -117,9 +139,12 @@ def _recipe_words(config: dict[str, Any]) -> str:
 
 def _accuracy_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     """The opening of ``results.md``: heading, settings, dense accuracy and
-    the test-accuracy table by rewind point (``summary``: :func:`summarize`)."""
+    the test-accuracy table by rewind point (``summary``: :func:`summarize`);
+    when the records carry top-5 accuracy (ImageNet, the paper's Figure 7
+    metric), the dense top-5 accuracy and a top-5 table after it."""
     config = results["config"]
     ks = config["rewind_epochs"]
+    top5 = _top5(results)
     preset = results.get("preset") or "custom settings"
     width = f"x{config['width']}" if config["model"] != "mlp" else f" {config['hidden']}"
     lines = [
@@ -128,6 +153,7 @@ def _accuracy_section(results: dict[str, Any], summary: dict[str, Any]) -> list[
         _settings_line(config),
         "",
         f"Dense test accuracy (A and B, all seeds): {_fmt(summary['dense'])} %.",
+        *([] if top5 is None else ["", f"Dense top-5 test accuracy (A and B, all seeds): {_fmt(top5['dense'])} %."]),
         "",
         f"## Test accuracy (%) by rewind point k, mean +- std over {config['seeds']} seed(s)",
         "",
@@ -137,7 +163,23 @@ def _accuracy_section(results: dict[str, Any], summary: dict[str, Any]) -> list[
         "| S | method | " + " | ".join(f"k={k}" for k in ks) + " |",
         "|---|---|" + "---|" * len(ks),
     ]
-    for target, methods in summary["accuracy"].items():
+    lines += _accuracy_rows(summary["accuracy"], ks)
+    if top5 is not None:
+        lines += [
+            "",
+            f"## Top-5 test accuracy (%) by rewind point k, mean +- std over {config['seeds']} seed(s)",
+            "",
+            "| S | method | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks),
+            *_accuracy_rows(top5["accuracy"], ks),
+        ]
+    return lines
+
+
+def _accuracy_rows(accuracy: dict[float, dict[str, dict[int, MeanStd]]], ks: Sequence[int]) -> list[str]:
+    """The rows of an accuracy table by rewind point: one per sparsity and method."""
+    lines = []
+    for target, methods in accuracy.items():
         for i, (method, row) in enumerate(methods.items()):
             cells = " | ".join(_fmt(row.get(k)) for k in ks)
             lines.append(f"| {f'{100 * target:g}%' if i == 0 else ''} | {_LABELS[method]} | {cells} |")
@@ -165,9 +207,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         "## IMP (the pruned solution w_A^T * m_A), test accuracy (%)",
         "",
-        "| S | IMP |",
-        "|---|---|",
-        *(f"| {100 * t:g}% | {_fmt(v)} |" for t, v in summary["imp"].items()),
+        *_imp_rows(summary["imp"], (_top5(results) or {}).get("imp")),
         "",
         "## Linear mode connectivity: test-loss barrier (nats), mean +- std over seeds",
         "",
@@ -185,6 +225,14 @@ def markdown_table(results: dict[str, Any]) -> str:
                 lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(barriers) + " |")
     lines += ["", *_diversity_section(results), *_shared_mask_section(results)]
     return "\n".join(lines)
+
+
+def _imp_rows(imp: dict[float, MeanStd], top5: dict[float, MeanStd] | None) -> list[str]:
+    """The IMP accuracy table (%): top-1, and top-5 beside it when the records carry it."""
+    if not top5:
+        return ["| S | IMP |", "|---|---|", *(f"| {100 * t:g}% | {_fmt(v)} |" for t, v in imp.items())]
+    rows = (f"| {100 * t:g}% | {_fmt(v)} | {_fmt(top5.get(t))} |" for t, v in imp.items())
+    return ["| S | IMP | IMP top-5 |", "|---|---|---|", *rows]
 
 
 def brief_summary(results: dict[str, Any]) -> str:
