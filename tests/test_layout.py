@@ -133,7 +133,8 @@ def test_docs_layout_diagram_is_generated_from_the_imports() -> None:
     for edge in (
         "spec_capture --> spec_rules_analysis",
         "spec_permutation_spec --> permutation",
-        "permutation --> matching_activation",
+        "permutation --> matching_mask_aware",
+        "matching_mask_aware --> matching_activation",
         "sparse_masks --> sparse_enforce",
     ):
         assert edge in diagram

@@ -46,7 +46,7 @@ from ..errors import DOCS_URL, MaskAlignError
 from ..matching.activation import POINTS, STREAM_POINTS
 from . import distributed
 from .experiment import plan_stages, reproduce, resolve_device
-from .presets import AMP_MODES, DATASETS, METHODS, PRESETS, ReproduceConfig, get_preset
+from .presets import AMP_MODES, DATASETS, MATCH_SOURCES, METHODS, PRESETS, ReproduceConfig, get_preset
 from .progress import RunProgress
 from .report import brief_summary, render, write_results
 
@@ -203,6 +203,26 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         default=keep,
         help="residual streams: match every point of a stage (all) or only its last one",
     )
+    add(
+        "--match-epoch",
+        "--match-epochs",
+        dest="match_epochs",
+        type=int,
+        nargs="+",
+        default=keep,
+        metavar="E",
+        help="early-matching study: also match A to B trained only E epochs (and A and B both after E epochs), "
+        "and sparse-train B with each of those permuted masks",
+    )
+    add(
+        "--match-sources",
+        nargs="+",
+        choices=MATCH_SOURCES,
+        default=keep,
+        help="matching-source study: also match on a subset of the training data (subset), from A's pruned "
+        "network (imp), or weighting units by A's mask (mask-aware), and sparse-train B with each permuted mask",
+    )
+    add("--subset-samples", type=int, default=keep, help="training samples of the subset matching source")
     add(
         "--image-size",
         type=int,

@@ -121,6 +121,7 @@ from .refs import (
 )
 from .rundata import MATCH_BATCH, MemoryData, RunData, load_run_data
 from .stages import StageMismatchError, StageStore, settings_hash
+from .studies import STUDY_STAGES, Studies
 from .training import TrainConfig, train
 
 __all__ = ["METHODS", "SHARED_MASK", "SHARED_MASK_METHODS", "STAGES", "ReproduceConfig", "resolve_device", "reproduce"]
@@ -136,6 +137,7 @@ STAGES: tuple[str, ...] = (
     "shared-match",
     "shared-sparse",
     "shared-diversity",
+    *STUDY_STAGES,
 )
 
 #: Name (the rows' ``protocol``) of the ICML paper's Table-1 protocol: one
@@ -215,6 +217,7 @@ class _Run:
         self.targets = self.data.targets
         self._spec: PermutationSpec | None = None
         self._has_bn: bool | None = None
+        self.studies = Studies(self)
 
     # ------------------------------------------------------------ helpers
     def settings(self, fields: Sequence[str], **instance: object) -> dict[str, Any]:
@@ -785,6 +788,7 @@ class _Run:
             "matching": [],
             "sparse": [],
             "lmc": [],
+            "variants": {"matching": [], "sparse": []},
         }
         for seed in range(c.seeds):
             for role in ("A", "B"):
@@ -799,9 +803,12 @@ class _Run:
                 for k in c.rewind_epochs:
                     for method in c.methods:
                         results["sparse"].append(self.sparse(seed, k, target, method, masks[method]))
+            for part, rows in self.studies.run_seed(seed, perm).items():
+                results["variants"][part] += rows
             results["lmc"] += self.lmc(seed, perm)
         results["diversity"] = self.diversity()
         results["shared_mask"] = self.shared_mask()
+        results["variants"]["ensembles"] = self.studies.ensembles()
         return results
 
     def plan(self) -> Iterator[StageRef]:
@@ -818,6 +825,7 @@ class _Run:
             yield self.ref_match(seed)
             for target, k, method in itertools.product(c.sparsities, c.rewind_epochs, c.methods):
                 yield self.ref_sparse(seed, k, target, method)
+            yield from self.studies.plan(seed)
             yield self.ref_lmc(seed)
         yield self.ref_diversity()
         if c.seeds < 2:
@@ -829,6 +837,7 @@ class _Run:
         for method, seed in itertools.product(methods, range(1, c.seeds)):
             yield self.ref_sparse(seed, k, target, method, shared=True)
         yield self.ref_shared_diversity(target, k)
+        yield from self.studies.plan_ensembles()
 
     def plan_status(self) -> list[dict[str, Any]]:
         """:meth:`plan` with what the run would do with each instance (the

@@ -21,7 +21,10 @@ The ``digits`` preset (the default) runs the same protocol at small scale on
 scikit-learn's bundled 8x8 digits with an MLP, in about 90 seconds
 on 2 CPU cores. ``digits-quick`` runs every stage of it in a few seconds
 (2 seeds, 4 epochs, two sparsities, a narrow MLP): a check that the
-pipeline works on a machine, whose numbers mean little.
+pipeline works on a machine, whose numbers mean little. ``digits-studies``
+is ``digits`` with 5 seeds and both studies of :mod:`maskalign.repro.studies`
+(early matching at e = 0, 2, 5, 10, 15 of T = 20, and every matching source):
+the measurements behind ``docs/how-to/studies.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..matching.activation import DEFAULT_POINTS, DEFAULT_STREAM_POINTS, POINTS,
 __all__ = [
     "AMP_MODES",
     "DATASETS",
+    "MATCH_SOURCES",
     "METHODS",
     "PRESETS",
     "PRESET_SOURCES",
@@ -50,6 +54,15 @@ __all__ = [
 #: Sparse-training methods: LTH (A_k, m_A), naive (B_k, m_A), permuted
 #: (B_k, pi(m_A)) and random (B_k, a random mask with m_A's per-layer density).
 METHODS: tuple[str, ...] = ("lth", "naive", "permuted", "random")
+
+#: Sources of the permutation compared with the paper's (activation matching
+#: of dense A_T to dense B_T on all the training data) by the matching-source
+#: study (:mod:`maskalign.repro.studies`): ``"subset"`` (the same on
+#: ``subset_samples`` training samples), ``"imp"`` (A's pruned IMP solution at
+#: the target sparsity instead of dense A_T) and ``"mask-aware"`` (dense A_T,
+#: each unit weighted by the surviving mass of A's mask: ``mask=`` of
+#: :func:`~maskalign.match_activations`).
+MATCH_SOURCES: tuple[str, ...] = ("subset", "imp", "mask-aware")
 
 #: The sparsity of the ICML paper's Table 1 (Sec. 4.2: "sparse models trained at 90% sparsity").
 _TABLE1_SPARSITY = 0.9
@@ -121,6 +134,18 @@ class ReproduceConfig:
             :data:`~maskalign.matching.activation.DEFAULT_STREAM_POINTS`),
             chosen by ``benchmarks/bench_matching_quality.py``. Recorded with
             every match stage in ``results.json`` (``matching[i]["recipe"]``).
+        match_epochs: the early-matching study (:mod:`maskalign.repro.studies`):
+            for each e, the permutation from A_T and B_e (B trained only e
+            epochs of its T-epoch schedule) and from A_e and B_e, each used
+            to permute m_A for sparse training at the shared-mask level k
+            (``table1_k``) and every sparsity; ``()`` (default): no study.
+            Every e lies in ``[0, epochs)``.
+        match_sources: the matching-source study: a subset of
+            :data:`MATCH_SOURCES`, each evaluated like ``match_epochs``;
+            ``()`` (default): no study.
+        subset_samples: training samples of the ``"subset"`` source (a fixed
+            seeded subset; 256 assumed, "a small subset of the training
+            dataset" in the paper's words for ImageNet).
         barrier_points: interpolation points of each LMC curve.
         bn_batches: training batches used to re-estimate BatchNorm statistics
             at each interpolation point (models with BatchNorm only).
@@ -172,6 +197,9 @@ class ReproduceConfig:
     table1_k: int | None = None
     match_points: str = DEFAULT_POINTS
     match_stream_points: str = DEFAULT_STREAM_POINTS
+    match_epochs: tuple[int, ...] = ()
+    match_sources: tuple[str, ...] = ()
+    subset_samples: int = 256
     barrier_points: int = 11
     bn_batches: int = 20
     device: str = "auto"
@@ -189,7 +217,7 @@ class ReproduceConfig:
                 command-line flag and what to pass.
         """
         set_ = object.__setattr__
-        for name in ("methods", "rewind_epochs", "sparsities", "hidden"):
+        for name in ("methods", "rewind_epochs", "sparsities", "hidden", "match_epochs", "match_sources"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ConfigError(f"{_flag(name)} is {value!r}; pass a list of values.")
@@ -201,12 +229,21 @@ class ReproduceConfig:
         set_(self, "rewind_epochs", tuple(sorted({_convert("rewind_epochs", k, int) for k in self.rewind_epochs})))
         set_(self, "sparsities", tuple(sorted({_convert("sparsities", v, float) for v in self.sparsities})))
         set_(self, "hidden", tuple(_convert("hidden", h, int) for h in self.hidden))
+        set_(self, "match_epochs", tuple(sorted({_convert("match_epochs", e, int) for e in self.match_epochs})))
+        unknown_sources = sorted(set(map(str, self.match_sources)) - set(MATCH_SOURCES))
+        if unknown_sources:
+            raise ConfigError(
+                f"{_flag('match_sources')} holds {unknown_sources[0]!r}; pass a subset of {list(MATCH_SOURCES)}."
+                f"{_did_you_mean(unknown_sources[0], MATCH_SOURCES)}"
+            )
+        set_(self, "match_sources", tuple(m for m in MATCH_SOURCES if m in set(self.match_sources)))
         if self.table1_sparsity is not None:
             set_(self, "table1_sparsity", _convert("table1_sparsity", self.table1_sparsity, float))
         if self.table1_k is not None:
             set_(self, "table1_k", _convert("table1_k", self.table1_k, int))
         set_(self, "methods", tuple(m for m in METHODS if m in set(self.methods)))
-        for name in ("epochs", "seeds", "batch_size", "width", "imp_epochs", "barrier_points", "bn_batches", "threads"):
+        integers = ("epochs", "seeds", "batch_size", "width", "imp_epochs", "barrier_points", "bn_batches", "threads")
+        for name in (*integers, "subset_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ConfigError(f"{_flag(name)} is {value!r}; pass an int.")
@@ -244,6 +281,13 @@ class ReproduceConfig:
             raise ConfigError(
                 f"{_flag('table1_k')} is {self.table1_k}; pass one of the rewind epochs {list(self.rewind_epochs)}."
             )
+        if any(not 0 <= e < self.epochs for e in self.match_epochs):
+            raise ConfigError(
+                f"{_flag('match_epochs')} is {list(self.match_epochs)}; every matching epoch e must lie in "
+                f"[0, epochs={self.epochs}) (e = epochs is the paper's matching, always run)."
+            )
+        if self.subset_samples < 2:
+            raise ConfigError(f"{_flag('subset_samples')} is {self.subset_samples}; pass at least 2.")
         if self.seeds < 1:
             raise ConfigError(f"{_flag('seeds')} is {self.seeds}; pass at least 1 (the number of A/B pairs).")
         if not 0 < self.prune_rate < 1:
@@ -475,6 +519,12 @@ _MNIST5K_RESNET20 = ReproduceConfig(
 #: Named presets. ``digits`` is the default of ``maskalign reproduce``.
 PRESETS: Mapping[str, ReproduceConfig] = {
     "digits": ReproduceConfig(threads=1),
+    "digits-studies": ReproduceConfig(
+        seeds=5,
+        match_epochs=(0, 2, 5, 10, 15),
+        match_sources=MATCH_SOURCES,
+        threads=1,
+    ),
     "digits-quick": ReproduceConfig(
         hidden=(32, 32),
         epochs=4,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._utils.fileio import atomic_write
+from . import study_report
 from .presets import METHODS
 
 __all__ = [
@@ -223,7 +224,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             barriers = [_fmt(summary["barrier"].get((p, k, target)), 4) for p in _SPARSE_PAIRS]
             if any(c != "-" for c in barriers):
                 lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(barriers) + " |")
-    lines += ["", *_diversity_section(results), *_shared_mask_section(results)]
+    lines += ["", *_diversity_section(results), *_shared_mask_section(results), *study_report.sections(results)]
     return "\n".join(lines)
 
 
@@ -271,17 +272,19 @@ def _shared_mask_section(results: dict[str, Any]) -> list[str]:
         "data-order seed s; naive: B_s,k with m_A0; perm.: B_s,k with pi'_s(m_A0), pi'_s the activation matching "
         "A_0 -> B_s; dense: the independently trained A_s,T; IMP: the pruned solution of each A_s. "
         "Metrics are means over the pairs of members (KL over both orders); ensemble accuracy from the averaged "
-        "probabilities of all members.",
+        "probabilities of all members. Training epochs: every epoch the ensemble cost, shared parts once "
+        "(A_0 and its IMP rounds for LTH, naive and perm.; each B_s trained to B_T for perm.'s matching).",
         "",
-        "| solution | test acc. (%) | ensemble acc. (%) | disagreement | KL | JS |",
-        "|---|---|---|---|---|---|",
+        "| solution | test acc. (%) | ensemble acc. (%) | disagreement | KL | JS | training epochs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in (m for m in _TABLE1_ORDER if m in rows):
         r = rows[method]
         acc = _mean_std([100 * a for a in r["member_accuracies"]])
+        epochs = study_report.ensemble_epochs(results, method)
         lines.append(
             f"| {_LABELS[method]} | {_fmt(acc)} | {100 * r['ensemble_accuracy']:.2f} | "
-            f"{r['disagreement']:.4f} | {r['kl']:.4f} | {r['js']:.4f} |"
+            f"{r['disagreement']:.4f} | {r['kl']:.4f} | {r['js']:.4f} | {epochs} |"
         )
     return lines
 
@@ -734,6 +737,9 @@ def _render(results: dict[str, Any], out: Path) -> dict[str, Path]:
     ):
         paths[name] = out / f"{name}.png"
         plot(results, paths[name])
+    if study_report.has_early_matching(results):
+        paths["early_matching"] = out / "early_matching.png"
+        study_report.plot_early_matching(results, paths["early_matching"])
     return paths
 
 
