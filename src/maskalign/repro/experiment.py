@@ -41,6 +41,11 @@ Member 0 of each method is the seed-0 run of ``sparse`` (same start, mask
 and data order); members s >= 1 are stage ``shared-sparse``, and the pairwise
 diversity of each ensemble is stage ``shared-diversity``.
 
+With ``match_epochs`` or ``match_sources``, the studies of
+:mod:`maskalign.repro.studies` follow (early matching, other sources of the
+permutation, permuted ensembles with early matching), each seed's after its
+``sparse`` stages and the ensembles after the shared-mask protocol.
+
 Every stage writes its artifacts and a manifest atomically under
 ``OUT/stages`` (:mod:`maskalign.repro.stages`); a re-run with the same output folder
 loads finished stages and computes the rest. Each training run is seeded from
@@ -63,16 +68,18 @@ artifact and manifest); the others load what it wrote
 ``sync_bn``, each rank normalises over its own share: the stages then also
 record ``bn_stats`` (the number of ranks), since the numbers depend on it.
 
-Data: the stages read it through one small interface (:class:`~maskalign.repro.rundata.RunData`): the
-in-memory data sets (:mod:`maskalign.repro.data`, held on the device), or,
-for ``dataset="imagenet"``, an ImageFolder streamed by
+Data: the stages read it through one small interface
+(:class:`~maskalign.repro.rundata.RunData`): the in-memory data sets
+(:mod:`maskalign.repro.data`, held on the device), or, for
+``dataset="imagenet"``, an ImageFolder streamed by
 :mod:`maskalign.repro.imagenet` (training through
 :class:`~maskalign.repro.imagenet.ImageFolderTrainData`, which drops the last
 incomplete global batch of an epoch; the test split streamed at every
-evaluation; matching and BatchNorm re-estimation on a fixed subset of 10,000
-training images; ``channels_last`` on CUDA; ``test_top5`` in the dense and
-sparse records). Its stages also record ``match_samples`` and
-``loader_workers`` (the workers seed the random crops).
+evaluation, each rank its share; matching and BatchNorm re-estimation on a
+fixed subset of ``match_samples`` training images, 10,000 by default;
+``channels_last`` on CUDA; ``test_top5`` in the dense, IMP and sparse
+records). Its stages also record ``match_samples`` and ``loader_workers``
+(the workers seed the random crops).
 """
 
 from __future__ import annotations
@@ -207,7 +214,9 @@ class _Run:
         self.config = config
         self.world = world
         # in-memory splits (already on the device) are read through MemoryData
-        self.data: RunData = MemoryData(data, device, fingerprint) if isinstance(data, DatasetSplits) else data
+        self.data: RunData = (
+            MemoryData(data, device, fingerprint, config.match_samples) if isinstance(data, DatasetSplits) else data
+        )
         self.device = device
         self.store = store
         self.fingerprint = fingerprint
@@ -307,11 +316,6 @@ class _Run:
     def load_model(self, stage: str, key: str, name: str) -> nn.Module:
         """The model whose ``state_dict`` is artifact ``name`` of a stage."""
         return self.from_state(self.store.load_tensors(stage, key, name))
-
-    def test(self, model: nn.Module) -> tuple[float, float]:
-        """Mean test loss (nats) and test accuracy (fraction)."""
-        scores = self.data.scores(model)
-        return scores["test_loss"], scores["test_acc"]
 
     def spec(self, model: nn.Module) -> PermutationSpec:
         if self._spec is None:
