@@ -4,7 +4,8 @@ on wide models, every ratio measured side by side in one run.
 (a) ResNet50 (``maskalign.models.ResNet50``, 64x64 inputs, random weights,
     BatchNorm running statistics set by train-mode passes over random data):
     ``match_activations`` vs the forward passes of A and B alone on the same
-    batches (target <= 1.5), medians over interleaved repeats;
+    batches (target <= 1.5), medians over interleaved repeats, and the
+    seconds one more match spends in statistics updates and in solves;
 (b) peak memory growth of ``match_activations`` on ResNet50 and on a
     GPT-2-medium-sized model (24 layers, width 1024, MLP 4096, random
     weights, 8 sequences x 64 tokens), without a budget (the default: half
@@ -23,7 +24,9 @@ scipy), unlike tracemalloc. Where clear_refs is unavailable it falls back to
 ``resource.getrusage`` maxrss after minus VmRSS before (which misses a peak
 lower than the setup's).
 
-Run: ``python benchmarks/bench_matching_scale.py`` (``--quick`` for a smoke run).
+Run: ``python benchmarks/bench_matching_scale.py`` (``--quick`` for a smoke run;
+``--threads 1`` with ``OMP_NUM_THREADS=1`` on a shared machine, where two
+threads' timings swing by several times between runs).
 """
 
 from __future__ import annotations
@@ -143,7 +146,38 @@ def worker_time(args: argparse.Namespace) -> dict[str, Any]:
     times = median_times(
         {"forward": forward, "match": lambda: ma.match_activations(a, b, batches, spec, progress=False)}, args.repeats
     )
-    return {"forward_s": times["forward"], "match_s": times["match"]}
+    return {"forward_s": times["forward"], "match_s": times["match"], **_breakdown(a, b, batches, spec)}
+
+
+def _breakdown(a: nn.Module, b: nn.Module, batches: list[torch.Tensor], spec: ma.PermutationSpec) -> dict[str, float]:
+    """Where one more (untimed above) match spends its time: the statistics
+    updates (``ActivationStats.update``) and the assignment solves
+    (``solve_lap`` as the matching calls it), wrapped in timers."""
+    from maskalign.matching import activation, stats
+
+    spent = {"updates_s": 0.0, "lap_s": 0.0, "lap_calls": 0.0}
+    update, solve_lap = stats.ActivationStats.update, activation.solve_lap
+
+    def timed_update(self: stats.ActivationStats, x: torch.Tensor, y: torch.Tensor) -> None:
+        start = time.perf_counter()
+        update(self, x, y)
+        spent["updates_s"] += time.perf_counter() - start
+
+    def timed_solve(matrix: Any, solver: Any = "auto") -> torch.Tensor:
+        start = time.perf_counter()
+        out = solve_lap(matrix, solver)
+        spent["lap_s"] += time.perf_counter() - start
+        spent["lap_calls"] += 1
+        return out
+
+    stats.ActivationStats.update, activation.solve_lap = timed_update, timed_solve  # type: ignore[method-assign]
+    try:
+        start = time.perf_counter()
+        ma.match_activations(a, b, batches, spec, progress=False)
+        spent["instrumented_s"] = time.perf_counter() - start
+    finally:
+        stats.ActivationStats.update, activation.solve_lap = update, solve_lap  # type: ignore[method-assign]
+    return spent
 
 
 def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,6 +278,10 @@ def main() -> None:
     print(
         f"(a) ResNet50 {batches}x{batch_size} at 64x64  forward A+B {got['forward_s']:7.2f} s   "
         f"match_activations {got['match_s']:7.2f} s   ratio {got['match_s'] / got['forward_s']:5.2f}  (target <= 1.5)"
+    )
+    print(
+        f"(a) one more match, instrumented: {got['instrumented_s']:.2f} s, of which statistics updates "
+        f"{got['updates_s']:.2f} s, {got['lap_calls']:.0f} assignment solves {got['lap_s']:.2f} s"
     )
     configs = [("ResNet50", ["--model", "resnet50", "--budget-mib", "0", *common])]
     if not args.skip_gpt2 and not args.quick:

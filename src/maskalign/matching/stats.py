@@ -25,7 +25,7 @@ STATS_DTYPES = (torch.float32, torch.float64)
 """Dtypes a batch's statistics can be computed in (``stats_dtype``); the
 merged state is float64 whatever the choice."""
 
-_SQUARE_ROLES = ("cross", "cross64", "outer")
+_SQUARE_ROLES = ("cross", "outer")
 """Scratch buffers of ``(n, n)`` entries (:meth:`ActivationStats.workspace_bytes`
 counts them); the other roles are of the size of one activation."""
 
@@ -128,10 +128,11 @@ class ActivationStats:
     def workspace_bytes(n: int) -> int:
         """Bound on the scratch of ``n`` units beyond the state: three float64
         ``(n, n)`` matrices. An update holds the batch's cross products (in
-        ``stats_dtype``), their float64 copy and the merge term; computing
-        the similarity holds it, the denominator and a mask (17 bytes per
-        entry); the assignment solver copies the similarity once or twice.
-        Scratch of the size of one activation (centred copies) comes on top."""
+        ``stats_dtype``) and the merge term (a float32 batch is widened as
+        it is added, without a float64 copy); computing the similarity
+        holds it, the denominator and a mask (17 bytes per entry); the
+        assignment solver copies the similarity once or twice. Scratch of
+        the size of one activation (centred copies) comes on top."""
         return 24 * n * n
 
     @property
@@ -205,9 +206,7 @@ class ActivationStats:
             cross = torch.matmul(centred_a.T, centred_b, out=self._scratch("cross", (n, n), work, device))
         m2_a = centred_a.square_().sum(dims).double()  # in place: the centred copies are done with
         m2_b = centred_b.square_().sum(dims).double()
-        if cross.dtype != torch.float64:
-            cross = self._scratch("cross64", (n, n), torch.float64, device).copy_(cross)
-        self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross)
+        self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross)  # cross widened to float64 there
 
     def _check_batch(self, a: Any, b: Any) -> None:
         for value, argument in ((a, "a"), (b, "b")):
@@ -228,7 +227,9 @@ class ActivationStats:
             )
 
     def _merge(self, m: int, mean_a: Tensor, mean_b: Tensor, m2_a: Tensor, m2_b: Tensor, cross: Tensor) -> None:
-        """Add a partial state of ``m`` samples (Chan et al.'s parallel update)."""
+        """Add a partial state of ``m`` samples (Chan et al.'s parallel update);
+        ``cross`` may be float32 (a batch's cross products): it is widened
+        exactly, entry by entry, as it is added."""
         total = self.count + m
         if total == 0:
             return
@@ -236,7 +237,8 @@ class ActivationStats:
         weight = self.count * m / total
         self.m2_a += m2_a + weight * da**2
         self.m2_b += m2_b + weight * db**2
-        # self.cross += cross + weight * outer(da, db), the same roundings, in one scratch matrix
+        # self.cross += cross + weight * outer(da, db), the same roundings, in one scratch matrix; a float32
+        # cross is widened (exactly) inside the add, not copied to float64 first
         term = torch.outer(da, db, out=self._scratch("outer", (self.n, self.n), torch.float64, da.device))
         self.cross += term.mul_(weight).add_(cross)
         self.mean_a += da * (m / total)
