@@ -48,7 +48,7 @@ from ..spec.permutation_spec import ActivationPoint, PermutationSpec, build_spec
 from .coordinate_ascent import coordinate_ascent, lap_step, positions_of
 from .lap import block_lap_values, solve_lap
 from .mask_aware import check_mask, check_mask_type, position_weights, unit_masses, unit_weights
-from .stats import COSTS, ActivationStats, _check_stats_dtype, _Workspace
+from .stats import COSTS, ActivationStats, TieBreakSimilarity, TieBreakStats, _check_stats_dtype, _Workspace
 
 __all__ = ["DEFAULT_POINTS", "DEFAULT_STREAM_POINTS", "ActivationStats", "match_activations", "select_points"]
 
@@ -748,6 +748,7 @@ class _Pass:
         max_memory: int,
         stats_dtype: torch.dtype | None,
         mask: Mapping[str, Tensor] | None = None,
+        restrict_ties: bool = True,
     ) -> None:
         check_same_architecture(model_a, spec, "model_a")
         check_same_architecture(model_b, spec, "model_b")
@@ -777,6 +778,8 @@ class _Pass:
             found = {tree: position_weights(tree, self.weights) for tree in self.plan.joint}
             self.joint_weights = {tree: w for tree, w in found.items() if w is not None}
         self.device, self.stats_dtype = device, stats_dtype
+        self.restrict_ties = restrict_ties
+        self.waiting: dict[str, int] = {}
         self.workspace = _Workspace()
         self.clean: _Stats = {}
         self.joint: _JointStats = {}
@@ -786,8 +789,11 @@ class _Pass:
     def start(self, index: int) -> None:
         """Set up the (empty) statistics of pass ``index``, and which nodes feed them."""
         units = self.passes[index]
-        self.clean = {key: self._stats(self.spec.groups[key[0]].size) for u in units for key in u.clean}
+        self.clean = {key: self._stats(self.spec.groups[key[0]].size, key) for u in units for key in u.clean}
         self.joint = {tree: self._stats(tree_size(tree)) for u in units for tree in u.joint}
+        for (group, _), stats in self.clean.items():
+            if isinstance(stats, TieBreakStats):  # which units stay constant is read off the primary statistic
+                stats.watch(self.clean[(group, PRIMARY)])
         self.pass_uses = {
             node: kept
             for node, uses in self.uses.items()
@@ -797,16 +803,29 @@ class _Pass:
                 ]
             )
         }
+        self.waiting = {  # per restricted tie-break: how many primary points each batch visits
+            group: sum(
+                u.key == (group, PRIMARY) for uses in self.pass_uses.values() for u in uses if isinstance(u, _PooledUse)
+            )
+            for (group, _), stats in self.clean.items()
+            if isinstance(stats, TieBreakStats)
+        }
 
-    def _stats(self, n: int) -> ActivationStats:
-        stats = ActivationStats(n, self.device, self.stats_dtype)
+    def _stats(self, n: int, key: _Key | None = None) -> ActivationStats:
+        stats: ActivationStats
+        if key is not None and key[1] == TIEBREAK and self.restrict_ties:
+            weights = self.weights.get(key[0]) if self.weights is not None else None
+            stats = TieBreakStats(n, self.device, self.stats_dtype, None if weights is None else weights == 0)
+        else:
+            stats = ActivationStats(n, self.device, self.stats_dtype)
         stats._workspace = self.workspace
         return stats
 
     def visit(self, state_a: dict[str, Tensor], state_b: dict[str, Tensor], flat: list[Any], batch: int) -> None:
         """Run both models on one batch, updating this pass's statistics."""
-        visitor = _Visitor(self.pass_uses, self.clean, self.joint, batch)
+        visitor = _Visitor(self.pass_uses, self.clean, self.joint, batch, self.waiting)
         self.prober(state_a, state_b, flat, visitor, self.pass_uses)
+        visitor.flush()
 
     def finish(self, index: int, cost: str, solve: bool) -> None:
         """Merge this pass's statistics across ranks, then (where ``solve``)
@@ -821,11 +840,13 @@ class _Pass:
             return
         for unit in self.passes[index]:
             similarities: dict[str, Tensor] = {}
-            tiebreaks: dict[str, Tensor] = {}
+            tiebreaks: dict[str, Tensor | TieBreakSimilarity] = {}
             joint_similarities: dict[AxisTree, Tensor] = {}
             for key in unit.clean:
                 stats = clean.pop(key)
-                if stats.count:
+                if isinstance(stats, TieBreakStats) and stats.count:
+                    tiebreaks[key[0]] = stats.compute_blocks(cost)
+                elif stats.count:
                     (similarities if key[1] == PRIMARY else tiebreaks)[key[0]] = stats.compute(cost).cpu()
                 del stats
             for tree in unit.joint:
@@ -978,6 +999,27 @@ def match_activations(
     recovers the permutation for every choice, as long as a unit that is
     constant after its nonlinearity varies before it.
 
+    Only tied units read the tie-break statistic, and a unit that varies in
+    the chosen statistic is tied (by constancy) with no other, so in one
+    process its cross products are accumulated only where they can be
+    read: the rows of A's units and the columns of B's units that have
+    been constant in the chosen statistic on every sample so far (exactly:
+    the smallest and largest value of each unit are tracked, in
+    ``stats_dtype``), plus, with ``mask``, A's units of weight 0 (their
+    weighted rows are 0). A unit leaves that set at the first batch where
+    it varies and never comes back; a batch's pre-activations wait until
+    its post-activations have been seen. Every tie class of constant units
+    is thus re-matched exactly as with the full statistic: its entries are
+    the same sums, up to the float32 rounding of a smaller product per
+    batch (identical permutations on the test suite and on
+    ``benchmarks/bench_matching_scale.py``'s ResNet50). A class with a unit
+    that varied (exactly equal rows of different activations, e.g. two
+    copies of one unit) has no tie-break data: it keeps its primary
+    assignment (still optimal for the chosen statistic), and the report's
+    ``"tied_kept"`` counts those pairs. Under ``torch.distributed`` a unit
+    constant on one rank's shard may vary on another's, so the full
+    tie-break statistic is collected, as before, and all-reduced.
+
     Memory: per pooled statistic of ``n`` units the state is an ``(n, n)``
     float64 matrix of cross deviations and four ``(n,)`` vectors
     (:meth:`ActivationStats.state_bytes`: 128 MiB at ``n = 4096``), and a
@@ -1120,7 +1162,9 @@ def match_activations(
         under ``"euclidean"`` minus the mean squared distance of matched
         units. Groups matched on post-activations with a pre-activation
         tie-break also have ``"tied"``: the number of matched pairs that
-        lay in a tie class (decided by the tie-break). ``"passes"``: the
+        lay in a tie class (decided by the tie-break), and, where a tie
+        class held units whose tie-break was not collected (see *Ties*),
+        ``"tied_kept"``: its pairs, left at the primary assignment. ``"passes"``: the
         number of passes over the data; ``"stats_bytes"``: the planned peak
         bytes of statistics of the largest pass; ``"max_memory"``: the
         budget planned for. ``"mask_aware"``: whether ``mask`` was given;
@@ -1240,7 +1284,17 @@ def match_activations(
                     if spec is None:
                         spec = build_spec(model_a, args, kwargs)
                     run = _Pass(
-                        spec, model_a, model_b, points, stream_points, max_joint, device, budget, stats_dtype, mask
+                        spec,
+                        model_a,
+                        model_b,
+                        points,
+                        stream_points,
+                        max_joint,
+                        device,
+                        budget,
+                        stats_dtype,
+                        mask,
+                        restrict_ties=not distributed,
                     )
                     run.plan.warn_skipped(max_joint)
                     passes = len(run.passes)
@@ -1262,7 +1316,17 @@ def match_activations(
                             "with at least one batch."
                         )
                     run = _Pass(
-                        spec, model_a, model_b, points, stream_points, max_joint, device, budget, stats_dtype, mask
+                        spec,
+                        model_a,
+                        model_b,
+                        points,
+                        stream_points,
+                        max_joint,
+                        device,
+                        budget,
+                        stats_dtype,
+                        mask,
+                        restrict_ties=not distributed,
                     )
                     run.plan.warn_skipped(max_joint)  # zero counts
                     passes = len(run.passes)
@@ -1337,37 +1401,111 @@ def _check_passes(data: Any, one_shot: bool, passes: int, budget: int) -> None:
 
 
 class _Visitor:
-    """Updates the statistics of one batch from each activation as it is computed."""
+    """Updates the statistics of one batch from each activation as it is computed.
 
-    def __init__(self, uses: Mapping[str, list[_Use]], clean: _Stats, joint: _JointStats, batch: int) -> None:
+    A restricted tie-break statistic (:class:`TieBreakStats`) adds a batch
+    only once the batch's primary points of its group have been visited,
+    so that the units that varied there are no longer candidates: its
+    points (pre-activations) come first in the graph, so copies of their
+    values (a later in-place op may change the originals) wait in
+    ``pending`` until then, or until :meth:`flush` at the end of the batch.
+    Once no unit is a candidate, a batch is only counted (and checked for
+    finite values). ``waiting``: per such group, the primary points of the
+    batch still to be visited."""
+
+    def __init__(
+        self,
+        uses: Mapping[str, list[_Use]],
+        clean: _Stats,
+        joint: _JointStats,
+        batch: int,
+        waiting: Mapping[str, int] | None = None,
+    ) -> None:
         self.uses, self.clean, self.joint, self.batch = uses, clean, joint, batch
+        self.waiting = dict(waiting or {})
+        self.pending: dict[str, list[tuple[str, Tensor, Tensor]]] = {}
 
     def __call__(self, node: str, value_a: Tensor, value_b: Tensor) -> None:
         touched = []
+        ready = []
         for use in self.uses[node]:
             point = use.point
             if isinstance(use, _JointUse):
                 stats = self.joint[use.tree]
                 stats.update(_joint(value_a, point), _joint(value_b, point))
-            elif use.positions is None:  # one carrying dim that is the group: a view, no copy
-                stats = self.clean[use.key]
-                stats.update(_layout(value_a, point.dims[0]), _layout(value_b, point.dims[0]))
+                touched.append(stats)
+                continue
+            stats = self.clean[use.key]
+            if use.positions is None:  # one carrying dim that is the group: a view, no copy
+                x, y = _layout(value_a, point.dims[0]), _layout(value_b, point.dims[0])
             else:
-                stats = self.clean[use.key]
                 where = use.positions.to(value_a.device)
-                stats.update(_units(_joint(value_a, point), where), _units(_joint(value_b, point), where))
+                x, y = _units(_joint(value_a, point), where), _units(_joint(value_b, point), where)
+            group = use.key[0]
+            if isinstance(stats, TieBreakStats):
+                self._check(node, stats, x, y, value_a, value_b)
+                if stats.idle:
+                    stats.skip(x)
+                elif self.waiting.get(group, 0) > 0:  # copies: a later in-place op may change the values
+                    self.pending.setdefault(group, []).append((node, x.clone(), y.clone()))
+                else:
+                    self._add(group, node, x, y)
+                continue
+            stats.update(x, y)
             touched.append(stats)
+            if use.key[1] == PRIMARY and self.waiting.get(group, 0) > 0:
+                self.waiting[group] -= 1
+                if not self.waiting[group]:
+                    ready.append(group)
         if not all(stats._deviations_finite() for stats in touched):
-            for value, which in ((value_a, "model_a"), (value_b, "model_b")):
-                if not torch.isfinite(value).all():
-                    raise DataError(
-                        f"Graph node '{node}' of {which} has a non-finite activation in batch {self.batch}; check "
-                        "the inputs and the weights for NaN or inf."
-                    )
-            raise DataError(
-                f"Graph node '{node}' overflowed the activation statistics in batch {self.batch}; scale the "
-                "inputs down or match in float64 (model.double())."
-            )
+            self._raise(node, value_a, value_b)
+        for group in ready:
+            self.flush(group)
+
+    def _check(self, node: str, stats: TieBreakStats, x: Tensor, y: Tensor, value_a: Tensor, value_b: Tensor) -> None:
+        """Raise the error a full update of ``stats`` would (its batch
+        deviation sums not finite), read first from one dot product per
+        side (finite: every value and every square is), exactly only if
+        that is not finite."""
+        for values in (x, y):
+            flat = values.reshape(-1).to(stats._work_dtype(values.dtype))
+            if not bool(torch.isfinite(torch.dot(flat, flat))):
+                break
+        else:
+            return
+        _, m2_a, m2_b = stats.prepare(x, y)
+        if not (bool(torch.isfinite(m2_a).all()) and bool(torch.isfinite(m2_b).all())):
+            self._raise(node, value_a, value_b)
+
+    def _add(self, group: str, node: str, x: Tensor, y: Tensor) -> None:
+        """Add a tie-break batch of ``group`` (its candidates as the primary
+        statistic has left them), or only count it once no unit is one."""
+        stats = self.clean[(group, TIEBREAK)]
+        assert isinstance(stats, TieBreakStats)
+        if stats.idle:
+            stats.skip(x)
+            return
+        stats.accumulate(*stats.prepare(x, y))
+        if not stats._deviations_finite():
+            self._raise(node, None, None)
+
+    def flush(self, group: str | None = None) -> None:
+        """Add the waiting tie-break batches of ``group`` (``None``: of all groups)."""
+        for found in [group] if group is not None else list(self.pending):
+            for node, x, y in self.pending.pop(found, []):
+                self._add(found, node, x, y)
+
+    def _raise(self, node: str, value_a: Tensor | None, value_b: Tensor | None) -> None:
+        for value, which in ((value_a, "model_a"), (value_b, "model_b")):
+            if value is not None and not torch.isfinite(value).all():
+                raise DataError(
+                    f"Graph node '{node}' of {which} has a non-finite activation in batch {self.batch}; check "
+                    "the inputs and the weights for NaN or inf."
+                )
+        raise DataError(
+            f"Graph node '{node}' overflowed the activation statistics in batch {self.batch}; scale the "
+            "inputs down or match in float64 (model.double())."
+        )
 
 
 def _marginal(tree: AxisTree, similarity: Tensor, group: str, perm: Mapping[str, Tensor]) -> Tensor:
@@ -1406,7 +1544,7 @@ def _tie_classes(similarity: Tensor) -> list[Tensor]:
     return classes
 
 
-def _break_ties(primary: Tensor, secondary: Tensor, idx: Tensor) -> tuple[Tensor, int]:
+def _break_ties(primary: Tensor, secondary: Tensor | TieBreakSimilarity, idx: Tensor) -> tuple[Tensor, int]:
     """Re-match, by ``secondary``, units that ``primary`` cannot tell apart.
 
     ``idx`` is an optimal assignment of ``primary`` (``idx[j]``: A's unit
@@ -1418,6 +1556,9 @@ def _break_ties(primary: Tensor, secondary: Tensor, idx: Tensor) -> tuple[Tensor
     ``secondary`` (rows first, then columns). The primary total is exactly
     that of ``idx``, so the result is still an optimal assignment of
     ``primary``; among those, the secondary total never decreases.
+    ``secondary`` may be a :class:`~maskalign.matching.stats.TieBreakSimilarity`
+    (collected at some rows and columns only): a class it does not cover
+    keeps its assignment (counted in ``secondary.kept``).
 
     Returns:
         ``(idx, pairs)``: the new assignment and the number of matched pairs
@@ -1430,13 +1571,30 @@ def _break_ties(primary: Tensor, secondary: Tensor, idx: Tensor) -> tuple[Tensor
     column_of[idx] = torch.arange(idx.numel())
     for rows in _tie_classes(primary):  # A's units that look the same: trade their columns
         cols = column_of[rows]
-        idx[cols] = rows[solve_lap(secondary[rows[:, None], cols[None, :]])]
-        decided[cols] = True
+        block = _secondary_block(secondary, rows, cols, "rows")
+        if block is not None:
+            idx[cols] = rows[solve_lap(block)]
+            decided[cols] = True
     for cols in _tie_classes(primary.T):  # B's units that look the same: trade their rows
         rows = idx[cols]
-        idx[cols] = rows[solve_lap(secondary[rows[:, None], cols[None, :]])]
-        decided[cols] = True
+        block = _secondary_block(secondary, rows, cols, "cols")
+        if block is not None:
+            idx[cols] = rows[solve_lap(block)]
+            decided[cols] = True
     return idx, int(decided.sum())
+
+
+def _secondary_block(secondary: Tensor | TieBreakSimilarity, rows: Tensor, cols: Tensor, tied: str) -> Tensor | None:
+    """``secondary[rows][:, cols]`` for a tie class of A's units (``tied ==
+    "rows"``) or of B's (``"cols"``); ``None`` where a restricted tie-break
+    did not collect every unit of the class (it keeps the primary assignment
+    there, counted in ``secondary.kept``)."""
+    if isinstance(secondary, Tensor):
+        return secondary[rows[:, None], cols[None, :]]
+    block = secondary.for_rows(rows, cols) if tied == "rows" else secondary.for_cols(rows, cols)
+    if block is None:
+        secondary.kept += rows.numel()
+    return block
 
 
 _Similarities = tuple[Mapping[str, Tensor], Mapping[AxisTree, Tensor]]
@@ -1447,7 +1605,7 @@ def _solve(
     spec: PermutationSpec,
     clean: Mapping[str, Tensor],
     joint: Mapping[AxisTree, Tensor],
-    tiebreak: Mapping[str, Tensor] | None = None,
+    tiebreak: Mapping[str, Tensor | TieBreakSimilarity] | None = None,
     max_sweeps: int = 100,
     sweep_over: Sequence[str] | None = None,
     weights: Mapping[str, Tensor] | None = None,
@@ -1487,9 +1645,12 @@ def _solve(
     nested = [g for g in spec.groups if any(g in set(groups_of(t)) for t in joint)]
     here = set(nested)
     tied: dict[str, int] = {}
+    kept: dict[str, int] = {}
     for g, secondary in (tiebreak or {}).items():
         if g in perm and g not in nested:
             perm[g], tied[g] = _break_ties(clean[g], secondary, perm[g])
+            if isinstance(secondary, TieBreakSimilarity) and secondary.kept:
+                kept[g] = secondary.kept
     for g in nested:
         if g not in perm:
             init = sum(
@@ -1534,6 +1695,8 @@ def _solve(
             report[g]["weighted_after"] = float(after[perm[g], ar].sum()) / pairs
         if g in tied:
             report[g]["tied"] = tied[g]
+        if g in kept:
+            report[g]["tied_kept"] = kept[g]
     return perm, report
 
 

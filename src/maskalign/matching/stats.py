@@ -8,7 +8,8 @@ per batch, :meth:`~ActivationStats.merge` of two partial states,
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from ..errors import ArgumentTypeError, ArgumentValueError, DataError, _check_choice, _check_int, _describe
 
-__all__ = ["COSTS", "STATS_DTYPES", "ActivationStats"]
+__all__ = ["COSTS", "STATS_DTYPES", "ActivationStats", "TieBreakStats", "TieBreakSimilarity"]
 
 COSTS = ("correlation", "covariance", "euclidean")
 """Choices of :meth:`ActivationStats.compute` (and of ``match_activations(..., cost=...)``)."""
@@ -59,6 +60,21 @@ class _Workspace:
 
     def clear(self) -> None:
         self._buffers.clear()
+
+
+class _Batch(NamedTuple):
+    """One batch prepared for its cross products (:meth:`ActivationStats._prepare`):
+    ``m`` samples, the means and centred copies in ``stats_dtype``, the dims
+    that index samples in them and their ``layout``: ``"batched"`` (``(P, n,
+    Q)``), ``"rows"`` (``(n, m)``) or ``"columns"`` (``(m, n)``)."""
+
+    m: int
+    mean_a: Tensor
+    mean_b: Tensor
+    centred_a: Tensor
+    centred_b: Tensor
+    dims: tuple[int, ...]
+    layout: str
 
 
 class ActivationStats:
@@ -108,6 +124,7 @@ class ActivationStats:
         self.count = 0
         self.stats_dtype = stats_dtype
         self._workspace: _Workspace | None = None  # shared scratch (set by match_activations)
+        self._observer: Callable[[Tensor, Tensor, tuple[int, ...]], None] | None = None  # sees each batch
         kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
         self.mean_a = torch.zeros(self.n, **kw)
         self.mean_b = torch.zeros(self.n, **kw)
@@ -179,34 +196,62 @@ class ActivationStats:
                 dim 1, or ``b``'s shape differs from ``a``'s.
         """
         self._check_batch(a, b)
+        batch = self._prepare(a, b)
+        cross = self._products(batch)
+        m2_a = batch.centred_a.square_().sum(batch.dims).double()  # in place: the centred copies are done with
+        m2_b = batch.centred_b.square_().sum(batch.dims).double()
+        self._merge(batch.m, batch.mean_a.double(), batch.mean_b.double(), m2_a, m2_b, cross)  # widened there
+
+    def _prepare(self, a: Tensor, b: Tensor) -> _Batch:
+        """A batch's means and centred copies (in ``stats_dtype``, into the
+        shared scratch), laid out for its cross products. An
+        ``_observer`` (set by :class:`TieBreakStats` on the primary statistic
+        it breaks ties of) sees the batch's values in ``stats_dtype``."""
         if a.dim() == 3 and a.shape[2] == 1:
             a, b = a[:, :, 0], b[:, :, 0]
         elif a.dim() == 3 and a.shape[0] == 1:
             a, b = a[0].T, b[0].T
         work = self._work_dtype(a.dtype)
         a, b = a.to(work), b.to(work)
-        dims = (0,) if a.dim() == 2 else (0, 2)
+        dims: tuple[int, ...] = (0,) if a.dim() == 2 else (0, 2)
         m = a.numel() // a.shape[1]
         n, device = self.n, a.device
+        if self._observer is not None:
+            self._observer(a, b, dims)
         mean_a, mean_b = a.mean(dims), b.mean(dims)  # (torch.var_mean is ~10x slower on CPU here)
         if a.dim() == 3 and a.shape[1] <= a.shape[2]:  # units <= positions: batched products are cheap
-            centred_a, centred_b = (
-                self._centred(a, mean_a[:, None], "centred_a"),
-                self._centred(b, mean_b[:, None], "centred_b"),
-            )
-            products = self._scratch("products", (a.shape[0], n, n), work, device)
-            torch.bmm(centred_a, centred_b.transpose(1, 2), out=products)
-            cross = torch.sum(products, 0, out=self._scratch("cross", (n, n), work, device))
-        elif a.dim() == 3:  # many units, few positions: centre straight into a (n, P * Q) layout
+            centred_a = self._centred(a, mean_a[:, None], "centred_a")
+            centred_b = self._centred(b, mean_b[:, None], "centred_b")
+            return _Batch(m, mean_a, mean_b, centred_a, centred_b, dims, "batched")
+        if a.dim() == 3:  # many units, few positions: centre straight into a (n, P * Q) layout
             centred_a = _centred_rows(a, mean_a, self._scratch("centred_a", (n, m), work, device))
             centred_b = _centred_rows(b, mean_b, self._scratch("centred_b", (n, m), work, device))
-            cross, dims = torch.matmul(centred_a, centred_b.T, out=self._scratch("cross", (n, n), work, device)), (1,)
-        else:
-            centred_a, centred_b = self._centred(a, mean_a, "centred_a"), self._centred(b, mean_b, "centred_b")
-            cross = torch.matmul(centred_a.T, centred_b, out=self._scratch("cross", (n, n), work, device))
-        m2_a = centred_a.square_().sum(dims).double()  # in place: the centred copies are done with
-        m2_b = centred_b.square_().sum(dims).double()
-        self._merge(m, mean_a.double(), mean_b.double(), m2_a, m2_b, cross)  # cross widened to float64 there
+            return _Batch(m, mean_a, mean_b, centred_a, centred_b, (1,), "rows")
+        centred_a, centred_b = self._centred(a, mean_a, "centred_a"), self._centred(b, mean_b, "centred_b")
+        return _Batch(m, mean_a, mean_b, centred_a, centred_b, dims, "columns")
+
+    def _products(self, batch: _Batch, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+        """The batch's centred cross products of A's units ``rows`` and B's
+        units ``cols`` (``None``: all of them), ``(len(rows), len(cols))``,
+        in ``stats_dtype``, into the shared scratch. All units give the
+        full products; a subset sums in the order its (smaller) GEMM takes,
+        which may round differently from the same entries of the full one."""
+        ca, cb = batch.centred_a, batch.centred_b
+        work, device = ca.dtype, ca.device
+        if batch.layout == "batched":  # (P, n, Q)
+            ca = ca if rows is None else ca[:, rows]
+            cb = cb if cols is None else cb[:, cols]
+            shape = (ca.shape[1], cb.shape[1])
+            products = self._scratch("products", (ca.shape[0], *shape), work, device)
+            torch.bmm(ca, cb.transpose(1, 2), out=products)
+            return torch.sum(products, 0, out=self._scratch("cross", shape, work, device))
+        if batch.layout == "rows":  # (n, m)
+            ca = ca if rows is None else ca[rows]
+            cb = cb if cols is None else cb[cols]
+            return torch.matmul(ca, cb.T, out=self._scratch("cross", (ca.shape[0], cb.shape[0]), work, device))
+        ca = ca if rows is None else ca[:, rows]  # (m, n)
+        cb = cb if cols is None else cb[:, cols]
+        return torch.matmul(ca.T, cb, out=self._scratch("cross", (ca.shape[1], cb.shape[1]), work, device))
 
     def _check_batch(self, a: Any, b: Any) -> None:
         for value, argument in ((a, "a"), (b, "b")):
@@ -359,6 +404,241 @@ class ActivationStats:
     def similarity(self, cost: str = "correlation") -> Tensor:
         """The same as :meth:`compute` (its earlier name)."""
         return self.compute(cost)
+
+
+class TieBreakSimilarity:
+    """The entries of a tie-break similarity that :class:`TieBreakStats`
+    collected: every column of B at A's units ``rows`` (``row_block``,
+    ``(len(rows), n)``), and every row of A at B's units ``cols``
+    (``col_block``, ``(n, len(cols))``), each entry equal to that of
+    :meth:`ActivationStats.compute` on the full statistic of the same
+    entries."""
+
+    def __init__(self, rows: Tensor, row_block: Tensor, cols: Tensor, col_block: Tensor, n: int) -> None:
+        self.rows, self.row_block, self.cols, self.col_block = rows, row_block, cols, col_block
+        self.row_at = torch.full((n,), -1, dtype=torch.long)
+        self.row_at[rows] = torch.arange(rows.numel())
+        self.col_at = torch.full((n,), -1, dtype=torch.long)
+        self.col_at[cols] = torch.arange(cols.numel())
+        self.kept = 0  # units of tie classes not collected (their primary assignment is kept)
+
+    def for_rows(self, rows: Tensor, cols: Tensor) -> Tensor | None:
+        """``S[rows][:, cols]``, or ``None`` unless every unit of ``rows`` was collected."""
+        at = self.row_at[rows]
+        if bool((at < 0).any()):
+            return None
+        return self.row_block[at[:, None], cols[None, :]]
+
+    def for_cols(self, rows: Tensor, cols: Tensor) -> Tensor | None:
+        """``S[rows][:, cols]``, or ``None`` unless every unit of ``cols`` was collected."""
+        at = self.col_at[cols]
+        if bool((at < 0).any()):
+            return None
+        return self.col_block[rows[:, None], at[None, :]]
+
+
+class TieBreakStats(ActivationStats):
+    """The statistics of :class:`ActivationStats` whose cross deviations are
+    kept only where a tie-break can read them: for A's units that are still
+    *candidates* (rows, against every unit of B) and B's candidates
+    (columns, against every unit of A). Means and deviation sums are kept
+    for every unit, as are the state tensors' full sizes (the memory
+    planner's count stays exact).
+
+    Candidates only ever leave (:meth:`restrict`); an update adds the cross
+    products of the current candidates only, so a unit that is a candidate
+    at the end was one at every update, and its entries equal those of the
+    full statistic (up to the rounding of the smaller GEMM per batch, see
+    :meth:`ActivationStats._products`). Every other entry of ``cross`` is
+    stale and never read. While every unit of either side is a candidate,
+    updates are those of :class:`ActivationStats` (the same bits).
+    ``entries`` counts the cross products added (per update, samples not
+    counted): a negative control of the saving.
+
+    Args:
+        n, device, stats_dtype: as :class:`ActivationStats`.
+        keep_rows: ``(n,)`` bool mask of A's units that stay candidates
+            whatever :meth:`restrict` is given (``None``: none).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        device: torch.device | str = "cpu",
+        stats_dtype: torch.dtype | None = None,
+        keep_rows: Tensor | None = None,
+    ) -> None:
+        super().__init__(n, device, stats_dtype)
+        self.constant_a = torch.ones(self.n, dtype=torch.bool)
+        self.constant_b = torch.ones(self.n, dtype=torch.bool)
+        self._first: list[Tensor | None] = [None, None]  # each side's first value of every unit
+        self.keep_rows = torch.zeros(self.n, dtype=torch.bool) if keep_rows is None else keep_rows.cpu().bool()
+        self.entries = 0
+
+    @property
+    def rows(self) -> Tensor:
+        """``(n,)`` bool: A's candidate units (constant so far, or kept)."""
+        return self.constant_a | self.keep_rows
+
+    @property
+    def cols(self) -> Tensor:
+        """``(n,)`` bool: B's candidate units (constant so far)."""
+        return self.constant_b
+
+    @property
+    def idle(self) -> bool:
+        """Whether no unit is a candidate any more (nor ever will be again):
+        nothing of these statistics can be read, so batches need not be added."""
+        return not bool(self.rows.any() or self.cols.any())
+
+    def restrict(self, rows: Tensor, cols: Tensor) -> None:
+        """Keep as candidates only A's units in ``rows`` (or ``keep_rows``)
+        and B's units in ``cols`` (``(n,)`` bool masks)."""
+        self.constant_a &= rows.cpu()
+        self.constant_b &= cols.cpu()
+
+    def watch(self, primary: ActivationStats) -> None:
+        """Drop candidates as they vary in ``primary`` (the statistic whose
+        ties these break): every batch ``primary`` adds is observed, in its
+        ``stats_dtype`` (the values it sees), and a unit stays constant while
+        its smallest and largest values equal its first one."""
+        primary._observer = self.observe
+
+    def observe(self, a: Tensor, b: Tensor, dims: tuple[int, ...]) -> None:
+        """Observe a batch of the primary statistic (units on dim 1): only the
+        units still constant are read."""
+        for side, (values, constant) in enumerate(((a, self.constant_a), (b, self.constant_b))):
+            at = torch.nonzero(constant).flatten()
+            if not at.numel():
+                continue
+            picked = values if at.numel() == self.n else values.index_select(1, at.to(values.device))
+            low, high = picked.amin(dims), picked.amax(dims)
+            same = torch.eq(low, high)
+            first = self._first[side]
+            if first is None:
+                self._first[side] = first = torch.zeros(self.n, dtype=low.dtype, device=low.device)
+                first[at.to(low.device)] = low
+            else:
+                same &= torch.eq(low, first[at.to(low.device)])
+            constant[at] = same.cpu()
+
+    def skip(self, a: Tensor) -> None:
+        """Count a batch without adding it (see :attr:`idle`)."""
+        self.count += a.numel() // a.shape[1]
+
+    def prepare(self, a: Tensor, b: Tensor) -> tuple[_Batch, Tensor, Tensor]:
+        """A batch (see :meth:`ActivationStats.update`) prepared for
+        :meth:`accumulate` (in the shared scratch: add it before the next
+        update), with its float64 deviation sums of A and B (computed now,
+        so that a non-finite batch is seen before it is added)."""
+        self._check_batch(a, b)
+        batch = self._prepare(a, b)
+        m2_a = batch.centred_a.square().sum(batch.dims).double()
+        m2_b = batch.centred_b.square().sum(batch.dims).double()
+        return batch, m2_a, m2_b
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        """Add a batch, with the cross products of the current candidates only."""
+        self.accumulate(*self.prepare(a, b))
+
+    def accumulate(self, batch: _Batch, m2_a: Tensor, m2_b: Tensor) -> None:
+        """Add a batch from :meth:`prepare`."""
+        mean_a, mean_b, n = batch.mean_a.double(), batch.mean_b.double(), self.n
+        rows = torch.nonzero(self.rows).flatten()
+        if rows.numel() == n or bool(self.cols.all()):
+            self.entries += n * n
+            self._merge(batch.m, mean_a, mean_b, m2_a, m2_b, self._products(batch))
+            return
+        others = torch.nonzero(~self.rows).flatten()
+        cols = torch.nonzero(self.cols).flatten()
+        self.entries += rows.numel() * n + others.numel() * cols.numel()
+        blocks: list[tuple[Tensor, Tensor | None]] = []
+        if rows.numel():
+            blocks.append((rows, None))
+        if cols.numel() and others.numel():
+            blocks.append((others, cols))
+        self._merge_blocks(batch, mean_a, mean_b, m2_a, m2_b, blocks)
+
+    def _merge_blocks(
+        self,
+        batch: _Batch,
+        mean_a: Tensor,
+        mean_b: Tensor,
+        m2_a: Tensor,
+        m2_b: Tensor,
+        blocks: list[tuple[Tensor, Tensor | None]],
+    ) -> None:
+        """:meth:`_merge` of ``batch`` with its cross products added at the
+        ``(rows, cols)`` blocks only (``cols`` ``None``: every column), entry
+        by entry the same arithmetic; each block's products are computed
+        (into the shared scratch) and added before the next one's."""
+        m = batch.m
+        total = self.count + m
+        if total == 0:
+            return
+        da, db = mean_a - self.mean_a, mean_b - self.mean_b
+        weight = self.count * m / total
+        self.m2_a += m2_a + weight * da**2
+        self.m2_b += m2_b + weight * db**2
+        device, here = self.mean_a.device, batch.centred_a.device
+        for rows, cols in blocks:
+            cross = self._products(batch, rows.to(here), None if cols is None else cols.to(here))
+            at_rows, at_cols = rows.to(device), None if cols is None else cols.to(device)
+            term = torch.outer(da[at_rows], db if at_cols is None else db[at_cols])
+            term.mul_(weight).add_(cross)
+            if at_cols is None:
+                self.cross.index_add_(0, at_rows, term)
+            else:
+                where = (at_rows[:, None], at_cols[None, :])
+                self.cross[where] = self.cross[where] + term
+        self.mean_a += da * (m / total)
+        self.mean_b += db * (m / total)
+        self.count = total
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        raise NotImplementedError("TieBreakStats holds partial cross deviations; they cannot be merged")
+
+    def sync(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            raise NotImplementedError("TieBreakStats cannot be all-reduced: its candidates differ per rank")
+
+    def compute_blocks(self, cost: str = "correlation") -> TieBreakSimilarity:
+        """The similarity (:meth:`ActivationStats.compute`) at the entries
+        collected: rows of A's candidates, columns of B's."""
+        _check_choice(cost, "cost", COSTS)
+        if self.count == 0:
+            raise DataError("TieBreakStats has no samples; call update(a, b) with at least one batch first.")
+        rows, cols = torch.nonzero(self.rows).flatten(), torch.nonzero(self.cols).flatten()
+        device = self.mean_a.device
+        ri, ci = rows.to(device), cols.to(device)
+        row_block = self._block(cost, self.cross[ri], ri, None)
+        col_block = self._block(cost, self.cross[:, ci], None, ci)
+        return TieBreakSimilarity(rows, row_block.cpu(), cols, col_block.cpu(), self.n)
+
+    def _block(self, cost: str, cross: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        """:meth:`ActivationStats.compute` at ``cross = self.cross[rows][:, cols]``
+        (a copy, used as scratch), entry by entry the same arithmetic."""
+
+        def pick(vector: Tensor, at: Tensor | None) -> Tensor:
+            return vector if at is None else vector[at]
+
+        cov = cross.div_(self.count)
+        if cost == "covariance":
+            return cov
+        var_a, var_b = self.m2_a / self.count, self.m2_b / self.count
+        if cost == "euclidean":
+            out = pick(var_a, rows)[:, None] + pick(var_b, cols)[None, :]
+            out -= cov.mul_(2)
+            gap = torch.sub(pick(self.mean_a, rows)[:, None], pick(self.mean_b, cols)[None, :], out=cov)
+            out += gap.square_()
+            return out.neg_()
+        root_a, root_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
+        # the largest entry of outer(root_a, root_b): rounding is monotone, so it is the product of the maxima
+        tiny = torch.finfo(torch.float64).eps * max(float(root_a.max() * root_b.max()), 1.0)
+        denom = torch.outer(pick(root_a, rows), pick(root_b, cols))
+        degenerate = (denom > tiny).logical_not_()
+        corr = cov.div_(denom.clamp_min_(tiny)).masked_fill_(degenerate, 0.0)
+        return corr.clamp_(-1.0, 1.0)
 
 
 def _centred_rows(x: Tensor, mean: Tensor, out: Tensor | None = None) -> Tensor:
