@@ -290,7 +290,8 @@ def sections(results: dict[str, Any]) -> list[str]:
 
 def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """``early_matching.png``: permuted test accuracy (%) against e, the
-    epochs B was trained before matching, one panel per sparsity, a line per
+    epochs B was trained before matching, one panel per sparsity (each with
+    its own y range), a line per
     pair (A_T -> B_e, A_e -> B_e), mean +- std over seeds; the paper's
     permuted run (e = T) and naive at the same k as horizontal lines.
 
@@ -302,9 +303,14 @@ def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -
 
     rows = early_rows(results)
     targets = sorted({r["sparsity"] for r in rows})
-    fig = Figure(figsize=(3.6 * len(targets) + 0.4, 4.1), layout="constrained")
+    cols = 2 if len(targets) == 4 else min(len(targets), 3)
+    rows_of_panels = -(-len(targets) // cols)
+    fig = Figure(figsize=(3.9 * cols + 0.4, 3.1 * rows_of_panels + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(targets), squeeze=False, sharey=True)[0]
+    grid = fig.subplots(rows_of_panels, cols, squeeze=False)  # own y range per panel: naive can be far below
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(targets) :]:
+        ax.set_visible(False)
     epochs = results["config"]["epochs"]
     styles = {"AT-Be": {"color": "#2ca02c", "marker": "o"}, "Ae-Be": {"color": "#9467bd", "marker": "s"}}
     for ax, target in zip(axes, targets):
@@ -331,7 +337,9 @@ def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -
         ax.set_title(f"sparsity {100 * target:g}%, k = {k}")
         ax.set_xlabel("e: epochs B was trained before matching")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"test accuracy (%),\nmean +- std over {results['config']['seeds']} seeds")
+    for ax in axes[: len(targets)]:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(f"test accuracy (%),\nmean +- std over {results['config']['seeds']} seeds")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2)
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100), mode="wb")
