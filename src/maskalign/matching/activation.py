@@ -17,7 +17,7 @@ import os
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -1480,8 +1480,7 @@ class _Visitor:
     def _add(self, group: str, node: str, x: Tensor, y: Tensor) -> None:
         """Add a tie-break batch of ``group`` (its candidates as the primary
         statistic has left them), or only count it once no unit is one."""
-        stats = self.clean[(group, TIEBREAK)]
-        assert isinstance(stats, TieBreakStats)
+        stats = cast(TieBreakStats, self.clean[(group, TIEBREAK)])  # _Pass keeps a TieBreakStats under TIEBREAK
         if stats.idle:
             stats.skip(x)
             return

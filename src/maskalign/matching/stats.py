@@ -596,11 +596,15 @@ class TieBreakStats(ActivationStats):
         self.count = total
 
     def merge(self, other: ActivationStats) -> ActivationStats:
-        raise NotImplementedError("TieBreakStats holds partial cross deviations; they cannot be merged")
+        raise NotImplementedError(
+            "TieBreakStats holds partial cross deviations, which cannot be merged; merge full ActivationStats instead."
+        )
 
     def sync(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            raise NotImplementedError("TieBreakStats cannot be all-reduced: its candidates differ per rank")
+            raise NotImplementedError(
+                "TieBreakStats cannot be all-reduced, its candidates differ per rank; use full ActivationStats instead."
+            )
 
     def compute_blocks(self, cost: str = "correlation") -> TieBreakSimilarity:
         """The similarity (:meth:`ActivationStats.compute`) at the entries
