@@ -176,6 +176,7 @@ def test_groups_without_nonlinearity_inputs_list_values() -> None:
     assert primary == spec.activations[heads]  # nested groups keep all their points
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "vgg11"])
 def test_stream_points_do_not_change_plain_networks(name: str) -> None:
     """Without residual streams every group has one point per kind, so
@@ -348,6 +349,7 @@ def test_post_without_tie_break_fails_on_dead_units(monkeypatch: pytest.MonkeyPa
     )
 
 
+@pytest.mark.slow
 def test_post_without_tie_break_fails_on_resnet(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model("resnet20_w1", seed=23)
     spec = spec_for("resnet20_w1")

@@ -138,6 +138,7 @@ class CheckpointNet(nn.Module):
         return self.b(h)
 
 
+@pytest.mark.slow
 def test_torch_cond_builds_and_propagates_through_both_branches() -> None:
     model, x = randomized(CondNet()), randn(5, 8)
     before = snapshot(model, x)
@@ -304,6 +305,7 @@ def test_mutation_the_graph_does_not_record_is_refused_naming_the_buffer() -> No
     assert_unchanged(model, before, x)
 
 
+@pytest.mark.slow
 def test_functionalized_program_with_mutation_outputs_is_accepted() -> None:
     # run_decompositions functionalizes: mutations become BUFFER_MUTATION /
     # USER_INPUT_MUTATION outputs instead of in-place ops
@@ -486,6 +488,7 @@ class CachedBias(nn.Module):
         return self.fc2(torch.relu(self.fc1(x) + bias))
 
 
+@pytest.mark.slow
 def test_build_spec_leaves_forward_caches_as_they_were() -> None:
     model = CachedBias().double().eval()
     ma.build_spec(model, torch.randn(2, 4, dtype=torch.float64))

@@ -69,6 +69,7 @@ def test_version_prints_name_and_version(capsys: pytest.CaptureFixture[str]) -> 
         assert capsys.readouterr().out == f"maskalign {maskalign.__version__}\n"
 
 
+@pytest.mark.slow
 def test_installed_console_script_prints_the_version() -> None:
     script = Path(sys.executable).with_name("maskalign")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "maskalign.repro.cli"]
@@ -111,6 +112,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_dry_run_of_a_fresh_folder_computes_everything_and_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

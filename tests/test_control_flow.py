@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +38,7 @@ class Branchy(nn.Module):
         return self.b(h)
 
 
+@pytest.mark.slow
 def test_both_branches_share_the_operands_groups() -> None:
     model = _randomized(Branchy())
     x = torch.randn(5, 4, dtype=DT)
@@ -54,6 +56,7 @@ def test_both_branches_share_the_operands_groups() -> None:
         assert (wrong(x) - model(x)).abs().max() > 1e-3 or (wrong(-x * 100) - model(-x * 100)).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_branch_that_reorders_units_freezes_them() -> None:
     model = _randomized(Branchy(shift_in_branch=True))
     x = torch.randn(5, 4, dtype=DT)

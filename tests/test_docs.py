@@ -84,6 +84,7 @@ def _restore_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(DOCS)))
 def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -125,6 +126,7 @@ def test_fence_parser(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs", reason="docs dependencies not installed (pip install -e '.[docs]')")
     pytest.importorskip("mkdocstrings", reason="docs dependencies not installed (pip install -e '.[docs]')")
@@ -330,6 +332,7 @@ def test_shell_commands_in_docs_are_valid(capsys: pytest.CaptureFixture[str]) ->
     assert all(seen.values()), seen
 
 
+@pytest.mark.slow
 def test_docstring_examples_run() -> None:
     """The ``>>>`` examples in the package's docstrings (shown in the API reference)."""
     import doctest

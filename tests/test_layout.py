@@ -72,6 +72,7 @@ def test_the_library_never_imports_the_application() -> None:
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_import_graph_sees_every_import() -> None:
     """The checks above are only as good as the import scan: it must see a
     lazy import inside a function and a relative import two levels up."""
@@ -124,6 +125,7 @@ def test_every_module_imports_on_its_own() -> None:
     assert int(result.stdout) == len(modules) > 30
 
 
+@pytest.mark.slow
 def test_docs_layout_diagram_is_generated_from_the_imports() -> None:
     text = (ROOT / "docs" / "concepts.md").read_text()
     assert layout_diagram.BEGIN in text

@@ -271,6 +271,7 @@ def test_reset_bn_stats_num_batches_and_no_bn_is_noop() -> None:
     assert_unchanged(mlp, snap)
 
 
+@pytest.mark.slow
 def test_lmc_barrier_with_bn_data_resets_each_alpha_and_keeps_inputs() -> None:
     model_a = make_model("resnet20_w1", seed=80)
     model_b = make_model("resnet20_w1", seed=81)

@@ -223,6 +223,7 @@ def test_an_attention_model_is_matched_mask_aware() -> None:
 
 
 # ---------------------------------------------------------- weight matching
+@pytest.mark.slow
 def test_weight_matching_with_a_mask_is_matching_the_masked_model() -> None:
     model_a, model_b, data = _pair(5, hidden=(24, 16))
     spec = ma.build_spec(model_a, data[0][:2])

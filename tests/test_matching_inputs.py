@@ -85,6 +85,7 @@ def test_reference_is_a_nontrivial_permutation(reference: ma.Permutation) -> Non
     assert moved, "independent initialisations should not match by the identity"
 
 
+@pytest.mark.slow
 def test_dict_batches_match_like_an_explicit_input_fn(models, reference) -> None:
     a, b = models
     batches = dict_batches()
@@ -115,6 +116,7 @@ def test_user_dict_batches(models, reference) -> None:
     assert match(a, b, [UserDict(batch) for batch in dict_batches()]) == reference
 
 
+@pytest.mark.slow
 def test_inputs_labels_tuples(models, reference) -> None:
     a, b = models
     labels = torch.zeros(8, dtype=torch.long)
@@ -176,6 +178,7 @@ def test_dict_batches_against_a_positional_spec_name_both_structures(models) -> 
     assert DOCS_URL in message
 
 
+@pytest.mark.slow
 def test_use_cache_true_says_to_pass_use_cache_false() -> None:
     a, b = tiny_gpt2(0), tiny_gpt2(1)
     assert a.config.use_cache

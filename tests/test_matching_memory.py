@@ -82,6 +82,7 @@ def attention() -> tuple[nn.Module, nn.Module, ma.PermutationSpec, list[Tensor]]
     return a, b, ma.build_spec(a, data[0]), data
 
 
+@pytest.mark.slow
 def test_one_pass_when_everything_fits_is_identical_to_no_budget(resnet) -> None:  # type: ignore[no-untyped-def]
     a, b, spec, data = resnet
     default = ma.match_activations(a, b, data, spec, progress=False)
@@ -97,6 +98,7 @@ def test_one_pass_when_everything_fits_is_identical_to_no_budget(resnet) -> None
     assert _same(split, default)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["resnet", "attention"])
 def test_a_small_budget_takes_several_passes_with_the_same_permutation(which: str, request) -> None:  # type: ignore[no-untyped-def]
     a, b, spec, data = request.getfixturevalue(which)
@@ -134,6 +136,7 @@ def test_each_pass_runs_only_the_nodes_of_its_groups(resnet, monkeypatch) -> Non
     assert set().union(*per_pass) == calls[0]
 
 
+@pytest.mark.slow
 def test_a_one_shot_iterator_read_in_several_passes_says_to_pass_a_list(resnet) -> None:  # type: ignore[no-untyped-def]
     a, b, spec, data = resnet
     budget = _tightest(a, b, spec)
@@ -216,6 +219,7 @@ def test_nested_groups_too_large_are_named_together(attention) -> None:  # type:
         am.plan_passes([nested], am.needed_budget(am.planned_bytes([nested])) - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["resnet", "attention"])
 def test_planned_bytes_bound_the_statistics_as_allocated(which: str, request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An independent count: every ActivationStats alive at each update
@@ -257,6 +261,7 @@ def test_planned_bytes_bound_the_statistics_as_allocated(which: str, request, mo
     assert sum(s.nbytes for s in alive) == ActivationStats.state_bytes(7) == kept.nbytes > 0
 
 
+@pytest.mark.slow
 def test_float32_batch_statistics_agree_with_float64() -> None:
     """A float32 model: batch statistics in float32 (the default) merged in
     float64 against statistics in float64 from the activations upcast."""

@@ -181,6 +181,7 @@ def test_vgg11_without_batch_norm_is_the_plain_vgg_and_permutes_exactly() -> Non
         assert (wrong(x) - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
+@pytest.mark.slow
 def test_plain_vgg11_keeps_the_signal_at_initialisation() -> None:
     """Without BatchNorm, PyTorch's default init shrinks the signal about 4x
     per layer (features std ~0.006 on unit-variance inputs) and SGD stays at

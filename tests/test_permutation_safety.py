@@ -457,6 +457,7 @@ def test_storage_sharing_lists_distinct_tensors_only() -> None:
     assert found == [["w", "wt"]]
 
 
+@pytest.mark.slow
 def test_fingerprint_and_module_check_are_cheap() -> None:
     """A millisecond-scale check on a ResNet20 (generous bound for shared CI
     machines); the measured costs are in docs/reference/permutation.md."""

@@ -80,6 +80,7 @@ def test_resnet50_initialisation_and_zero_init_residual() -> None:
     assert float(zeroed.bn1.weight.detach().min()) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width", "in_channels", "size"), [(1, 3, 64), (2, 1, 32)])
 def test_resnet50_output_shape_width_and_channels(width: int, in_channels: int, size: int) -> None:
     model = ResNet50(num_classes=7, in_channels=in_channels, width=width).eval()

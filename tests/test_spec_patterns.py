@@ -431,6 +431,7 @@ class BatchNormNet(nn.Module):
         return self.out(torch.cat([h, g], 1))
 
 
+@pytest.mark.slow
 def test_batchnorm_1d_2d_with_running_stats() -> None:
     model = randomize(BatchNormNet())
     spec = check_pattern(model, (randn(8, 2, 9), randn(8, 3, 6, 7, seed=1)))

@@ -126,6 +126,7 @@ def test_union_of_train_and_eval_constraints() -> None:
     assert ma.check_equivalence(model, perm, x)
 
 
+@pytest.mark.slow
 def test_same_graph_in_both_modes_costs_no_second_export(monkeypatch: pytest.MonkeyPatch) -> None:
     """BatchNorm (batch statistics) and dropout run the same calls in both
     modes: one export only, and the spec still keeps the train-mode function."""
@@ -200,6 +201,7 @@ def test_an_extra_call_in_train_mode_is_named() -> None:
     assert mode_difference(Net(), (torch.randn(3, 4),), {}) == "call 1: only train mode runs cumsum"
 
 
+@pytest.mark.slow
 def test_probe_leaves_model_and_random_state_unchanged() -> None:
     model = _scaled(ResNet20(width=1), scale=1.0).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}

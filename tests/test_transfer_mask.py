@@ -58,6 +58,7 @@ def test_equals_the_three_steps_on_a_trained_like_resnet() -> None:
     assert all(torch.equal(weights[n], expected[n]) for n in mask_a)
 
 
+@pytest.mark.slow
 def test_keyword_batches_of_a_transformers_model() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
