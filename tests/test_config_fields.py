@@ -76,6 +76,29 @@ def test_the_flags_reach_the_config_and_a_bad_one_is_one_line(capsys: pytest.Cap
     assert "match_samples = None" in capsys.readouterr().out
 
 
+# ------------------------------------------------- the layout of image models
+def test_image_data_runs_its_models_in_channels_last_and_records_it(tmp_path) -> None:
+    data = _data()
+    assert data.channels_last and data.settings() == {"memory_format": "channels_last"}
+    config = ReproduceConfig(model="resnet20")
+    run = _Run(config, data, torch.device("cpu"), StageStore(tmp_path), "fp", lambda _: None, None)
+    assert run.ref_match(0).settings["memory_format"] == "channels_last"
+    moved = run.to_device(run.build())
+    weight = moved.layer1[0].conv1.weight  # 16 input channels: the two layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    g = torch.Generator().manual_seed(0)
+    flat = DatasetSplits(
+        TensorDataset(torch.randn(10, 16, generator=g), torch.randint(0, 3, (10,), generator=g)),
+        TensorDataset(torch.randn(4, 16, generator=g), torch.randint(0, 3, (4,), generator=g)),
+        num_classes=3,
+        in_channels=1,
+        image_size=4,
+        name="flat",
+    )
+    flat_data = MemoryData(flat, torch.device("cpu"), "fp")
+    assert not flat_data.channels_last and flat_data.settings() == {}  # MLP runs record what they did before
+
+
 # ------------------------------------------------- the in-memory matching subset
 def test_unset_or_all_samples_match_on_the_whole_training_set_in_its_order() -> None:
     whole = list(batches(_splits().train, MATCH_BATCH))  # the batches matched before the setting existed
@@ -83,7 +106,7 @@ def test_unset_or_all_samples_match_on_the_whole_training_set_in_its_order() -> 
         got = list(data.match_batches())
         assert len(got) == len(whole) == 3 and data.match_samples == N_TRAIN
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, whole))
-        assert data.settings() == {}  # the stages' settings of today: old output folders resume
+        assert "match_samples" not in data.settings()  # nothing new: old output folders resume
         assert torch.equal(_inputs(data, samples=N_TRAIN), torch.cat([x for x, _ in whole]))
 
 
@@ -96,7 +119,7 @@ def test_a_subset_is_a_fixed_seeded_choice_in_training_set_order() -> None:
     assert [b[0].shape[0] for b in got] == [100]
     assert torch.equal(got[0][0], x[index]) and torch.equal(got[0][1], y[index])
     assert torch.equal(_inputs(_data(100)), got[0][0])  # the same samples every time
-    assert data.settings() == {"match_samples": 100} and data.match_samples == 100
+    assert data.settings()["match_samples"] == 100 and data.match_samples == 100
     # the argument overrides the setting: the same kind of subset, of its size
     assert torch.equal(_inputs(data, samples=300), x[imagenet.subset_indices(N_TRAIN, 300, seed=0)])
     assert torch.equal(_inputs(_data(), samples=100), got[0][0])

@@ -79,7 +79,8 @@ evaluation, each rank its share; matching and BatchNorm re-estimation on a
 fixed subset of ``match_samples`` training images, 10,000 by default;
 ``channels_last`` on CUDA; ``test_top5`` in the dense, IMP and sparse
 records). Its stages also record ``match_samples`` and ``loader_workers``
-(the workers seed the random crops).
+(the workers seed the random crops). Models of image data run in
+``channels_last`` (in-memory data on every device, the ImageFolder on CUDA).
 """
 
 from __future__ import annotations
