@@ -1268,6 +1268,23 @@ def match_activations(
         budget = _agree_on_budget(budget, device)
     solve = not distributed or dist.get_rank() == 0
     one_shot = isinstance(data, Iterator)
+
+    def new_pass(spec: PermutationSpec) -> _Pass:
+        """The statistics of every group of ``spec``, their passes planned."""
+        return _Pass(
+            spec,
+            model_a,
+            model_b,
+            points,
+            stream_points,
+            max_joint,
+            device,
+            budget,
+            stats_dtype,
+            mask,
+            restrict_ties=not distributed,
+        )
+
     run: _Pass | None = None
     first_count = 0
     index_of_pass, passes = 0, 1
@@ -1283,20 +1300,8 @@ def match_activations(
                         _check_no_cache(model, which, args, kwargs)
                     if spec is None:
                         spec = build_spec(model_a, args, kwargs)
-                    run = _Pass(
-                        spec,
-                        model_a,
-                        model_b,
-                        points,
-                        stream_points,
-                        max_joint,
-                        device,
-                        budget,
-                        stats_dtype,
-                        mask,
-                        restrict_ties=not distributed,
-                    )
-                    run.plan.warn_skipped(max_joint)
+                    run = new_pass(spec)
+                    run.plan.warn_skipped(max_joint)  # (stacklevel: the caller of match_activations)
                     passes = len(run.passes)
                     _check_passes(data, one_shot and not distributed, passes, budget)
                     run.start(0)
@@ -1315,19 +1320,7 @@ def match_activations(
                             "Argument 'data' yielded no batches (an exhausted iterator?); pass a list or a DataLoader "
                             "with at least one batch."
                         )
-                    run = _Pass(
-                        spec,
-                        model_a,
-                        model_b,
-                        points,
-                        stream_points,
-                        max_joint,
-                        device,
-                        budget,
-                        stats_dtype,
-                        mask,
-                        restrict_ties=not distributed,
-                    )
+                    run = new_pass(spec)
                     run.plan.warn_skipped(max_joint)  # zero counts
                     passes = len(run.passes)
                     run.start(0)

@@ -522,7 +522,10 @@ class _Run:
         """Sparse-train ``method`` of ``seed`` from rewind point ``k`` at ``target``
         (LTH from A_k, the others from B_k of the same seed)."""
         start = f"seed{seed}-{'A' if method == 'lth' else 'B'}"
-        return self._train_sparse(self.ref_sparse(seed, k, target, method), start, seed, k, target, method, masks)
+        ref = self.ref_sparse(seed, k, target, method)
+        return self.train_sparse(
+            ref, start, seed, k, target, masks, order=method, identity={"seed": seed, "method": method}
+        )
 
     def shared_sparse(self, seed: int, k: int, target: float, method: str) -> dict[str, Any]:
         """Member ``seed`` of ``method`` in the shared-mask protocol: LTH
@@ -536,51 +539,55 @@ class _Run:
         masks = self.method_masks(0, target, self.shared_match(seed)[1])[method]
         start = "seed0-A" if method == "lth" else f"seed{seed}-B"
         ref = self.ref_sparse(seed, k, target, method, shared=True)
-        return self._train_sparse(ref, start, seed, k, target, method, masks)
+        return self.train_sparse(
+            ref, start, seed, k, target, masks, order=method, identity={"seed": seed, "method": method}
+        )
 
     def shared_model(self, seed: int, k: int, target: float, method: str) -> nn.Module:
         """The trained member ``seed`` of ``method`` in the shared-mask protocol."""
         return self.sparse_model(seed, k, target, method, stage="sparse" if seed == 0 else "shared-sparse")
 
-    def _train_sparse(
+    def train_sparse(
         self,
         ref: StageRef,
         start: str,
         seed: int,
         k: int,
         target: float,
-        method: str,
         masks: Mapping[str, Tensor],
+        *,
+        order: str,
+        identity: Mapping[str, Any],
     ) -> dict[str, Any]:
-        """Train the rewind checkpoint k of dense stage ``start`` under
-        ``masks`` for T - k epochs at ``sparse_lr`` with the data order of
-        (``seed``, k, ``target``, ``method``), as stage instance
-        ``ref``."""
-        stage, key = ref.stage, ref.key
+        """Stage instance ``ref``: the rewind checkpoint k of dense stage
+        ``start`` trained under ``masks`` for T - k epochs at ``sparse_lr``
+        with the data order of the sparse run (``seed``, k, ``target``,
+        ``order``: a method), saved as ``model.pt``. Its record: ``identity``
+        (which run this is), ``k``, ``sparsity``, the test scores and
+        ``mask_sparsity``."""
         record = self.finished(ref)
         if record is not None:
             return record
         with self.stage(ref):
-            distributed.assert_same_on_ranks(distributed.tensor_digest(masks), f"The mask of {stage}/{key}")
+            distributed.assert_same_on_ranks(distributed.tensor_digest(masks), f"The mask of {ref.stage}/{ref.key}")
             model = self.load_model("dense", start, f"rewind_k{k}.pt")
             train(
                 model,
                 self.data.train,
                 self.train_config(self.config.epochs - k, self.config.sparse_lr),
-                generator=seeded_generator(seed, "sparse", k, level_key(target), method),
+                generator=seeded_generator(seed, "sparse", k, level_key(target), order),
                 masks=masks,
                 distributed=True,
             )
-            self.store.save_tensors(stage, key, "model.pt", cpu_state(model))
+            self.store.save_tensors(ref.stage, ref.key, "model.pt", cpu_state(model))
             data = {
-                "seed": seed,
+                **identity,
                 "k": k,
                 "sparsity": target,
-                "method": method,
                 **self.data.scores(model),
                 "mask_sparsity": sparsity(masks).global_,
             }
-            record = self.store.finish(stage, key, ref.settings, data)
+            record = self.store.finish(ref.stage, ref.key, ref.settings, data)
         return record
 
     def sparse_model(self, seed: int, k: int, target: float, method: str, stage: str = "sparse") -> nn.Module:

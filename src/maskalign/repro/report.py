@@ -15,7 +15,6 @@ after matching). Everything is rendered from the results dict alone, so
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from .._utils.fileio import atomic_write
 from . import study_report
 from .presets import METHODS
+from .report_format import MeanStd, fmt, mean_std, new_figure, save_png
 
 __all__ = [
     "brief_summary",
@@ -39,19 +39,6 @@ __all__ = [
 
 _LABELS = {"lth": "LTH", "naive": "naive", "permuted": "perm.", "random": "random", "imp": "IMP", "dense": "dense"}
 _SPARSE_PAIRS = ("lth-naive", "pi(lth)-permuted", "naive-permuted")
-
-MeanStd = tuple[float, float]
-
-
-def _mean_std(values: Sequence[float]) -> MeanStd:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
-def _fmt(value: MeanStd | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value[0]:.{digits}f} +- {value[1]:.{digits}f}"
 
 
 def _select(rows: Iterable[dict[str, Any]], key: str, **match: Any) -> list[float]:
@@ -77,18 +64,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             for k in config["rewind_epochs"]:
                 accs = [100 * a for a in _select(results["sparse"], "test_acc", sparsity=target, method=method, k=k)]
                 if accs:
-                    row[k] = _mean_std(accs)
+                    row[k] = mean_std(accs)
             accuracy[target][method] = row
     imp = {
-        t: _mean_std([100 * a for a in _select(results["imp"], "test_acc", sparsity=t)]) for t in config["sparsities"]
+        t: mean_std([100 * a for a in _select(results["imp"], "test_acc", sparsity=t)]) for t in config["sparsities"]
     }
     barrier: dict[tuple[str, int | None, float | None], MeanStd] = {}
     for curve in results["lmc"]:
         key = (curve["pair"], curve["k"], curve["sparsity"])
         if key not in barrier:
-            barrier[key] = _mean_std(_select(results["lmc"], "barrier", pair=key[0], k=key[1], sparsity=key[2]))
+            barrier[key] = mean_std(_select(results["lmc"], "barrier", pair=key[0], k=key[1], sparsity=key[2]))
     return {
-        "dense": _mean_std([100 * r["test_acc"] for r in results["dense"]]),
+        "dense": mean_std([100 * r["test_acc"] for r in results["dense"]]),
         "accuracy": accuracy,
         "imp": imp,
         "barrier": barrier,
@@ -112,9 +99,9 @@ def _top5(results: dict[str, Any]) -> dict[str, Any] | None:
         accuracy[target] = {}
         for method in config["methods"]:
             found = {k: top5(results["sparse"], sparsity=target, method=method, k=k) for k in config["rewind_epochs"]}
-            accuracy[target][method] = {k: _mean_std(v) for k, v in found.items() if v}
-    imp = {t: _mean_std(v) for t in config["sparsities"] if (v := top5(results["imp"], sparsity=t))}
-    return {"dense": _mean_std(top5(results["dense"])), "accuracy": accuracy, "imp": imp}
+            accuracy[target][method] = {k: mean_std(v) for k, v in found.items() if v}
+    imp = {t: mean_std(v) for t in config["sparsities"] if (v := top5(results["imp"], sparsity=t))}
+    return {"dense": mean_std(top5(results["dense"])), "accuracy": accuracy, "imp": imp}
 
 
 def _settings_line(config: dict[str, Any]) -> str:
@@ -153,8 +140,8 @@ def _accuracy_section(results: dict[str, Any], summary: dict[str, Any]) -> list[
         "",
         _settings_line(config),
         "",
-        f"Dense test accuracy (A and B, all seeds): {_fmt(summary['dense'])} %.",
-        *([] if top5 is None else ["", f"Dense top-5 test accuracy (A and B, all seeds): {_fmt(top5['dense'])} %."]),
+        f"Dense test accuracy (A and B, all seeds): {fmt(summary['dense'])} %.",
+        *([] if top5 is None else ["", f"Dense top-5 test accuracy (A and B, all seeds): {fmt(top5['dense'])} %."]),
         "",
         f"## Test accuracy (%) by rewind point k, mean +- std over {config['seeds']} seed(s)",
         "",
@@ -182,16 +169,14 @@ def _accuracy_rows(accuracy: dict[float, dict[str, dict[int, MeanStd]]], ks: Seq
     lines = []
     for target, methods in accuracy.items():
         for i, (method, row) in enumerate(methods.items()):
-            cells = " | ".join(_fmt(row.get(k)) for k in ks)
+            cells = " | ".join(fmt(row.get(k)) for k in ks)
             lines.append(f"| {f'{100 * target:g}%' if i == 0 else ''} | {_LABELS[method]} | {cells} |")
     return lines
 
 
 def _dense_barriers(summary: dict[str, Any]) -> tuple[str, str]:
     """The dense A-B loss barrier before and after matching, formatted (nats)."""
-    return _fmt(summary["barrier"].get(("A-B", None, None)), 4), _fmt(
-        summary["barrier"].get(("pi(A)-B", None, None)), 4
-    )
+    return fmt(summary["barrier"].get(("A-B", None, None)), 4), fmt(summary["barrier"].get(("pi(A)-B", None, None)), 4)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -221,7 +206,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for target in config["sparsities"]:
         for k in ks:
-            barriers = [_fmt(summary["barrier"].get((p, k, target)), 4) for p in _SPARSE_PAIRS]
+            barriers = [fmt(summary["barrier"].get((p, k, target)), 4) for p in _SPARSE_PAIRS]
             if any(c != "-" for c in barriers):
                 lines.append(f"| {100 * target:g}% | {k} | " + " | ".join(barriers) + " |")
     lines += ["", *_diversity_section(results), *_shared_mask_section(results), *study_report.sections(results)]
@@ -231,8 +216,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 def _imp_rows(imp: dict[float, MeanStd], top5: dict[float, MeanStd] | None) -> list[str]:
     """The IMP accuracy table (%): top-1, and top-5 beside it when the records carry it."""
     if not top5:
-        return ["| S | IMP |", "|---|---|", *(f"| {100 * t:g}% | {_fmt(v)} |" for t, v in imp.items())]
-    rows = (f"| {100 * t:g}% | {_fmt(v)} | {_fmt(top5.get(t))} |" for t, v in imp.items())
+        return ["| S | IMP |", "|---|---|", *(f"| {100 * t:g}% | {fmt(v)} |" for t, v in imp.items())]
+    rows = (f"| {100 * t:g}% | {fmt(v)} | {fmt(top5.get(t))} |" for t, v in imp.items())
     return ["| S | IMP | IMP top-5 |", "|---|---|---|", *rows]
 
 
@@ -280,10 +265,10 @@ def _shared_mask_section(results: dict[str, Any]) -> list[str]:
     ]
     for method in (m for m in _TABLE1_ORDER if m in rows):
         r = rows[method]
-        acc = _mean_std([100 * a for a in r["member_accuracies"]])
+        acc = mean_std([100 * a for a in r["member_accuracies"]])
         epochs = study_report.ensemble_epochs(results, method)
         lines.append(
-            f"| {_LABELS[method]} | {_fmt(acc)} | {100 * r['ensemble_accuracy']:.2f} | "
+            f"| {_LABELS[method]} | {fmt(acc)} | {100 * r['ensemble_accuracy']:.2f} | "
             f"{r['disagreement']:.4f} | {r['kl']:.4f} | {r['js']:.4f} | {epochs} |"
         )
     return lines
@@ -336,7 +321,7 @@ def _diversity_section(results: dict[str, Any]) -> list[str]:
             ensemble = "-" if r["ensemble_accuracy"] is None else f"{100 * r['ensemble_accuracy']:.2f}"
             target = "-" if r["sparsity"] is None else f"{100 * r['sparsity']:g}%"
             lines.append(
-                f"| {target} | {_LABELS[r['method']]} | {_fmt(acc)} | {ensemble} | "
+                f"| {target} | {_LABELS[r['method']]} | {fmt(acc)} | {ensemble} | "
                 f"{r['disagreement']:.4f} | {r['kl']:.4f} | {r['js']:.4f} |"
             )
     return lines
@@ -376,7 +361,7 @@ _PAIR_STYLES: dict[str, tuple[str, dict[str, Any]]] = {
 #: Bars of the summary's barrier panel: unaligned pairs vs pairs aligned by pi.
 _UNALIGNED_COLOR, _ALIGNED_COLOR = "#d62728", "#2ca02c"
 
-_PANEL_WIDTH, _PANEL_HEIGHT, _DPI = 3.6, 3.1, 100
+_PANEL_WIDTH, _PANEL_HEIGHT = 3.6, 3.1
 
 
 def _have_matplotlib() -> bool:
@@ -385,20 +370,6 @@ def _have_matplotlib() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _new_figure(figsize: tuple[float, float]) -> Any:
-    """A Figure on its own Agg canvas (no pyplot state), constrained layout."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | os.PathLike[str]) -> None:
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=_DPI), mode="wb")
 
 
 def _percent(fraction: float) -> str:
@@ -427,7 +398,7 @@ def _grid(count: int, *, sharey: bool = True) -> tuple[Any, list[Any]]:
     reads at the width of a page; the unused panels hidden."""
     cols = 2 if count == 4 else min(count, 3)
     rows = -(-count // cols)
-    fig = _new_figure((_PANEL_WIDTH * cols + 0.4, _PANEL_HEIGHT * rows + 1.0))
+    fig = new_figure((_PANEL_WIDTH * cols + 0.4, _PANEL_HEIGHT * rows + 1.0))
     axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey)
     flat = [ax for row in axes for ax in row]
     for ax in flat[count:]:
@@ -576,7 +547,7 @@ def _figure_summary(results: dict[str, Any]) -> Any:
     config = results["config"]
     k = max(config["rewind_epochs"])
     targets = list(summary["accuracy"])
-    fig = _new_figure((11.0, 4.8))
+    fig = new_figure((11.0, 4.8))
     halves = fig.subfigures(1, 2, width_ratios=(1.0, 1.15), wspace=0.02)
     left, right = (half.subplots() for half in halves)
     for method in ("lth", "permuted", "naive", "random"):
@@ -637,7 +608,7 @@ def plot_accuracy_vs_rewind(results: dict[str, Any], path: str | os.PathLike[str
     Raises:
         ImportError: matplotlib is not installed.
     """
-    _save(_figure_accuracy_vs_rewind(results), path)
+    save_png(_figure_accuracy_vs_rewind(results), path)
 
 
 def plot_accuracy(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -656,7 +627,7 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike[str]) -> None
     Raises:
         ImportError: matplotlib is not installed.
     """
-    _save(_figure_accuracy(results), path)
+    save_png(_figure_accuracy(results), path)
 
 
 def plot_lmc(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -676,7 +647,7 @@ def plot_lmc(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     Raises:
         ImportError: matplotlib is not installed.
     """
-    _save(_figure_lmc(results), path)
+    save_png(_figure_lmc(results), path)
 
 
 def plot_summary(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -699,7 +670,7 @@ def plot_summary(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     Raises:
         ImportError: matplotlib is not installed.
     """
-    _save(_figure_summary(results), path)
+    save_png(_figure_summary(results), path)
 
 
 def _title(results: dict[str, Any]) -> str:

@@ -64,7 +64,6 @@ from ..evaluation.lmc import lmc_barrier
 from ..evaluation.metrics import diversity, ensemble_accuracy
 from ..matching.activation import match_activations
 from ..permutation import Permutation, apply_permutation, permute_mask
-from ..sparse.masks import sparsity
 from ..spec.permutation_spec import PermutationSpec
 from . import distributed
 from .presets import ReproduceConfig
@@ -160,7 +159,8 @@ def permutation_agreement(perm: Permutation, reference: Permutation) -> float:
 class StudyRun(Protocol):
     """What the studies use of the run that owns them
     (``maskalign.repro.experiment._Run``): its settings, store, data and
-    model helpers, and the paper's cross-seed matching ``shared_match``."""
+    model helpers, the paper's cross-seed matching ``shared_match`` and its
+    sparse training ``train_sparse``."""
 
     config: ReproduceConfig
     store: StageStore
@@ -191,6 +191,19 @@ class StudyRun(Protocol):
     def log_probs(self, model: nn.Module) -> Tensor: ...
 
     def shared_match(self, seed: int) -> tuple[dict[str, Any], Permutation]: ...
+
+    def train_sparse(
+        self,
+        ref: StageRef,
+        start: str,
+        seed: int,
+        k: int,
+        target: float,
+        masks: Mapping[str, Tensor],
+        *,
+        order: str,
+        identity: Mapping[str, Any],
+    ) -> dict[str, Any]: ...
 
 
 class Studies:
@@ -418,34 +431,12 @@ class Studies:
         """Stage ``variant-sparse``: B_k of ``seed`` with pi_v(m_A) (``shared``:
         m_A0, the mask of seed 0) trained T - k epochs at ``sparse_lr`` with
         the data order of the paper's permuted run of ``seed``."""
-        run, k = self.run, self.k
+        run = self.run
+        m_a = self._imp_masks(0 if shared else seed, target)
+        masks = {name: m.to(run.device) for name, m in permute_mask(m_a, perm).items()}
+        identity = {**self._identity(seed, variant), **({"mask_seed": 0} if shared else {})}
         ref = self.ref_sparse(seed, variant, target, shared=shared)
-        record = run.finished(ref)
-        if record is not None:
-            return record
-        with run.stage(ref):
-            m_a = self._imp_masks(0 if shared else seed, target)
-            masks: Mapping[str, Tensor] = {name: m.to(run.device) for name, m in permute_mask(m_a, perm).items()}
-            model = run.load_model("dense", f"seed{seed}-B", f"rewind_k{k}.pt")
-            train(
-                model,
-                run.data.train,
-                run.train_config(self.config.epochs - k, self.config.sparse_lr),
-                generator=seeded_generator(seed, "sparse", k, level_key(target), "permuted"),
-                masks=masks,
-                distributed=True,
-            )
-            run.store.save_tensors("variant-sparse", ref.key, "model.pt", cpu_state(model))
-            data = {
-                **self._identity(seed, variant),
-                **({"mask_seed": 0} if shared else {}),
-                "k": k,
-                "sparsity": target,
-                **run.data.scores(model),
-                "mask_sparsity": sparsity(masks).global_,
-            }
-            record = run.store.finish("variant-sparse", ref.key, ref.settings, data)
-        return record
+        return run.train_sparse(ref, f"seed{seed}-B", seed, self.k, target, masks, order="permuted", identity=identity)
 
     def run_seed(self, seed: int, paper: Permutation) -> dict[str, list[dict[str, Any]]]:
         """Every variant of ``seed``: ``{"matching": [...], "sparse": [...]}``

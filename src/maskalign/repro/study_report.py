@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .._utils.fileio import atomic_write
+from .report_format import fmt_values, mean_std, new_figure, save_png
 
 __all__ = ["early_rows", "ensemble_epochs", "has_early_matching", "plot_early_matching", "sections", "source_rows"]
 
@@ -29,25 +29,12 @@ _SOURCE_WORDS = {
 }
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
-def _fmt(values: Sequence[float] | None, digits: int = 2) -> str:
-    if not values:
-        return "-"
-    mean, std = _mean_std(values)
-    return f"{mean:.{digits}f} +- {std:.{digits}f}"
-
-
 def _beyond_noise(diffs: Sequence[float]) -> str:
     """``"yes (+)"`` / ``"yes (-)"`` when the paired mean is beyond 2 standard
     errors, ``"no"`` when not, ``"- (2 seeds)"`` with fewer than 3 seeds."""
     if len(diffs) < 3:
         return f"- ({len(diffs)} seed{'s' if len(diffs) > 1 else ''})"
-    mean, std = _mean_std(diffs)
+    mean, std = mean_std(diffs)
     if abs(mean) > 2 * std / math.sqrt(len(diffs)):
         return "yes (+)" if mean > 0 else "yes (-)"
     return "no"
@@ -158,11 +145,11 @@ def _reference_rows(results: dict[str, Any], target: float, k: int) -> list[str]
     naive = [v for (s, kk, t), v in _paper_accuracy(results, "naive").items() if kk == k and t == target]
     barriers = list(_paper_barriers(results).values())
     rows = [
-        f"| {100 * target:g}% | T={config['epochs']} (paper) | A_T -> B_T | 0 | {_fmt(perm)} | 0 | - | "
-        f"{_fmt(barriers, 4)} | - | 100 |"
+        f"| {100 * target:g}% | T={config['epochs']} (paper) | A_T -> B_T | 0 | {fmt_values(perm)} | 0 | - | "
+        f"{fmt_values(barriers, 4)} | - | 100 |"
     ]
     if naive:
-        rows.append(f"| {100 * target:g}% | naive (no permutation) | - | - | {_fmt(naive)} | - | - | - | - | - |")
+        rows.append(f"| {100 * target:g}% | naive (no permutation) | - | - | {fmt_values(naive)} | - | - | - | - | - |")
     return rows
 
 
@@ -193,8 +180,8 @@ def _early_section(results: dict[str, Any]) -> list[str]:
             previous = r["sparsity"]
         lines.append(
             f"| {100 * r['sparsity']:g}% | {r['epoch']} | {_PAIR_WORDS[r['pair']]} | {r['epochs_saved']} | "
-            f"{_fmt(r['accuracy'])} | {_fmt(r['difference'])} | {_beyond_noise(r['difference'])} | "
-            f"{_fmt(r['barrier'], 4)} | {_fmt(r['barrier_b_e'], 4)} | {_fmt(r['agreement'], 1)} |"
+            f"{fmt_values(r['accuracy'])} | {fmt_values(r['difference'])} | {_beyond_noise(r['difference'])} | "
+            f"{fmt_values(r['barrier'], 4)} | {fmt_values(r['barrier_b_e'], 4)} | {fmt_values(r['agreement'], 1)} |"
         )
     return lines
 
@@ -224,14 +211,14 @@ def _source_section(results: dict[str, Any]) -> list[str]:
         if r["sparsity"] != previous:
             perm = [v for (s, kk, t), v in paper.items() if kk == r["k"] and t == r["sparsity"]]
             lines.append(
-                f"| {100 * r['sparsity']:g}% | paper (all data, dense A_T) | {_fmt(perm)} | 0 | - | "
-                f"{_fmt(barriers, 4)} | 100 |"
+                f"| {100 * r['sparsity']:g}% | paper (all data, dense A_T) | {fmt_values(perm)} | 0 | - | "
+                f"{fmt_values(barriers, 4)} | 100 |"
             )
             previous = r["sparsity"]
         lines.append(
-            f"| {100 * r['sparsity']:g}% | {_SOURCE_WORDS[r['source']]} | {_fmt(r['accuracy'])} | "
-            f"{_fmt(r['difference'])} | {_beyond_noise(r['difference'])} | {_fmt(r['barrier'], 4)} | "
-            f"{_fmt(r['agreement'], 1)} |"
+            f"| {100 * r['sparsity']:g}% | {_SOURCE_WORDS[r['source']]} | {fmt_values(r['accuracy'])} | "
+            f"{fmt_values(r['difference'])} | {_beyond_noise(r['difference'])} | {fmt_values(r['barrier'], 4)} | "
+            f"{fmt_values(r['agreement'], 1)} |"
         )
     return lines
 
@@ -270,7 +257,8 @@ def _ensemble_section(results: dict[str, Any]) -> list[str]:
 
     def line(label: str, r: dict[str, Any], epochs: int) -> str:
         return (
-            f"| {label} | {_fmt([100 * a for a in r['member_accuracies']])} | {100 * r['ensemble_accuracy']:.2f} | "
+            f"| {label} | {fmt_values([100 * a for a in r['member_accuracies']])} | "
+            f"{100 * r['ensemble_accuracy']:.2f} | "
             f"{r['disagreement']:.4f} | {r['kl']:.4f} | {r['js']:.4f} | {epochs} |"
         )
 
@@ -298,15 +286,11 @@ def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -
     Raises:
         ImportError: matplotlib is not installed.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = early_rows(results)
     targets = sorted({r["sparsity"] for r in rows})
     cols = 2 if len(targets) == 4 else min(len(targets), 3)
     rows_of_panels = -(-len(targets) // cols)
-    fig = Figure(figsize=(3.9 * cols + 0.4, 3.1 * rows_of_panels + 1.0), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((3.9 * cols + 0.4, 3.1 * rows_of_panels + 1.0))
     grid = fig.subplots(rows_of_panels, cols, squeeze=False)  # own y range per panel: naive can be far below
     axes = [ax for row in grid for ax in row]
     for ax in axes[len(targets) :]:
@@ -316,7 +300,7 @@ def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -
     for ax, target in zip(axes, targets):
         for pair, style in styles.items():
             line = [r for r in rows if r["sparsity"] == target and r["pair"] == pair]
-            stats = [_mean_std(r["accuracy"]) for r in line]
+            stats = [mean_std(r["accuracy"]) for r in line]
             ax.errorbar(
                 [r["epoch"] for r in line],
                 [m for m, _ in stats],
@@ -332,7 +316,7 @@ def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -
         ):
             values = [v for (s, kk, t), v in _paper_accuracy(results, method).items() if kk == k and t == target]
             if values:
-                ax.axhline(_mean_std(values)[0], color=color, linestyle="--", label=label)
+                ax.axhline(mean_std(values)[0], color=color, linestyle="--", label=label)
         ax.set_xticks(sorted({r["epoch"] for r in rows}))
         ax.set_title(f"sparsity {100 * target:g}%, k = {k}")
         ax.set_xlabel("e: epochs B was trained before matching")
@@ -342,4 +326,4 @@ def plot_early_matching(results: dict[str, Any], path: str | os.PathLike[str]) -
             ax.set_ylabel(f"test accuracy (%),\nmean +- std over {results['config']['seeds']} seeds")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2)
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100), mode="wb")
+    save_png(fig, path)
