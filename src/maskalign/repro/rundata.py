@@ -262,8 +262,10 @@ class ImageFolderRunData:
         self.image_size = self.data.image_size
         self.channels_last = device.type == "cuda"
         self.workers = IMAGENET_WORKERS if device.type == "cuda" else 0
+        # augment=False (--no-augment) trains on the eval transform (resize + center crop), as for in-memory data
+        images = self.data.train if config.augment else self.data.train_eval
         self.train: TensorDataset | TrainData = imagenet.ImageFolderTrainData(
-            self.data.train, config.batch_size, world, workers=self.workers, channels_last=self.channels_last
+            images, config.batch_size, world, workers=self.workers, channels_last=self.channels_last
         )
         self.targets = torch.tensor(self.data.test.targets, dtype=torch.long)  # type: ignore[attr-defined]
         total = len(self.data.train_eval)  # type: ignore[arg-type]
