@@ -7,7 +7,10 @@ on wide models, every ratio measured side by side in one run.
     batches (target <= 1.5), medians over interleaved repeats, and the
     seconds one more match spends in statistics updates and in solves; at
     4 batches of 32 and at 16 (``--more-batches``: the solves and the
-    similarities are a fixed cost per match that more data amortises);
+    similarities are a fixed cost per match that more data amortises),
+    and from the two the cost of one more batch (the marginal ratio), the
+    fixed cost per match, and the ratio they give at the 10,000 matching
+    samples of the ``imagenet-resnet50`` preset;
 (b) peak memory growth of ``match_activations`` on ResNet50 and on a
     GPT-2-medium-sized model (24 layers, width 1024, MLP 4096, random
     weights, 8 sequences x 64 tokens), without a budget (the default: half
@@ -263,6 +266,24 @@ def _mib(count: float) -> str:
     return f"{count / 2**20:8.0f} MiB"
 
 
+def _print_marginal(timed: dict[int, dict[str, Any]], batch_size: int) -> None:
+    """From the two batch counts of (a): what one more batch costs (the
+    marginal ratio: extra match time over extra forward time), the fixed cost
+    of a match (solves, similarities), and the ratio that these give at the
+    ``imagenet-resnet50`` preset's 10,000 matching samples."""
+    few, many = sorted(timed)
+    d_match = (timed[many]["match_s"] - timed[few]["match_s"]) / (many - few)
+    d_forward = (timed[many]["forward_s"] - timed[few]["forward_s"]) / (many - few)
+    fixed = timed[few]["match_s"] - few * d_match
+    batches = -(-10_000 // batch_size)
+    at_preset = (fixed + batches * d_match) / (batches * d_forward)
+    print(
+        f"(a) per batch of {batch_size} (from {few} and {many}): forward A+B {d_forward:.3f} s, match {d_match:.3f} s, "
+        f"marginal ratio {d_match / d_forward:.2f}; fixed per match {fixed:.2f} s; at 10,000 samples "
+        f"({batches} batches) the ratio would be {at_preset:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches and repeats, GPT-2 skipped (smoke run)")
@@ -295,9 +316,10 @@ def main() -> None:
     )
     common = ["--batches", str(batches), "--batch-size", str(batch_size), "--repeats", str(repeats)]
     counts = [batches] + ([args.more_batches] if args.more_batches and not args.quick else [])
+    timed: dict[int, dict[str, Any]] = {}
     for count in counts:
         options = ["--batches", str(count), *common[2:]]
-        got = run_worker("time", options, args.threads)
+        got = timed[count] = run_worker("time", options, args.threads)
         print(
             f"(a) ResNet50 {count}x{batch_size} at 64x64  forward A+B {got['forward_s']:7.2f} s   "
             f"match_activations {got['match_s']:7.2f} s   ratio {got['match_s'] / got['forward_s']:5.2f}  "
@@ -307,6 +329,8 @@ def main() -> None:
             f"(a) one more match, instrumented: {got['instrumented_s']:.2f} s, of which statistics updates "
             f"{got['updates_s']:.2f} s, {got['lap_calls']:.0f} assignment solves {got['lap_s']:.2f} s"
         )
+    if len(timed) == 2:
+        _print_marginal(timed, batch_size)
     configs = [("ResNet50", ["--model", "resnet50", "--budget-mib", "0", *common])]
     if not args.skip_gpt2 and not args.quick:
         gpt = ["--model", "gpt2", "--batches", str(args.gpt2_batches)]

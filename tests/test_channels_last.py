@@ -43,6 +43,7 @@ def test_the_layout_is_really_channels_last() -> None:
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
+@pytest.mark.slow  # two specs and two matchings of a float64 ResNet20
 def test_spec_matching_and_permutation_agree_with_the_contiguous_model() -> None:
     a, a_last = _pair(1)
     b, b_last = _pair(2)
@@ -65,6 +66,7 @@ def test_spec_matching_and_permutation_agree_with_the_contiguous_model() -> None
         assert relative_error(wrong(x), a_last(x)) > 1e-3
 
 
+@pytest.mark.slow  # a spec and three SGD steps of a float64 ResNet20
 def test_masks_permute_and_stay_enforced_in_channels_last() -> None:
     a, a_last = _pair(3)
     masks = ma.global_magnitude_prune(a, 0.8)
