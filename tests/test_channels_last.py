@@ -6,8 +6,6 @@ BatchNorm statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,13 +14,7 @@ from conftest import randomize, relative_error
 import maskalign as ma
 from maskalign.models import ResNet20
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest.py)
 
 
 def _pair(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -32,7 +32,8 @@ from maskalign.models import VGG11, ResNet20
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-pytestmark = pytest.mark.slow  # real architectures built and exported: the slow tier
+# real architectures built and exported: the slow tier; one torch thread (conftest's one_thread)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 KEEP_TOL = 1e-9
 BREAK_TOL = 1e-6
@@ -48,16 +49,6 @@ COVERAGE_TARGETS = {
     "bert": 0.95,
     "gpt2": 0.95,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Single-threaded: on a shared 2-core machine OpenMP's busy-waiting makes
-    small float64 forwards up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def nontrivial(model: nn.Module, example: Any, seed: int = 0, noise: float = 0.1) -> nn.Module:

@@ -8,8 +8,6 @@ The state_dict round trip with torchvision's own ``resnet50()`` is in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from conftest import randomize, relative_error
@@ -23,12 +21,7 @@ from maskalign.models import MODEL_NAMES, Bottleneck, ResNet50, build_model
 _BLOCKS = (3, 4, 6, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest.py)
 
 
 def _torchvision_keys() -> list[str]:

@@ -5,7 +5,6 @@ torchvision; skipped cleanly without it)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,7 @@ from maskalign.repro.rundata import ImageFolderRunData  # noqa: E402
 CLASSES, PER_CLASS, SIZE, CROP = 3, 4, 32, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ JPEGs (vision tier: needs torchvision).
   no BatchNorm) and ``--no-augment`` the two runs differ only by the order
   of float additions, compared to ``atol=1e-5`` as in
   ``tests/test_distributed_reproduce.py``; test accuracies exactly.
-* The preset's own ResNet50 runs under ``torchrun`` too: with BatchNorm over
+* The preset's own ResNet50 runs under ``torchrun`` too (slow tier:
+  ``python -m pytest -m slow tests/vision``): with BatchNorm over
   each rank's share (no ``SyncBatchNorm`` on the CPU) its numbers are not one
   process's, so the test checks what must hold: every stage, one writer,
   finite scores, the per-rank BatchNorm recorded, and a rerun under
@@ -109,6 +110,7 @@ def test_two_gloo_processes_give_one_process_results_on_the_imagefolder_path(roo
         assert json.loads(_manifests(two)[stage])["settings"] == json.loads(manifest)["settings"], stage
 
 
+@pytest.mark.slow  # 75 s: ResNet50 traced and trained under torchrun twice (the vision slow tier runs it)
 @needs_dist
 def test_the_resnet50_preset_runs_under_torchrun_and_resumes_every_stage(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

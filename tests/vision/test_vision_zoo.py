@@ -11,11 +11,9 @@ the mark must go).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (zoo package)
 
@@ -43,12 +41,7 @@ SKIP = {
 CASES: list[Case] = vision.torchvision_cases() + vision.timm_cases()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest.py)
 
 
 # Marked slow (run with `-m slow`): CI's stage 2 (`-m "not slow"`, 2 cores) runs every torchvision
