@@ -8,9 +8,12 @@ permutation specs (a spec depends only on the architecture).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -273,3 +276,28 @@ class CrossTied(nn.Module):
 
 def randn(*shape: int, seed: int = 0) -> Tensor:
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------ shared by the distributed reproduce tests
+def run_results(out: Path) -> dict[str, Any]:
+    """``out/results.json`` without what differs between equal runs: the
+    timing and the number of processes."""
+    results = json.loads((out / "results.json").read_text())
+    return {k: v for k, v in results.items() if k not in ("timing", "world_size")}
+
+
+def assert_results_close(got: Any, expected: Any, atol: float, path: str = "") -> None:
+    """Equal structure and values, floats up to ``atol``; test accuracies
+    (``test_acc``, ``test_top5``: counts over the test set) exactly."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), path
+        for key in expected:
+            assert_results_close(got[key], expected[key], atol, f"{path}/{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_results_close(g, e, atol, f"{path}[{i}]")
+    elif isinstance(expected, float) and not path.endswith(("test_acc", "test_top5")):
+        assert math.isclose(got, expected, rel_tol=0, abs_tol=atol), (path, got, expected)
+    else:
+        assert got == expected, (path, got, expected)

@@ -14,7 +14,6 @@ are counts over the test set and must be exactly equal.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import run_workers
+from conftest import assert_results_close, run_results, run_workers
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -254,27 +253,6 @@ def _run(out: Path, processes: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_command(out, processes), env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def _results(out: Path) -> dict[str, Any]:
-    results = json.loads((out / "results.json").read_text())
-    return {k: v for k, v in results.items() if k not in ("timing", "world_size")}
-
-
-def _compare(got: Any, expected: Any, path: str = "") -> None:
-    """Equal up to ``ATOL`` on floats; test accuracies exactly."""
-    if isinstance(expected, dict):
-        assert set(got) == set(expected), path
-        for key in expected:
-            _compare(got[key], expected[key], f"{path}/{key}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), path
-        for i, (g, e) in enumerate(zip(got, expected)):
-            _compare(g, e, f"{path}[{i}]")
-    elif isinstance(expected, float) and not path.endswith("test_acc"):
-        assert math.isclose(got, expected, rel_tol=0, abs_tol=ATOL), (path, got, expected)
-    else:
-        assert got == expected, (path, got, expected)
-
-
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory) -> dict[int, Path]:
     """The same run on 1 process and on 2 gloo processes under torchrun."""
@@ -290,8 +268,8 @@ def reference_runs(tmp_path_factory) -> dict[int, Path]:
 @pytest.mark.slow  # three torchrun launches
 @needs_dist
 def test_two_gloo_processes_give_the_results_of_one(reference_runs) -> None:
-    one, two = (_results(reference_runs[p]) for p in (1, WORLD))
-    _compare(two, one)
+    one, two = (run_results(reference_runs[p]) for p in (1, WORLD))
+    assert_results_close(two, one, ATOL)
     assert json.loads((reference_runs[WORLD] / "results.json").read_text())["world_size"] == WORLD
     assert json.loads((reference_runs[1] / "results.json").read_text())["world_size"] == 1
     # one log, one results file, the stage folders of one process: rank 1 wrote nothing of its own
@@ -354,7 +332,7 @@ def test_a_run_whose_rank_1_is_killed_resumes_under_torchrun(tmp_path, reference
     assert Path("match/seed0") in finished and Path("shared-diversity/k2/s0.8") not in finished
     rerun = _run(out, WORLD)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _results(out) == _results(reference_runs[WORLD])  # the uninterrupted 2-process run, exactly
+    assert run_results(out) == run_results(reference_runs[WORLD])  # the uninterrupted 2-process run, exactly
     summary = (out / "log.txt").read_text().splitlines()[-1]
     reused = int(summary.split(" reused")[0].rsplit(" ", 1)[1])
     assert reused >= len(finished) > 0, summary

@@ -24,10 +24,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch.distributed as dist
+from conftest import assert_results_close, run_results
 
 pytest.importorskip("torchvision")
 
@@ -64,27 +64,6 @@ def _run(root: Path, out: Path, processes: int, flags: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _results(out: Path) -> dict[str, Any]:
-    results = json.loads((out / "results.json").read_text())
-    return {k: v for k, v in results.items() if k not in ("timing", "world_size")}
-
-
-def _compare(got: Any, expected: Any, path: str = "") -> None:
-    """Equal up to ``ATOL`` on floats; test accuracies exactly."""
-    if isinstance(expected, dict):
-        assert set(got) == set(expected), path
-        for key in expected:
-            _compare(got[key], expected[key], f"{path}/{key}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), path
-        for i, (g, e) in enumerate(zip(got, expected)):
-            _compare(g, e, f"{path}[{i}]")
-    elif isinstance(expected, float) and not path.endswith(("test_acc", "test_top5")):
-        assert math.isclose(got, expected, rel_tol=0, abs_tol=ATOL), (path, got, expected)
-    else:
-        assert got == expected, (path, got, expected)
-
-
 def _files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.suffix != ".png")
 
@@ -98,10 +77,10 @@ def test_two_gloo_processes_give_one_process_results_on_the_imagefolder_path(roo
     one, two = tmp_path / "one", tmp_path / "two"
     _run(root, one, 1, MLP)
     _run(root, two, WORLD, MLP)
-    expected, got = _results(one), _results(two)
+    expected, got = run_results(one), run_results(two)
     assert expected["config"]["dataset"] == "imagenet" and expected["config"]["augment"] is False
     assert {r["seed"] for r in expected["sparse"]} == {0, 1} and expected["shared_mask"]  # both seeds, shared masks
-    _compare(got, expected)
+    assert_results_close(got, expected, ATOL)
     assert json.loads((two / "results.json").read_text())["world_size"] == WORLD
     assert _files(two) == _files(one)  # rank 1 wrote nothing of its own
     assert (two / "log.txt").read_text().count("reproduce --preset") == 1
