@@ -106,7 +106,7 @@ def test_unset_or_all_samples_match_on_the_whole_training_set_in_its_order() -> 
         got = list(data.match_batches())
         assert len(got) == len(whole) == 3 and data.match_samples == N_TRAIN
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, whole))
-        assert "match_samples" not in data.settings()  # nothing new: old output folders resume
+        assert data.settings() == {"memory_format": "channels_last"}  # no subset recorded: only the layout
         assert torch.equal(_inputs(data, samples=N_TRAIN), torch.cat([x for x, _ in whole]))
 
 
@@ -119,7 +119,7 @@ def test_a_subset_is_a_fixed_seeded_choice_in_training_set_order() -> None:
     assert [b[0].shape[0] for b in got] == [100]
     assert torch.equal(got[0][0], x[index]) and torch.equal(got[0][1], y[index])
     assert torch.equal(_inputs(_data(100)), got[0][0])  # the same samples every time
-    assert data.settings()["match_samples"] == 100 and data.match_samples == 100
+    assert data.settings() == {"match_samples": 100, "memory_format": "channels_last"} and data.match_samples == 100
     # the argument overrides the setting: the same kind of subset, of its size
     assert torch.equal(_inputs(data, samples=300), x[imagenet.subset_indices(N_TRAIN, 300, seed=0)])
     assert torch.equal(_inputs(_data(), samples=100), got[0][0])
